@@ -1,0 +1,436 @@
+"""Datasets: MNIST, Fashion-MNIST and CIFAR-10 read from their standard files (or tfds).
+
+Every reader validates what it reads (magic numbers, record sizes, counts, shapes and,
+optionally, the official checksums) and raises :class:`DataError` naming the file and the
+problem: never silently wrong data. Images come out as float32 in [0, 1], NHWC; labels int32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+from typing import Iterable
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+ENV_DATA_DIR = "RAT_DATA_DIR"
+SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """A data file is missing, truncated, corrupted or of the wrong format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset: image shape, classes, counts and the files it comes in."""
+
+    name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: tuple[str, ...]
+    num_examples: dict  # split -> count
+    subdirs: tuple[str, ...]  # candidate folders below the data dir
+    tfds_name: str
+
+
+_DIGITS = tuple(str(i) for i in range(10))
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo("mnist", (28, 28, 1), 10, _DIGITS, {"train": 60000, "test": 10000},
+                         ("mnist", "MNIST", "MNIST/raw", ""), "mnist"),
+    "fashion_mnist": DatasetInfo(
+        "fashion_mnist", (28, 28, 1), 10,
+        ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+         "ankle_boot"),
+        {"train": 60000, "test": 10000},
+        ("fashion_mnist", "fashion-mnist", "FashionMNIST", "FashionMNIST/raw"), "fashion_mnist"),
+    "cifar10": DatasetInfo(
+        "cifar10", (32, 32, 3), 10,
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        {"train": 50000, "test": 10000},
+        ("cifar10", "cifar-10-batches-bin", "cifar-10-batches-py", "CIFAR10", ""), "cifar10"),
+}
+
+# Official md5 of the decompressed files (the IDX / CIFAR binary releases).
+_IDX_NAMES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+OFFICIAL_MD5: dict[str, dict[str, str]] = {
+    "mnist": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "fashion_mnist": {},  # only the .gz md5s are published for Fashion-MNIST
+    "cifar10": {
+        "data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",
+        "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
+        "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421",
+        "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
+        "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d",
+        "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d",
+    },
+}
+OFFICIAL_GZ_MD5: dict[str, dict[str, str]] = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "fashion_mnist": {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+    "cifar10": {},
+}
+
+_CIFAR_RECORD = 1 + 32 * 32 * 3
+_CIFAR_BIN = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+              "test": ("test_batch.bin",)}
+_CIFAR_PY = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+
+
+def get_info(name: str) -> DatasetInfo:
+    """Return the :class:`DatasetInfo` of a dataset, or a clear error for an unknown name."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def resolve_data_dir(data_dir: str | None = None) -> str | None:
+    """The data directory: the argument if given, else $RAT_DATA_DIR, else None."""
+    return data_dir or os.environ.get(ENV_DATA_DIR) or None
+
+
+# --------------------------------------------------------------------------- file helpers
+def _find(folder: str, base: str) -> str | None:
+    for cand in (base, base + ".gz"):
+        p = os.path.join(folder, cand)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _read_bytes(path: str, dataset: str, verify: bool) -> bytes:
+    """Read a file, transparently gunzipping; check official checksums when asked."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    base = os.path.basename(path)
+    if verify and base in OFFICIAL_GZ_MD5.get(dataset, {}):
+        got = hashlib.md5(raw).hexdigest()
+        if got != OFFICIAL_GZ_MD5[dataset][base]:
+            raise DataError(f"{path}: md5 {got} differs from the official "
+                            f"{OFFICIAL_GZ_MD5[dataset][base]} (corrupted or not the official file)")
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: corrupted or truncated gzip stream ({e})") from e
+    else:
+        data = raw
+    plain = base[:-3] if base.endswith(".gz") else base
+    if verify and plain in OFFICIAL_MD5.get(dataset, {}):
+        got = hashlib.md5(data).hexdigest()
+        if got != OFFICIAL_MD5[dataset][plain]:
+            raise DataError(f"{path}: md5 of the contents {got} differs from the official "
+                            f"{OFFICIAL_MD5[dataset][plain]} (corrupted or not the official file)")
+    return data
+
+
+def read_idx(path: str, dataset: str = "", verify: bool = False) -> np.ndarray:
+    """Read an IDX file (images: magic 2051, labels: magic 2049), gzipped or not, validated."""
+    data = _read_bytes(path, dataset, verify)
+    if len(data) < 8:
+        raise DataError(f"{path}: {len(data)} bytes is too short for an IDX header")
+    magic, count = struct.unpack(">II", data[:8])
+    if magic == 2049:
+        header, shape = 8, (count,)
+    elif magic == 2051:
+        if len(data) < 16:
+            raise DataError(f"{path}: truncated IDX image header")
+        rows, cols = struct.unpack(">II", data[8:16])
+        header, shape = 16, (count, rows, cols)
+    else:
+        raise DataError(f"{path}: bad IDX magic number {magic} (expected 2049 for labels or "
+                        f"2051 for images)")
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        kind = "truncated" if len(data) < expected else "has trailing bytes"
+        raise DataError(f"{path}: {kind}: {len(data)} bytes, header promises {expected}")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def read_cifar10_bin(path: str, verify: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR-10 binary-version batch: (uint8 images NHWC, int32 labels)."""
+    data = _read_bytes(path, "cifar10", verify)
+    if len(data) == 0 or len(data) % _CIFAR_RECORD:
+        raise DataError(f"{path}: {len(data)} bytes is not a whole number of "
+                        f"{_CIFAR_RECORD}-byte CIFAR-10 records (truncated or corrupted)")
+    rec = np.frombuffer(data, np.uint8).reshape(-1, _CIFAR_RECORD)
+    labels = rec[:, 0].astype(np.int32)
+    if labels.max() > 9:
+        raise DataError(f"{path}: label byte {labels.max()} out of range 0..9 (corrupted)")
+    images = rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that admits only plain containers and numpy arrays; anything else is refused."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "bytes"),
+        ("builtins", "str"), ("builtins", "int"), ("builtins", "float"), ("_codecs", "encode"),
+        ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise DataError(f"refusing to unpickle {module}.{name}: only plain containers and "
+                        f"numpy arrays are allowed")
+
+
+def safe_unpickle(data: bytes) -> object:
+    """Unpickle bytes with the restricted unpickler (CIFAR-10 python version)."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except DataError:
+        raise
+    except Exception as e:  # truncated / garbage pickles raise many kinds
+        raise DataError(f"not a valid pickle ({type(e).__name__}: {e})") from e
+
+
+def read_cifar10_py(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR-10 python-version batch through the restricted unpickler."""
+    data = _read_bytes(path, "cifar10", False)
+    try:
+        batch = safe_unpickle(data)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from e
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: expected a dict, got {type(batch).__name__}")
+    batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise DataError(f"{path}: missing 'data' or 'labels' entry")
+    arr = np.asarray(batch["data"], np.uint8)
+    labels = np.asarray(batch["labels"], np.int32)
+    if arr.ndim != 2 or arr.shape[1] != 3072 or arr.shape[0] != labels.shape[0]:
+        raise DataError(f"{path}: data shape {arr.shape} / {labels.shape} labels do not match "
+                        f"CIFAR-10 (N x 3072, N labels)")
+    return np.ascontiguousarray(arr.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
+
+
+# --------------------------------------------------------------------------- loading
+def _dataset_folder(info: DatasetInfo, data_dir: str, probe: str) -> str | None:
+    for sub in info.subdirs:
+        folder = os.path.join(data_dir, sub)
+        if _find(folder, probe):
+            return folder
+    return None
+
+
+def files_available(name: str, data_dir: str | None = None) -> bool:
+    """Whether the standard files of ``name`` are present below the data directory."""
+    info = get_info(name)
+    data_dir = resolve_data_dir(data_dir)
+    if not data_dir:
+        return False
+    probes = (["test_batch.bin", "test_batch"] if name == "cifar10"
+              else [_IDX_NAMES["test"][0]])
+    return any(_dataset_folder(info, data_dir, p) for p in probes)
+
+
+def _check(images: np.ndarray, labels: np.ndarray, info: DatasetInfo, split: str, where: str):
+    n = info.num_examples[split]
+    if images.shape != (n, *info.image_shape):
+        raise DataError(f"{where}: {split} images have shape {images.shape}, expected "
+                        f"{(n, *info.image_shape)}")
+    if labels.shape != (n,):
+        raise DataError(f"{where}: {split} labels have shape {labels.shape}, expected ({n},)")
+    if labels.min() < 0 or labels.max() >= info.num_classes:
+        raise DataError(f"{where}: {split} labels outside 0..{info.num_classes - 1}")
+
+
+def load_files(name: str, split: str, data_dir: str | None = None,
+               verify_checksums: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read a split from the standard distribution files: (uint8 NHWC images, int32 labels)."""
+    info = get_info(name)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    data_dir = resolve_data_dir(data_dir)
+    if not data_dir:
+        raise DataError(f"no data directory: pass data_dir or set ${ENV_DATA_DIR}")
+    if name == "cifar10":
+        folder = _dataset_folder(info, data_dir, _CIFAR_BIN[split][0])
+        if folder:
+            parts = []
+            for base in _CIFAR_BIN[split]:
+                path = _find(folder, base)
+                if path is None:
+                    raise DataError(f"{os.path.join(folder, base)}[.gz]: missing CIFAR-10 file")
+                parts.append(read_cifar10_bin(path, verify_checksums))
+        else:
+            folder = _dataset_folder(info, data_dir, _CIFAR_PY[split][0])
+            if folder is None:
+                raise DataError(f"no CIFAR-10 files (binary or python version) below {data_dir}")
+            parts = []
+            for base in _CIFAR_PY[split]:
+                path = _find(folder, base)
+                if path is None:
+                    raise DataError(f"{os.path.join(folder, base)}: missing CIFAR-10 file")
+                parts.append(read_cifar10_py(path))
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+    else:
+        img_base, lbl_base = _IDX_NAMES[split]
+        folder = _dataset_folder(info, data_dir, img_base)
+        if folder is None:
+            raise DataError(f"no {name} IDX files ({img_base}[.gz]) below {data_dir} "
+                            f"(looked in {[os.path.join(data_dir, s) for s in info.subdirs]})")
+        img_path, lbl_path = _find(folder, img_base), _find(folder, lbl_base)
+        if lbl_path is None:
+            raise DataError(f"{os.path.join(folder, lbl_base)}[.gz]: missing label file")
+        images = read_idx(img_path, name, verify_checksums)
+        labels = read_idx(lbl_path, name, verify_checksums).astype(np.int32)
+        if images.ndim != 3:
+            raise DataError(f"{img_path}: not an image file (shape {images.shape})")
+        if labels.ndim != 1:
+            raise DataError(f"{lbl_path}: not a label file (shape {labels.shape})")
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(f"{img_path} has {images.shape[0]} images but {lbl_path} has "
+                            f"{labels.shape[0]} labels")
+        images = images[..., None]
+        folder = f"{img_path} / {lbl_path}"
+    _check(images, labels, info, split, folder)
+    return images, labels
+
+
+def load_tfds(name: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load a split through ``tensorflow_datasets`` (needs a download or a prepared tfds dir)."""
+    import tensorflow_datasets as tfds  # heavy import, only when used
+
+    info = get_info(name)
+    ds = tfds.load(info.tfds_name, split=split, as_supervised=True, batch_size=-1,
+                   data_dir=data_dir)
+    images, labels = tfds.as_numpy(ds)
+    images, labels = np.asarray(images, np.uint8), np.asarray(labels, np.int32)
+    _check(images, labels, info, split, f"tfds:{info.tfds_name}")
+    return images, labels
+
+
+def load_arrays(name: str, split: str, source: str = "auto", data_dir: str | None = None,
+                verify_checksums: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Load a whole split as numpy: (float32 images in [0, 1], NHWC; int32 labels).
+
+    ``source``: ``files`` (standard files below ``data_dir`` / $RAT_DATA_DIR), ``tfds``, or
+    ``auto`` (files when present, else tfds).
+    """
+    get_info(name)
+    if source not in ("auto", "files", "tfds"):
+        raise ValueError(f"unknown data source {source!r}; choose auto, files or tfds")
+    if source == "auto":
+        source = "files" if files_available(name, data_dir) else "tfds"
+        logging.info("data source for %s: %s", name, source)
+    if source == "files":
+        images, labels = load_files(name, split, data_dir, verify_checksums)
+    else:
+        images, labels = load_tfds(name, split, None)
+    return images.astype(np.float32) / 255.0, labels.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- subsets & pipelines
+def balanced_subset(images: np.ndarray, labels: np.ndarray, n_per_class: int,
+                    seed: int = 0, num_classes: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic class-balanced subset: ``n_per_class`` images of every class, shuffled."""
+    if n_per_class <= 0:
+        raise ValueError(f"n_per_class must be positive, got {n_per_class}")
+    num_classes = num_classes or int(labels.max()) + 1
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < n_per_class:
+            raise ValueError(f"class {c} has only {len(idx)} examples, {n_per_class} requested")
+        picks.append(rng.choice(idx, n_per_class, replace=False))
+    order = np.concatenate(picks)
+    rng.shuffle(order)
+    return images[order], labels[order]
+
+
+def subset_indices(labels: np.ndarray, n_per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices of the same balanced subset :func:`balanced_subset` returns."""
+    _, idx = balanced_subset(np.arange(len(labels)), labels, n_per_class, seed)
+    return idx
+
+
+def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                 shuffle: bool = False, seed: int = 0, repeat: bool = False,
+                 drop_remainder: bool = False) -> tf.data.Dataset:
+    """A ``tf.data`` pipeline of (float32 image, int32 label) batches of ``batch_size``.
+
+    Under a distribution strategy pass the GLOBAL batch size and hand the result to
+    ``strategy.experimental_distribute_dataset`` (or ``model.fit``): the dataset is sharded
+    by data across workers (auto-shard policy DATA), so no example is seen twice per epoch.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
+    if images.ndim != 4 or labels.shape != (images.shape[0],):
+        raise ValueError(f"expected images [N,H,W,C] and labels [N], got {images.shape} and "
+                         f"{labels.shape}")
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    if shuffle:
+        ds = ds.shuffle(min(len(images), 60000), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    opts = tf.data.Options()
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    opts.deterministic = True
+    return ds.with_options(opts).prefetch(tf.data.AUTOTUNE)
+
+
+def load(name: str, split: str, batch_size: int, *, source: str = "auto",
+         data_dir: str | None = None, n_per_class: int | None = None, limit: int | None = None,
+         shuffle: bool | None = None, seed: int = 0, verify_checksums: bool = False,
+         drop_remainder: bool = False) -> tf.data.Dataset:
+    """The one entry point: a batched ``tf.data`` pipeline of a dataset split.
+
+    ``n_per_class`` takes a deterministic balanced subset; ``limit`` keeps the first examples.
+    Shuffling defaults to on for train, off for test.
+    """
+    images, labels = load_arrays(name, split, source, data_dir, verify_checksums)
+    if n_per_class:
+        images, labels = balanced_subset(images, labels, n_per_class, seed)
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    if shuffle is None:
+        shuffle = split == "train"
+    return make_dataset(images, labels, batch_size, shuffle=shuffle, seed=seed,
+                        drop_remainder=drop_remainder)
+
+
+def class_histogram(labels: Iterable[int], num_classes: int = 10) -> list[int]:
+    """Count of each class in ``labels``."""
+    return np.bincount(np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels,
+                                  np.int64), minlength=num_classes).tolist()

@@ -1,0 +1,70 @@
+"""PNG figures: perturbation grids and accuracy-against-radius curves."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _visible(v: np.ndarray) -> np.ndarray:
+    """Scale one perturbation to [0, 1] so its pattern is visible (0 maps to mid-grey)."""
+    m = float(np.max(np.abs(v))) or 1.0
+    img = 0.5 + 0.5 * v / m
+    return img[..., 0] if img.shape[-1] == 1 else img
+
+
+def perturbation_grid(perturbations: np.ndarray | Sequence[np.ndarray], path: str,
+                      titles: Sequence[str] | None = None, row_labels: Sequence[str] | None = None,
+                      dpi: int = 80) -> str:
+    """Write a PNG grid of perturbations [K,H,W,C] (or several rows of them), scaled to be seen.
+
+    Several rows (e.g. before and after RAT) are passed as a list of [K,H,W,C] arrays.
+    """
+    rows = [np.asarray(perturbations)] if np.ndim(perturbations[0]) == 3 else [
+        np.asarray(p) for p in perturbations]
+    k = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), k, figsize=(1.1 * k, 1.2 * len(rows) + 0.2), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(k):
+            ax = axes[r][c]
+            ax.imshow(_visible(row[c]), cmap="gray" if row.shape[-1] == 1 else None, vmin=0,
+                      vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0 and titles is not None:
+                ax.set_title(str(titles[c]), fontsize=8)
+        if row_labels is not None:
+            axes[r][0].set_ylabel(row_labels[r], fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_radius(curves: Mapping[str, Mapping[float, float]], path: str,
+                       xlabel: str = "L-inf radius", title: str = "FGSM accuracy",
+                       dpi: int = 80) -> str:
+    """Write a PNG of accuracy against attack radius, one line per model ({name: {eps: acc}})."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for name, curve in curves.items():
+        eps = sorted(float(e) for e in curve)
+        ax.plot(eps, [curve[e] if e in curve else curve[str(e)] for e in eps], marker="o",
+                label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.01)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

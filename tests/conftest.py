@@ -1,0 +1,65 @@
+"""Shared fixtures: real data slices from $RAT_DATA_DIR and a small pretrained MNIST model.
+
+The CPU is split into 2 logical devices before TensorFlow starts, so MirroredStrategy can be
+tested on CPU (tests that use the default strategy run on /cpu:0).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("RAT_DATA_DIR", os.path.join(_HERE, "..", "..", "shared", "data"))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from rat_tf import distribute  # noqa: E402
+
+distribute.split_cpu(2)
+
+import keras  # noqa: E402
+
+from rat_tf import data, models  # noqa: E402
+
+DATA_DIR = os.environ["RAT_DATA_DIR"]
+
+
+def pytest_report_header(config):
+    return f"RAT_DATA_DIR={DATA_DIR}"
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not data.files_available("mnist", DATA_DIR):
+        pytest.fail(f"real MNIST files not found below RAT_DATA_DIR={DATA_DIR}")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def mnist_arrays(data_dir):
+    """Full real MNIST as float32 arrays: (x_train, y_train, x_test, y_test)."""
+    x_train, y_train = data.load_arrays("mnist", "train", "files", data_dir)
+    x_test, y_test = data.load_arrays("mnist", "test", "files", data_dir)
+    return x_train, y_train, x_test, y_test
+
+
+@pytest.fixture(scope="session")
+def mnist_model(mnist_arrays):
+    """An ``mnist_cnn`` trained 1 epoch on 12,000 real MNIST images (about 97% test accuracy)."""
+    x_train, y_train, _, _ = mnist_arrays
+    keras.utils.set_random_seed(0)
+    model = models.build_model("mnist_cnn", (28, 28, 1), 10)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(x_train[:12000], y_train[:12000], batch_size=64, epochs=1, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def mnist_model_path(mnist_model, tmp_path_factory):
+    """The pretrained MNIST model saved as a .keras file."""
+    path = str(tmp_path_factory.mktemp("pretrained") / "model.keras")
+    mnist_model.save(path)
+    return path
