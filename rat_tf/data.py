@@ -14,6 +14,7 @@ import io
 import os
 import pickle
 import struct
+import zlib
 from typing import Iterable
 
 import numpy as np
@@ -139,7 +140,7 @@ def _read_bytes(path: str, dataset: str, verify: bool) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
             raise DataError(f"{path}: corrupted or truncated gzip stream ({e})") from e
     else:
         data = raw
@@ -196,6 +197,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
         ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "bytes"),
         ("builtins", "str"), ("builtins", "int"), ("builtins", "float"), ("_codecs", "encode"),
         ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"),
@@ -378,7 +380,7 @@ def balanced_subset(images: np.ndarray, labels: np.ndarray, n_per_class: int,
 
 def subset_indices(labels: np.ndarray, n_per_class: int, seed: int = 0) -> np.ndarray:
     """Indices of the same balanced subset :func:`balanced_subset` returns."""
-    _, idx = balanced_subset(np.arange(len(labels)), labels, n_per_class, seed)
+    idx, _ = balanced_subset(np.arange(len(labels)), labels, n_per_class, seed)
     return idx
 
 
