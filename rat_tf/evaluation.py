@@ -1,0 +1,508 @@
+"""Robustness reports: clean, FGSM sweep, PGD, targeted and untargeted universal perturbations.
+
+The protocol of METHOD.md section 3. Every number is measured on held-out test images; the
+universal perturbations are searched on *other* images (``x_search``, e.g. training images)
+and :func:`robustness_report` refuses to run when the two sets share an image. A report is a
+JSON-ready dict that also records every setting; :func:`write_report` turns several reports
+(models side by side) into ``report.json``, ``report.md`` and PNG figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from rat_tf import attacks, data, ops, plots
+
+ModelFn = Callable[[tf.Tensor], tf.Tensor]
+FINGERPRINT_KEY = "search_fingerprints"  # meta key of a perturbation file (see fingerprints)
+
+# Per-dataset defaults: FGSM sweep, PGD radii, per-class FGSM radius, TUP radius (the RAT
+# radius of rat_tf.training.DEFAULT_EPS, so "given" and "fresh" perturbations are comparable).
+_DEFAULTS = {
+    "mnist": dict(fgsm_eps=(0.05, 0.1, 0.2, 0.3), pgd_eps=(0.1, 0.3), class_eps=0.1,
+                  tup_eps=0.2),
+    "fashion_mnist": dict(fgsm_eps=(0.05, 0.1, 0.2, 0.3), pgd_eps=(0.1,), class_eps=0.1,
+                          tup_eps=0.1),
+    "cifar10": dict(fgsm_eps=(2 / 255, 4 / 255, 8 / 255), pgd_eps=(8 / 255,), class_eps=8 / 255,
+                    tup_eps=8 / 255),
+}
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """Attack settings of a robustness report; :meth:`for_dataset` fills per-dataset defaults.
+
+    All radii are L-inf except the universal ones, which use ``tup_norm``. ``class_eps`` is the
+    FGSM radius of the per-class breakdown; ``uap_eps`` (None: ``tup_eps``) the radius of the
+    untargeted universal perturbation; ``n_test`` limits the test images (None: all).
+    """
+
+    dataset: str = "mnist"
+    fgsm_eps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
+    pgd_eps: tuple[float, ...] = (0.1, 0.3)
+    pgd_steps: int = 40
+    pgd_restarts: int = 2
+    pgd_step_size: float | None = None  # None: 2.5 * eps / steps (Madry et al.)
+    class_eps: float = 0.1
+    tup_eps: float = 0.2
+    tup_norm: str = "linf"
+    tup_method: str = "sgd"
+    tup_passes: int = 10
+    tup_delta: float = 0.2
+    tup_step_size: float | None = None  # None: the attacks module default
+    tup_n_per_class: int = 100  # search images per class, drawn from x_search
+    tup_batch_size: int = 50  # search images per step (the search is tiled over the K targets)
+    uap_eps: float | None = None
+    uap_passes: int = 5
+    batch_size: int = 250
+    n_test: int | None = 1000
+    seed: int = 0
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **overrides: Any) -> "EvalSettings":
+        """Settings with the defaults of ``dataset``, then the overrides that are not None."""
+        data.get_info(dataset)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown evaluation settings {sorted(unknown)}")
+        base = dict(_DEFAULTS.get(dataset, _DEFAULTS["mnist"]), dataset=dataset)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def __post_init__(self) -> None:
+        for name in ("fgsm_eps", "pgd_eps"):
+            radii = tuple(float(e) for e in np.atleast_1d(getattr(self, name)))
+            if not radii or min(radii) <= 0:
+                raise ValueError(f"{name} must be a non-empty list of positive radii, got "
+                                 f"{getattr(self, name)}")
+            setattr(self, name, radii)
+        for name in ("class_eps", "tup_eps", "uap_eps", "pgd_step_size", "tup_step_size"):
+            value = getattr(self, name)
+            if value is not None and not float(value) > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name in ("pgd_steps", "pgd_restarts", "tup_passes", "tup_n_per_class",
+                     "uap_passes", "batch_size", "tup_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        ops.check_norm(self.tup_norm)
+        if self.tup_method not in attacks.TU_METHODS:
+            raise ValueError(f"tup_method must be one of {attacks.TU_METHODS}, got "
+                             f"{self.tup_method!r}")
+        if not 0.0 <= self.tup_delta <= 1.0:
+            raise ValueError(f"tup_delta must be in [0, 1], got {self.tup_delta}")
+        if self.n_test is not None and int(self.n_test) < 1:
+            raise ValueError(f"n_test must be >= 1 or None, got {self.n_test}")
+
+    def to_dict(self) -> dict:
+        """The settings as a JSON-ready dict (with the resolved UAP radius)."""
+        d = dataclasses.asdict(self)
+        d["fgsm_eps"], d["pgd_eps"] = list(self.fgsm_eps), list(self.pgd_eps)
+        d["uap_eps"] = float(self.uap_eps or self.tup_eps)
+        return d
+
+
+class Report(dict):
+    """A JSON-ready dict of results; ``.arrays`` keeps the perturbations found (not in JSON)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrays: dict[str, np.ndarray] = {}
+
+
+# --------------------------------------------------------------------------- fingerprints
+def fingerprints(x: np.ndarray) -> np.ndarray:
+    """One 16-hex-digit fingerprint per image (sha1 of the image quantized to 8 bits)."""
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"expected a batch of images, got shape {x.shape}")
+    q = np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8) if x.dtype != np.uint8 else x
+    return np.array([hashlib.sha1(row.tobytes()).hexdigest()[:16] for row in q], dtype="<U16")
+
+
+def check_disjoint(x_test: np.ndarray, x_search: np.ndarray | None = None,
+                   search_fingerprints: np.ndarray | Sequence[str] | None = None) -> None:
+    """Raise ValueError if a test image is also one of the search images (or fingerprints)."""
+    test = set(fingerprints(x_test).tolist())
+    for what, prints in (("x_search", None if x_search is None else fingerprints(x_search)),
+                         ("the perturbation's search images", search_fingerprints)):
+        if prints is None:
+            continue
+        common = test & set(np.asarray(prints).astype(str).tolist())
+        if common:
+            raise ValueError(f"{len(common)} test image(s) are also among {what}: a universal "
+                             f"perturbation must be measured on held-out images, never on the "
+                             f"images it was searched on")
+
+
+# --------------------------------------------------------------------------- models
+def load_model_fn(model: keras.Model | str | Callable) -> tuple[ModelFn, str]:
+    """A differentiable callable x -> logits, and a description, from a model or a path.
+
+    Accepts a keras Model, any callable, a ``.keras`` file, a directory holding ``model.keras``
+    or a SavedModel directory (loaded with :func:`rat_tf.export.load_serving_fn`).
+    """
+    if isinstance(model, keras.Model):
+        return (lambda x: model(x, training=False)), f"keras:{model.name}"
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb")):
+            from rat_tf import export  # only needed for SavedModels
+
+            return export.load_serving_fn(path), f"saved_model:{path}"
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.keras")):
+            path = os.path.join(path, "model.keras")
+        if os.path.isfile(path) and path.endswith((".keras", ".h5")):
+            loaded = keras.models.load_model(path, compile=False)
+            return (lambda x: loaded(x, training=False)), f"keras:{path}"
+        raise ValueError(f"{path}: not a .keras file, a directory with model.keras, or a "
+                         f"SavedModel directory")
+    if callable(model):
+        return model, getattr(model, "__name__", type(model).__name__)
+    raise ValueError(f"cannot evaluate a {type(model).__name__}: pass a keras Model, a callable "
+                     f"or a model path")
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+    if len(a) == size:
+        return a
+    return np.concatenate([a, np.zeros((size - len(a),) + a.shape[1:], a.dtype)])
+
+
+def _compiled(model_fn: ModelFn, attack: Callable | None = None) -> Callable:
+    """A compiled (x, y, eps) -> correct [B] of a fixed-size batch, attacked if ``attack``.
+
+    ``eps`` is a tensor argument, so one trace serves every radius of a sweep.
+    """
+    @tf.function
+    def step(xb, yb, eps):
+        if attack is not None:
+            xb = attack(xb, yb, eps)
+        return tf.equal(tf.argmax(model_fn(xb), -1, output_type=tf.int32), yb)
+
+    return step
+
+
+def _correct(step: Callable, x: np.ndarray, y: np.ndarray, batch_size: int,
+             eps: float = 0.0) -> np.ndarray:
+    """Boolean [N]: whether each image is classified correctly by compiled ``step``."""
+    out = []
+    for start in range(0, len(x), batch_size):
+        n = min(batch_size, len(x) - start)
+        ok = step(tf.constant(_pad(x[start:start + n], batch_size)),
+                  tf.constant(_pad(y[start:start + n], batch_size)), tf.constant(eps, tf.float32))
+        out.append(ok.numpy()[:n])
+    return np.concatenate(out) if out else np.zeros([0], bool)
+
+
+def _per_class(correct: np.ndarray, y: np.ndarray, k: int) -> list[float | None]:
+    return [float(correct[y == c].mean()) if np.any(y == c) else None for c in range(k)]
+
+
+def _mean_over_targets(rates: np.ndarray, V: np.ndarray) -> float:
+    """Mean success over the targets that have a perturbation (all-zero rows are skipped)."""
+    searched = np.any(np.reshape(V, (V.shape[0], -1)) != 0, axis=1)
+    rates = rates[searched & np.isfinite(rates)]
+    return float(np.mean(rates)) if rates.size else 0.0
+
+
+def _linf(V: np.ndarray) -> list[float]:
+    return np.max(np.abs(np.reshape(V, (V.shape[0], -1))), axis=1).astype(float).tolist()
+
+
+# --------------------------------------------------------------------------- the report
+def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
+                      y_test: np.ndarray, *, x_search: np.ndarray, y_search: np.ndarray,
+                      perturbations: np.ndarray | str | None = None,
+                      settings: EvalSettings | None = None,
+                      class_names: Sequence[str] | None = None,
+                      search_fingerprints: np.ndarray | None = None,
+                      name: str | None = None, progress: bool = True) -> Report:
+    """Measure one model's robustness (METHOD.md section 3) on held-out test images.
+
+    ``perturbations`` are the targeted universal perturbations used in training (array
+    [K,H,W,C] or an .npz from :func:`rat_tf.attacks.save_perturbations`); fresh ones are
+    searched against this model on a balanced subset of ``x_search``. Raises ValueError if the
+    test images overlap the search images (or the fingerprints stored with the perturbations).
+    """
+    settings = settings or EvalSettings()
+    x_test = np.asarray(x_test, np.float32)
+    y_test = np.asarray(y_test, np.int32)
+    x_search = np.asarray(x_search, np.float32)
+    y_search = np.asarray(y_search, np.int32)
+    if x_test.ndim != 4 or y_test.shape != (len(x_test),):
+        raise ValueError(f"expected x_test [N,H,W,C] and y_test [N], got {x_test.shape} and "
+                         f"{y_test.shape}")
+    if x_search.ndim != 4 or y_search.shape != (len(x_search),):
+        raise ValueError(f"expected x_search [N,H,W,C] and y_search [N], got {x_search.shape} "
+                         f"and {y_search.shape}")
+    if x_search.shape[1:] != x_test.shape[1:]:
+        raise ValueError(f"x_search images {x_search.shape[1:]} differ from x_test images "
+                         f"{x_test.shape[1:]}")
+    if settings.n_test is not None:
+        x_test, y_test = x_test[:settings.n_test], y_test[:settings.n_test]
+
+    given_v, given_meta = None, {}
+    if isinstance(perturbations, (str, os.PathLike)):
+        given_v, given_meta = attacks.load_perturbations(os.fspath(perturbations))
+    elif perturbations is not None:
+        given_v = np.asarray(perturbations, np.float32)
+    if search_fingerprints is None and FINGERPRINT_KEY in given_meta:
+        search_fingerprints = given_meta[FINGERPRINT_KEY]
+    if given_v is not None and given_v.shape[1:] != x_test.shape[1:]:
+        raise ValueError(f"perturbations of shape {given_v.shape} do not fit images of shape "
+                         f"{x_test.shape[1:]}")
+
+    num_classes = int(max(y_test.max(), y_search.max())) + 1
+    if given_v is not None:
+        num_classes = max(num_classes, given_v.shape[0])
+    class_names = list(class_names) if class_names is not None else [
+        str(c) for c in range(num_classes)]
+
+    # Search on a balanced subset of x_search; refuse if any test image is among x_search.
+    check_disjoint(x_test, x_search, search_fingerprints)
+    n_per_class = min(settings.tup_n_per_class, int(np.bincount(y_search).min()))
+    xs, ys = data.balanced_subset(x_search, y_search, n_per_class, seed=settings.seed,
+                                  num_classes=num_classes)
+
+    model_fn, description = load_model_fn(model)
+    s, bs = settings, settings.batch_size
+    stages = (["clean"] + [f"fgsm {e:g}" for e in s.fgsm_eps] + [f"pgd {e:g}" for e in s.pgd_eps]
+              + (["tup given"] if given_v is not None else []) + ["tup fresh", "uap"])
+    bar = keras.utils.Progbar(len(stages), unit_name="stage") if progress else None
+    seconds: dict[str, float] = {}
+    report = Report(name=name or description, model=description, dataset=s.dataset,
+                    num_test=int(len(x_test)), num_search=int(len(xs)),
+                    test_fingerprint=hashlib.sha1("".join(fingerprints(x_test)).encode()
+                                                  ).hexdigest()[:16],
+                    settings=s.to_dict(), class_names=class_names)
+
+    def done(stage: str, t0: float) -> None:
+        seconds[stage] = round(time.time() - t0, 2)
+        logging.info("%s: %s done in %.1fs", report["name"], stage, seconds[stage])
+        if bar is not None:
+            bar.add(1)
+
+    clean_step = _compiled(model_fn)
+    fgsm_step = _compiled(model_fn, lambda x, y, eps: attacks.fgsm(model_fn, x, y, eps))
+    pgd_step = _compiled(model_fn, lambda x, y, eps: attacks.pgd(
+        model_fn, x, y, eps, step_size=(s.pgd_step_size or 2.5 * eps / s.pgd_steps),
+        steps=s.pgd_steps, rand_init=True, restarts=s.pgd_restarts, seed=s.seed))
+
+    t0 = time.time()
+    clean = _correct(clean_step, x_test, y_test, bs)
+    report["clean_accuracy"] = float(clean.mean())
+    done("clean", t0)
+
+    fgsm_acc, fgsm_class = {}, None
+    for eps in s.fgsm_eps:
+        t0 = time.time()
+        ok = _correct(fgsm_step, x_test, y_test, bs, eps)
+        fgsm_acc[f"{eps:g}"] = float(ok.mean())
+        if abs(eps - s.class_eps) < 1e-9:
+            fgsm_class = ok
+        done(f"fgsm {eps:g}", t0)
+    if fgsm_class is None:  # the per-class radius is not in the sweep: measure it on its own
+        fgsm_class = _correct(fgsm_step, x_test, y_test, bs, s.class_eps)
+    report["fgsm_accuracy"] = fgsm_acc
+
+    pgd_acc = {}
+    for eps in s.pgd_eps:
+        t0 = time.time()
+        pgd_acc[f"{eps:g}"] = float(_correct(pgd_step, x_test, y_test, bs, eps).mean())
+        done(f"pgd {eps:g}", t0)
+    report["pgd_accuracy"] = pgd_acc
+
+    report["per_class"] = {
+        "count": np.bincount(y_test, minlength=num_classes).astype(int).tolist(),
+        "clean": _per_class(clean, y_test, num_classes),
+        "fgsm": _per_class(fgsm_class, y_test, num_classes), "fgsm_eps": float(s.class_eps)}
+
+    report["tup_given"] = None
+    if given_v is not None:
+        t0 = time.time()
+        rates = np.asarray(attacks.targeted_success_rate(model_fn, x_test, y_test, given_v,
+                                                         batch_size=bs * 2), np.float64)
+        report["tup_given"] = {"success_rate": _floats(rates),
+                               "mean": _mean_over_targets(rates, given_v),
+                               "linf": _linf(given_v), "meta": _jsonable_meta(given_meta)}
+        report.arrays["tup_given"] = given_v
+        done("tup given", t0)
+
+    t0 = time.time()
+    fresh_v, stats = attacks.targeted_universal(
+        model_fn, xs, ys, num_classes, s.tup_eps, norm=s.tup_norm, method=s.tup_method,
+        delta=s.tup_delta, max_passes=s.tup_passes, step_size=s.tup_step_size,
+        batch_size=s.tup_batch_size, seed=s.seed)
+    fresh_v = np.asarray(fresh_v, np.float32)
+    rates = np.asarray(attacks.targeted_success_rate(model_fn, x_test, y_test, fresh_v,
+                                                     batch_size=bs * 2), np.float64)
+    report["tup_fresh"] = {
+        "success_rate": _floats(rates), "mean": _mean_over_targets(rates, fresh_v),
+        "search_success_rate": _floats(stats.get("success_rate", [])),
+        "passes": int(stats.get("passes", 0)), "linf": _linf(fresh_v),
+        "norm": _floats(stats.get("norm", []))}
+    report.arrays["tup_fresh"] = fresh_v
+    done("tup fresh", t0)
+
+    t0 = time.time()
+    uap_eps = float(s.uap_eps or s.tup_eps)
+    v, ustats = attacks.untargeted_universal(model_fn, xs, ys, uap_eps, norm=s.tup_norm,
+                                             max_passes=s.uap_passes,
+                                             batch_size=s.tup_batch_size, seed=s.seed)
+    v = np.asarray(v, np.float32)
+    report["uap"] = {"fooling_rate": float(attacks.fooling_rate(model_fn, x_test, v,
+                                                                batch_size=bs)),
+                     "eps": uap_eps, "norm": s.tup_norm,
+                     "search_fooling_rate": _float_or_none(ustats.get("fooling_rate")),
+                     "passes": int(ustats.get("passes", 0))}
+    report.arrays["uap"] = v
+    done("uap", t0)
+    report["seconds"] = seconds
+    return report
+
+
+def _floats(values: Sequence | np.ndarray) -> list[float | None]:
+    """JSON-ready floats: None for missing or NaN entries."""
+    return [None if v is None or not np.isfinite(v) else float(v) for v in values]
+
+
+def _jsonable_meta(meta: Mapping) -> dict:
+    """The small, JSON-ready part of a perturbation file's metadata (no fingerprint lists)."""
+    return {k: v for k, v in meta.items() if k != FINGERPRINT_KEY
+            and isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def _float_or_none(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+# --------------------------------------------------------------------------- output
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _radius(eps: float | str, dataset: str) -> str:
+    """A radius for a table header: k/255 on CIFAR-10, plain decimals otherwise."""
+    eps = float(eps)
+    if dataset == "cifar10" and abs(eps * 255 - round(eps * 255)) < 1e-4:
+        return f"{round(eps * 255)}/255"
+    return f"{eps:g}"
+
+
+def markdown_table(reports: Mapping[str, Mapping]) -> str:
+    """A Markdown table with one row per model: clean, FGSM sweep, PGD, TUP and UAP (in %)."""
+    if not reports:
+        raise ValueError("no reports to tabulate")
+    first = next(iter(reports.values()))
+    st = first["settings"]
+    radii = list(first["fgsm_accuracy"])
+    pgd_radii = list(first["pgd_accuracy"])
+    steps = f"PGD-{st['pgd_steps']}x{st['pgd_restarts']}"
+    ds = st["dataset"]
+    tup = _radius(st["tup_eps"], ds) + ("" if st["tup_norm"] == "linf" else f" {st['tup_norm']}")
+    head = (["model", "clean"] + [f"FGSM {_radius(r, ds)}" for r in radii]
+            + [f"{steps} {_radius(r, ds)}" for r in pgd_radii]
+            + [f"TUP given {tup} (succ.)", f"TUP fresh {tup} (succ.)",
+               f"UAP {_radius(st['uap_eps'], ds)} (fool.)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in reports.items():
+        given = r.get("tup_given")
+        row = ([name, _pct(r["clean_accuracy"])]
+               + [_pct(r["fgsm_accuracy"].get(e)) for e in radii]
+               + [_pct(r["pgd_accuracy"].get(e)) for e in pgd_radii]
+               + [_pct(given["mean"] if given else None), _pct(r["tup_fresh"]["mean"]),
+                  _pct(r["uap"]["fooling_rate"])])
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _class_table(reports: Mapping[str, Mapping]) -> str:
+    first = next(iter(reports.values()))
+    names = first["class_names"]
+    head = ["model", "measure"] + list(names)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in reports.items():
+        pc = r["per_class"]
+        lines.append("| " + " | ".join([name, "clean acc"] + [_pct(v) for v in pc["clean"]])
+                     + " |")
+        lines.append("| " + " | ".join([name, f"FGSM {_radius(pc['fgsm_eps'], r['dataset'])} acc"]
+                                       + [_pct(v) for v in pc["fgsm"]]) + " |")
+        lines.append("| " + " | ".join([name, "TUP fresh succ. (target)"]
+                                       + [_pct(v) for v in r["tup_fresh"]["success_rate"]])
+                     + " |")
+        if r.get("tup_given"):
+            lines.append("| " + " | ".join([name, "TUP given succ. (target)"]
+                                           + [_pct(v) for v in r["tup_given"]["success_rate"]])
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(reports: Mapping[str, Mapping], title: str = "Robustness report") -> str:
+    """The whole report.md: main table, per-class table and the settings."""
+    first = next(iter(reports.values()))
+    st = first["settings"]
+    parts = [f"# {title}\n",
+             f"{first['num_test']} held-out test images ({first['dataset']}); universal "
+             f"perturbations searched on {first['num_search']} other images. Accuracies and "
+             f"TUP success / UAP fooling rates in %. TUP: mean over targets of the fraction of "
+             f"images (label != target) sent to the target; 'given' = the perturbations used "
+             f"in training, 'fresh' = searched again against each model.\n",
+             markdown_table(reports), "\n## Per class\n", _class_table(reports),
+             "\n## Settings\n", "\n".join(f"- {k}: {json.dumps(v)}" for k, v in st.items())
+             + "\n"]
+    return "\n".join(parts)
+
+
+def write_report(reports: Mapping[str, Mapping], out_dir: str,
+                 title: str = "Robustness report") -> dict[str, str]:
+    """Write report.json, report.md and PNG figures for models side by side; return the paths."""
+    if not reports:
+        raise ValueError("no reports to write")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "report.json"),
+             "markdown": os.path.join(out_dir, "report.md")}
+    with open(paths["json"], "w") as f:
+        json.dump({name: dict(r) for name, r in reports.items()}, f, indent=1)
+    with open(paths["markdown"], "w") as f:
+        f.write(report_markdown(reports, title))
+    curves = {}
+    for name, r in reports.items():
+        curve = {0.0: r["clean_accuracy"]}
+        curve.update({float(e): a for e, a in r["fgsm_accuracy"].items()})
+        curves[name] = curve
+    paths["accuracy_vs_radius"] = plots.accuracy_vs_radius(
+        curves, os.path.join(out_dir, "accuracy_vs_radius.png"))
+    rows, labels = [], []
+    for name, r in reports.items():
+        arrays = getattr(r, "arrays", {})
+        given = arrays.get("tup_given")
+        if given is not None and not any(np.array_equal(given, x) for x in rows):
+            rows.append(given)
+            labels.append(f"{name}: given")
+        if arrays.get("tup_fresh") is not None:
+            rows.append(arrays["tup_fresh"])
+            labels.append(f"{name}: fresh")
+        if arrays:
+            np.savez_compressed(os.path.join(out_dir, f"perturbations_{_safe(name)}.npz"),
+                                **{k: v for k, v in arrays.items()})
+    if rows:
+        first = next(iter(reports.values()))
+        paths["perturbations"] = plots.perturbation_grid(
+            rows, os.path.join(out_dir, "perturbations.png"), titles=first["class_names"],
+            row_labels=labels)
+    logging.info("wrote report to %s", out_dir)
+    return paths
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
