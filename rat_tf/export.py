@@ -1,0 +1,180 @@
+"""Export a classifier as a TensorFlow SavedModel that serves (and can be attacked) without rat_tf.
+
+The SavedModel has two signatures, both returning ``{"logits": float32 [N, K],
+"probabilities": float32 [N, K], "classes": int32 [N]}``:
+
+- ``serving_default``: input ``images``, float32 ``[None, H, W, C]`` in [0, 1];
+- ``serving_uint8``: input ``images``, uint8 ``[None, H, W, C]`` (divided by 255 inside).
+
+Signatures enforce the dtype and, through ``tf.ensure_shape``, the image shape at run time, so a
+wrong input fails with an error naming the expected shape. Reload with plain
+``tf.saved_model.load``; :func:`load_serving_fn` turns a signature into a differentiable
+``x -> logits`` callable for the attacks.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+SIGNATURES = ("serving_default", "serving_uint8")
+INPUT_NAME = "images"
+OUTPUT_KEYS = ("logits", "probabilities", "classes")
+
+
+class ExportError(RuntimeError):
+    """A SavedModel is missing a signature or does not reproduce the classifier's predictions."""
+
+
+def _image_shape(classifier: keras.Model) -> tuple[int, int, int]:
+    """(H, W, C) of a single-input image classifier, or a clear error."""
+    try:
+        shape = classifier.input_shape
+    except (AttributeError, ValueError) as e:
+        raise ValueError(f"classifier has no defined input shape (build it first): {e}") from e
+    if isinstance(shape, list) or len(shape) != 4 or any(d is None for d in shape[1:]):
+        raise ValueError(f"expected a single image input [None, H, W, C] with known H, W, C, "
+                         f"got input shape {shape}")
+    return tuple(int(d) for d in shape[1:])
+
+
+def export_saved_model(classifier: keras.Model, path: str, *, overwrite: bool = False) -> str:
+    """Write ``classifier`` as a SavedModel with ``serving_default`` / ``serving_uint8``.
+
+    Written to a temporary sibling directory first and renamed into place, so ``path`` never
+    holds a half-written export. An existing ``path`` is replaced only with ``overwrite=True``.
+    """
+    h, w, c = _image_shape(classifier)
+    path = os.fspath(path).rstrip("/")
+    if tf.io.gfile.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    spec = [None, h, w, c]
+
+    def _outputs(images):
+        logits = tf.cast(classifier(images, training=False), tf.float32)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits),
+                "classes": tf.argmax(logits, axis=-1, output_type=tf.int32)}
+
+    def serving_default(images):
+        return _outputs(tf.ensure_shape(images, spec))
+
+    def serving_uint8(images):
+        return _outputs(tf.cast(tf.ensure_shape(images, spec), tf.float32) / 255.0)
+
+    archive = keras.export.ExportArchive()
+    archive.track(classifier)
+    archive.add_endpoint("serving_default", serving_default,
+                         input_signature=[tf.TensorSpec(spec, tf.float32, name=INPUT_NAME)])
+    archive.add_endpoint("serving_uint8", serving_uint8,
+                         input_signature=[tf.TensorSpec(spec, tf.uint8, name=INPUT_NAME)])
+
+    parent = os.path.dirname(path)
+    if parent:
+        tf.io.gfile.makedirs(parent)
+    token = uuid.uuid4().hex[:8]
+    tmp = f"{path}.tmp-{token}"
+    try:
+        archive.write_out(tmp, verbose=False)
+        if tf.io.gfile.exists(path):  # overwrite: move the old export aside, then swap
+            old = f"{path}.old-{token}"
+            tf.io.gfile.rename(path, old)
+            tf.io.gfile.rename(tmp, path)
+            tf.io.gfile.rmtree(old)
+        else:
+            tf.io.gfile.rename(tmp, path)
+    finally:
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.rmtree(tmp)
+    logging.info("exported %s (input [None, %d, %d, %d]) to %s", classifier.name, h, w, c, path)
+    return path
+
+
+def _signature(loaded, path: str, signature: str):
+    if signature not in loaded.signatures:
+        raise ExportError(f"{path}: no signature {signature!r}; it has {sorted(loaded.signatures)}")
+    fn = loaded.signatures[signature]
+    kwargs = fn.structured_input_signature[1]
+    if len(kwargs) != 1:
+        raise ExportError(f"{path}: signature {signature!r} takes {sorted(kwargs)}, expected one "
+                          f"image input")
+    (name, spec), = kwargs.items()
+    return fn, name, spec
+
+
+def load_serving_fn(path: str, signature: str = "serving_default"
+                    ) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A differentiable ``x -> logits`` callable over a signature of an exported SavedModel.
+
+    Works with plain ``tf.saved_model.load``; float inputs are cast to float32 for
+    ``serving_default``; a wrong shape or dtype raises ValueError naming the expected input.
+    """
+    loaded = tf.saved_model.load(path)
+    fn, name, spec = _signature(loaded, path, signature)
+
+    def model_fn(x):
+        x = tf.convert_to_tensor(x)
+        if x.dtype != spec.dtype:
+            if not (x.dtype.is_floating and spec.dtype.is_floating):
+                raise ValueError(f"{signature} of {path} expects {spec.dtype.name} images of "
+                                 f"shape {spec.shape}, got {x.dtype.name}")
+            x = tf.cast(x, spec.dtype)
+        if not spec.shape.is_compatible_with(x.shape):
+            raise ValueError(f"{signature} of {path} expects images of shape {spec.shape}, got "
+                             f"{x.shape}")
+        return fn(**{name: x})["logits"]
+
+    model_fn.saved_model = loaded  # keeps the variables alive as long as the callable
+    model_fn.input_spec = spec
+    return model_fn
+
+
+def verify_export(path: str, classifier: keras.Model, x: np.ndarray | None = None,
+                  atol: float = 1e-5, batch_size: int = 256) -> float:
+    """Reload ``path`` with plain ``tf.saved_model.load`` and check it reproduces ``classifier``.
+
+    Compares logits of both signatures (float32 on ``x``; uint8 on ``round(255 x)``) and checks
+    ``classes``/``probabilities``; ``x`` defaults to 64 seeded uniform images. Returns the max
+    absolute logit difference; raises :class:`ExportError` if it exceeds ``atol``.
+    """
+    h, w, c = _image_shape(classifier)
+    if x is None:
+        x = np.random.default_rng(0).uniform(0, 1, (64, h, w, c))
+    x = np.asarray(x, np.float32)
+    if x.ndim != 4 or x.shape[1:] != (h, w, c) or len(x) == 0:
+        raise ValueError(f"x must be a non-empty batch [N, {h}, {w}, {c}], got {x.shape}")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError(f"x must be images in [0, 1], got values in [{x.min()}, {x.max()}]")
+    loaded = tf.saved_model.load(path)
+    x_u8 = np.round(x * 255.0).astype(np.uint8)
+    worst = 0.0
+    for signature, served_in, ref_in in (("serving_default", x, x),
+                                         ("serving_uint8", x_u8, x_u8.astype(np.float32) / 255.0)):
+        fn, name, _ = _signature(loaded, path, signature)
+        for start in range(0, len(x), batch_size):
+            out = fn(**{name: tf.constant(served_in[start:start + batch_size])})
+            missing = set(OUTPUT_KEYS) - set(out)
+            if missing:
+                raise ExportError(f"{path}: {signature} lacks outputs {sorted(missing)}")
+            logits = out["logits"].numpy()
+            ref = np.asarray(classifier(ref_in[start:start + batch_size], training=False),
+                             np.float32)
+            if logits.shape != ref.shape or out["logits"].dtype != tf.float32:
+                raise ExportError(f"{path}: {signature} logits {out['logits'].dtype.name} "
+                                  f"{logits.shape}, classifier gives float32 {ref.shape}")
+            worst = max(worst, float(np.max(np.abs(logits - ref))))
+            if not np.array_equal(out["classes"].numpy(), np.argmax(logits, -1)):
+                raise ExportError(f"{path}: {signature} classes are not argmax(logits)")
+            probs = out["probabilities"].numpy()
+            if not np.allclose(probs, tf.nn.softmax(logits).numpy(), atol=1e-6):
+                raise ExportError(f"{path}: {signature} probabilities are not softmax(logits)")
+    if not worst <= atol:
+        raise ExportError(f"{path}: served logits differ from the classifier by up to {worst:.3g} "
+                          f"(> atol {atol:g})")
+    logging.info("verified %s on %d images: max |logit difference| %.3g", path, len(x), worst)
+    return worst
