@@ -1,0 +1,771 @@
+"""Region adversarial training (RAT) and its baselines (standard, FGSM-AT, PGD-AT) as Keras models.
+
+Every method is a small ``keras.Model`` that wraps a classifier and overrides ``train_step``,
+so ``fit``, ``evaluate``, callbacks, checkpoints and ``tf.distribute`` strategies work as usual;
+``call`` delegates to the classifier. :func:`train` is the end-to-end driver behind
+``bin/train.py``: data, strategy, resumable fit, final ``model.keras`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from rat_tf import attacks, distribute, models, ops
+from rat_tf import data as data_lib
+
+METHODS = ("standard", "rat", "fgsm_at", "pgd_at")
+TARGET_MODES = ("one", "all")
+LR_SCHEDULES = ("constant", "cosine", "step")
+OPTIMIZERS = ("adam", "sgd", "momentum")
+SEARCH_METHODS = ("sgd", "batched", "reference")
+DEFAULT_EPS = {"mnist": 0.2, "fashion_mnist": 0.1, "cifar10": 8 / 255}  # radius of V (RAT)
+DEFAULT_ADV_EPS = {"mnist": 0.3, "fashion_mnist": 0.1, "cifar10": 8 / 255}  # FGSM-AT / PGD-AT
+DEFAULT_RAT_SUBSET = 1000
+FGSM_RS_ALPHA = 1.25  # Wong et al. (2020): FGSM step = 1.25 eps from a uniform random start
+
+
+def _replicas() -> int:
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _step_seed(base: int, counter: tf.Tensor) -> tf.Tensor:
+    """A stateless-RNG seed that differs per step and per replica (same on every run)."""
+    ctx = tf.distribute.get_replica_context()
+    replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+    replica = tf.cast(replica, tf.int64)
+    return tf.stack([tf.cast(base, tf.int64) * 1009 + replica, tf.cast(counter, tf.int64)])
+
+
+# --------------------------------------------------------------------------- trainer models
+class StandardModel(keras.Model):
+    """Wraps a classifier and trains it on clean examples (the baseline; base of the others).
+
+    Compile with just an optimizer: the loss defaults to sparse categorical cross-entropy on
+    logits, scaled to the global batch under ``tf.distribute`` by Keras.
+    """
+
+    method = "standard"
+
+    def __init__(self, classifier: keras.Model, *, seed: int = 0, name: str | None = None):
+        super().__init__(name=name or f"{self.method}_trainer")
+        if not isinstance(classifier, keras.Model):
+            raise ValueError(f"classifier must be a keras.Model, got {type(classifier).__name__}")
+        self.classifier = classifier
+        self.seed = int(seed)
+        self.num_classes = int(classifier.output_shape[-1])
+        self.image_shape = tuple(int(d) for d in classifier.input_shape[1:])
+        self.accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+    def call(self, inputs, training: bool = False):
+        return self.classifier(inputs, training=training)
+
+    def compile(self, optimizer: Any = "adam", loss: Any = None, **kwargs) -> None:
+        """``Model.compile`` with the default loss: cross-entropy on logits."""
+        if loss is None:
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        super().compile(optimizer=optimizer, loss=loss, **kwargs)
+
+    def build(self, input_shape=None) -> None:
+        self.classifier.build(input_shape or (None, *self.image_shape))
+        super().build(input_shape or (None, *self.image_shape))
+
+    def _fit_on(self, x: tf.Tensor, y: tf.Tensor, sample_weight: tf.Tensor | None = None
+                ) -> tf.Tensor:
+        """One optimizer step on (x, y); returns the logits (training mode)."""
+        with tf.GradientTape() as tape:
+            logits = self.classifier(x, training=True)
+            loss = self._compute_loss(x=x, y=y, y_pred=logits, sample_weight=sample_weight,
+                                      training=True)
+            # The loss is scaled by 1/replicas for the gradient sum; track the real value.
+            self._loss_tracker.update_state(loss * tf.cast(_replicas(), loss.dtype),
+                                            sample_weight=tf.shape(x)[0])
+            scaled = self.optimizer.scale_loss(loss)
+        weights = self.trainable_weights
+        grads = tape.gradient(scaled, weights)
+        self.optimizer.apply_gradients(zip(grads, weights))
+        return logits
+
+    @staticmethod
+    def _unpack(data) -> tuple[tf.Tensor, tf.Tensor]:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if sample_weight is not None:
+            raise ValueError("sample weights are not supported by the rat_tf trainers")
+        return tf.convert_to_tensor(x), tf.cast(y, tf.int32)
+
+    def train_step(self, data):
+        x, y = self._unpack(data)
+        logits = self._fit_on(x, y)
+        self.accuracy_metric.update_state(y, logits)
+        return self.get_metrics_result()
+
+    def test_step(self, data):
+        x, y = self._unpack(data)
+        logits = self.classifier(x, training=False)
+        loss = self._compute_loss(x=x, y=y, y_pred=logits, training=False)
+        self._loss_tracker.update_state(loss * tf.cast(_replicas(), loss.dtype),
+                                        sample_weight=tf.shape(x)[0])
+        self.accuracy_metric.update_state(y, logits)
+        return self.get_metrics_result()
+
+    def settings(self) -> dict:
+        """The method settings (for logs and metrics.json)."""
+        return {"method": self.method, "seed": self.seed}
+
+
+class RATModel(StandardModel):
+    """Region adversarial training: fine-tune on clean images mixed with clip(x + V[t]).
+
+    ``perturbations`` V [K,H,W,C] is a non-trainable variable (checkpointed, identical on all
+    replicas). Each step every image gets one random target t != label
+    (``targets_per_image="one"``) or all K-1 targets (``"all"``); perturbed copies keep the
+    TRUE label. The loss is ``(1 - perturbed_fraction) * CE(clean) + perturbed_fraction *
+    CE(perturbed)``. V stays fixed (static, the paper) unless a :class:`RefreshPerturbations`
+    callback searches it again.
+    """
+
+    method = "rat"
+
+    def __init__(self, classifier: keras.Model, perturbations: np.ndarray | None = None, *,
+                 targets_per_image: str = "one", perturbed_fraction: float = 0.5,
+                 seed: int = 0, name: str | None = None):
+        super().__init__(classifier, seed=seed, name=name)
+        if targets_per_image not in TARGET_MODES:
+            raise ValueError(f"targets_per_image must be one of {TARGET_MODES}, got "
+                             f"{targets_per_image!r}")
+        if not 0.0 <= float(perturbed_fraction) <= 1.0:
+            raise ValueError(f"perturbed_fraction must be in [0, 1], got {perturbed_fraction}")
+        if self.num_classes < 2:
+            raise ValueError("RAT needs a classifier with at least 2 classes")
+        self.targets_per_image = targets_per_image
+        self.perturbed_fraction = float(perturbed_fraction)
+        self.perturbations = self.add_weight(
+            name="perturbations", shape=(self.num_classes, *self.image_shape),
+            initializer="zeros", trainable=False, aggregation="only_first_replica")
+        self.perturbed_accuracy = keras.metrics.SparseCategoricalAccuracy(
+            name="perturbed_accuracy")
+        if perturbations is not None:
+            self.set_perturbations(perturbations)
+
+    def set_perturbations(self, perturbations: np.ndarray) -> None:
+        """Assign V (float [K,H,W,C]); call in cross-replica context (e.g. a callback)."""
+        v = np.asarray(perturbations, np.float32)
+        if v.shape != tuple(self.perturbations.shape):
+            raise ValueError(f"perturbations have shape {v.shape}, the model needs "
+                             f"{tuple(self.perturbations.shape)} (num_classes, H, W, C)")
+        if not np.all(np.isfinite(v)):
+            raise ValueError("perturbations contain NaN or infinite values")
+        self.perturbations.assign(v)
+
+    def get_perturbations(self) -> np.ndarray:
+        """The current V as a numpy array."""
+        return np.asarray(keras.ops.convert_to_numpy(self.perturbations))
+
+    def perturbed_batch(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The perturbed copies clip(x + V[t]) for targets t != y, with their TRUE labels."""
+        k = self.num_classes
+        v = tf.convert_to_tensor(self.perturbations)
+        if self.targets_per_image == "one":
+            seed = _step_seed(self.seed, self.optimizer.iterations)
+            offset = tf.random.stateless_uniform(tf.shape(y), seed, minval=1, maxval=k,
+                                                 dtype=tf.int32)
+            targets = (y + offset) % k
+            return ops.apply_perturbation(x, tf.gather(v, targets)), y
+        targets = (y[:, None] + tf.range(1, k, dtype=y.dtype)[None, :]) % k  # [B, K-1]
+        x_p = ops.apply_perturbation(x[:, None], tf.gather(v, targets))  # [B, K-1, H, W, C]
+        x_p = tf.reshape(x_p, tf.concat([[-1], tf.shape(x)[1:]], 0))
+        return x_p, tf.repeat(y, k - 1)
+
+    def train_step(self, data):
+        x, y = self._unpack(data)
+        f = self.perturbed_fraction
+        if f == 0.0:
+            return super().train_step(data)
+        x_p, y_p = self.perturbed_batch(x, y)
+        n_clean, n_pert = tf.shape(x)[0], tf.shape(x_p)[0]
+        n_all = tf.cast(n_clean + n_pert, tf.float32)
+        weights = tf.concat([
+            tf.fill([n_clean], (1.0 - f) * n_all / tf.cast(n_clean, tf.float32)),
+            tf.fill([n_pert], f * n_all / tf.cast(n_pert, tf.float32))], 0)
+        logits = self._fit_on(tf.concat([x, tf.cast(x_p, x.dtype)], 0), tf.concat([y, y_p], 0),
+                              weights)
+        self.accuracy_metric.update_state(y, logits[:n_clean])
+        self.perturbed_accuracy.update_state(y_p, logits[n_clean:])
+        return self.get_metrics_result()
+
+    def settings(self) -> dict:
+        return {**super().settings(), "targets_per_image": self.targets_per_image,
+                "perturbed_fraction": self.perturbed_fraction}
+
+
+class AdversarialTrainingModel(StandardModel):
+    """FGSM-AT with random init (Wong et al. 2020) or PGD-AT (Madry et al. 2018).
+
+    Each step replaces the batch by adversarial examples computed against the current
+    weights (``attacks.fgsm`` from a uniform random start with step 1.25 eps, or
+    ``attacks.pgd`` from a random start) and trains on them with their true labels.
+    """
+
+    def __init__(self, classifier: keras.Model, method: str = "pgd_at", *, eps: float = 0.3,
+                 norm: str = "linf", steps: int = 10, step_size: float | None = None,
+                 seed: int = 0, name: str | None = None):
+        if method not in ("fgsm_at", "pgd_at"):
+            raise ValueError(f"adversarial training method must be fgsm_at or pgd_at, got "
+                             f"{method!r}")
+        super().__init__(classifier, seed=seed, name=name or f"{method}_trainer")
+        self.method = method
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        if norm not in ops.NORMS:
+            raise ValueError(f"unknown norm {norm!r}; choose one of {ops.NORMS}")
+        if method == "fgsm_at":
+            steps = 1
+            step_size = step_size or FGSM_RS_ALPHA * eps
+        if int(steps) < 1:
+            raise ValueError(f"PGD steps must be >= 1, got {steps}")
+        self.eps, self.norm, self.steps = float(eps), norm, int(steps)
+        self.step_size = float(step_size) if step_size else 2.5 * self.eps / self.steps
+        if not self.step_size > 0:
+            raise ValueError(f"step_size must be positive, got {step_size}")
+        self.adversarial_accuracy = keras.metrics.SparseCategoricalAccuracy(
+            name="adversarial_accuracy")
+
+    def adversarial_batch(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """Adversarial examples of (x, y) against the current weights (inference mode)."""
+        model_fn = lambda z: self.classifier(z, training=False)  # noqa: E731
+        if self.method == "fgsm_at":
+            x_adv = attacks.fgsm(model_fn, x, y, self.eps, norm=self.norm, rand_init=True,
+                                 step_size=self.step_size)
+        else:
+            x_adv = attacks.pgd(model_fn, x, y, self.eps, step_size=self.step_size,
+                                steps=self.steps, norm=self.norm, rand_init=True, restarts=1)
+        return tf.stop_gradient(tf.cast(x_adv, x.dtype))
+
+    def train_step(self, data):
+        x, y = self._unpack(data)
+        logits = self._fit_on(self.adversarial_batch(x, y), y)
+        self.adversarial_accuracy.update_state(y, logits)
+        return self.get_metrics_result()
+
+    def settings(self) -> dict:
+        return {**super().settings(), "eps": self.eps, "norm": self.norm, "steps": self.steps,
+                "step_size": self.step_size}
+
+
+def make_trainer(method: str, classifier: keras.Model, **settings) -> StandardModel:
+    """Wrap ``classifier`` in the trainer of ``method`` (standard|rat|fgsm_at|pgd_at)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown training method {method!r}; choose one of {METHODS}")
+    try:
+        if method == "standard":
+            return StandardModel(classifier, **settings)
+        if method == "rat":
+            return RATModel(classifier, **settings)
+        return AdversarialTrainingModel(classifier, method, **settings)
+    except TypeError as e:
+        raise ValueError(f"bad settings for method {method!r}: {e}") from e
+
+
+# --------------------------------------------------------------------------- callbacks
+class RefreshPerturbations(keras.callbacks.Callback):
+    """Every ``every`` epochs, search V afresh against the current weights (RAT refresh mode).
+
+    Place it before ``BackupAndRestore`` in the callback list so the backup holds the new V.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, every: int, *, eps: float,
+                 norm: str = "linf", method: str = "sgd", max_passes: int = 10,
+                 delta: float = 0.2, step_size: float | None = None, batch_size: int = 128,
+                 seed: int = 0):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"refresh interval must be >= 1 epoch, got {every}")
+        self.x, self.y, self.every = x, y, int(every)
+        self.kwargs = dict(eps=eps, norm=norm, method=method, max_passes=max_passes,
+                           delta=delta, step_size=step_size, batch_size=batch_size)
+        self.seed = seed
+        self.history: list[dict] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if (epoch + 1) % self.every:
+            return
+        if not isinstance(self.model, RATModel):
+            raise ValueError("RefreshPerturbations needs a RATModel")
+        start = time.time()
+        v, stats = attacks.targeted_universal(
+            self.model.classifier, self.x, self.y, self.model.num_classes,
+            seed=self.seed + epoch + 1, strategy=self.model.distribute_strategy, **self.kwargs)
+        self.model.set_perturbations(v)
+        rate = _mean_rate(stats)
+        self.history.append({"epoch": epoch + 1, "success_rate": rate,
+                             "seconds": time.time() - start})
+        logging.info("epoch %d: refreshed V (mean targeted success %.3f, %.1fs)", epoch + 1,
+                     rate, time.time() - start)
+        if logs is not None:
+            logs["refresh_success_rate"] = rate
+
+
+def _mean_rate(stats: dict) -> float:
+    rates = [r for r in stats["success_rate"] if r is not None]
+    return float(np.mean(rates)) if rates else 0.0
+
+
+class RaiseOnNaN(keras.callbacks.Callback):
+    """Stop training with a clear ``FloatingPointError`` as soon as the loss is NaN or inf."""
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise FloatingPointError(
+                f"NaN loss: training loss became {float(loss)} at epoch {self._epoch + 1}, "
+                f"batch {batch + 1}; training diverged (lower the learning rate, check the "
+                f"data and the precision policy)")
+
+
+class RobustnessMonitor(keras.callbacks.Callback):
+    """After every epoch, FGSM accuracy of the classifier on held-out images (logged).
+
+    Stops training once it reaches ``target`` or when ``time_limit`` seconds of training
+    (evaluation time excluded) have passed; ``records`` holds (epoch, train seconds, acc).
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, eps: float, *, norm: str = "linf",
+                 target: float | None = None, time_limit: float | None = None,
+                 batch_size: int = 500):
+        super().__init__()
+        self.x, self.y, self.eps, self.norm = x, y, float(eps), norm
+        self.target, self.time_limit, self.batch_size = target, time_limit, batch_size
+        self.records: list[dict] = []
+        self.time_to_target: float | None = None
+        self._train_seconds = 0.0
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._t0 = time.time()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._train_seconds += time.time() - self._t0
+        model = getattr(self.model, "classifier", self.model)
+        acc = adversarial_accuracy(model, self.x, self.y, self.eps, norm=self.norm,
+                                   batch_size=self.batch_size)
+        self.records.append({"epoch": epoch + 1, "train_seconds": self._train_seconds,
+                             "fgsm_accuracy": acc})
+        logging.info("epoch %d: FGSM(%s, %g) accuracy %.4f after %.1fs of training",
+                     epoch + 1, self.norm, self.eps, acc, self._train_seconds)
+        if logs is not None:
+            logs["fgsm_accuracy"] = acc
+        if self.target is not None and acc >= self.target and self.time_to_target is None:
+            self.time_to_target = self._train_seconds
+            self.model.stop_training = True
+        if self.time_limit is not None and self._train_seconds >= self.time_limit:
+            self.model.stop_training = True
+
+
+# --------------------------------------------------------------------------- evaluation helpers
+def accuracy(model_fn: Callable, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+    """Clean accuracy of ``model_fn`` (x -> logits) on arrays, computed locally in batches."""
+    if len(x) == 0:
+        raise ValueError("accuracy of an empty set")
+    fn = tf.function(lambda z: tf.argmax(model_fn(z), axis=-1, output_type=tf.int32))
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int(np.sum(fn(tf.constant(x[i:i + batch_size])).numpy() == y[i:i + batch_size]))
+    return correct / len(x)
+
+
+def adversarial_accuracy(model_fn: Callable, x: np.ndarray, y: np.ndarray, eps: float, *,
+                         norm: str = "linf", batch_size: int = 500) -> float:
+    """Accuracy under the (untargeted, no random init) FGSM attack of radius ``eps``."""
+    attack = tf.function(lambda a, b: attacks.fgsm(model_fn, a, b, eps, norm=norm))
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xa = attack(tf.constant(x[i:i + batch_size]), tf.constant(y[i:i + batch_size]))
+        pred = np.argmax(keras.ops.convert_to_numpy(model_fn(xa)), axis=-1)
+        correct += int(np.sum(pred == y[i:i + batch_size]))
+    return correct / len(x)
+
+
+# --------------------------------------------------------------------------- end-to-end driver
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything :func:`train` needs; ``bin/train.py`` flags mirror these fields."""
+
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    data_source: str = "auto"
+    model: str = "mnist_cnn"
+    method: str = "standard"
+    epochs: int = 1
+    batch_size: int = 128  # GLOBAL batch size (split over replicas)
+    steps_per_epoch: int = 0  # 0: one pass over the training set
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    optimizer: str = "adam"
+    train_subset: int | None = None  # balanced subset size; None: 1000 for rat, all otherwise
+    test_subset: int = 0  # first N test images for the final accuracy (0: all)
+    seed: int = 0
+    model_dir: str = "runs/default"
+    init_from: str = ""  # .keras classifier to fine-tune from
+    # RAT
+    perturbations_path: str = ""  # .npz from bin/perturb.py; empty: search at start
+    eps: float | None = None  # L-inf/L2 radius of V; None: dataset default (MNIST 0.2)
+    norm: str = "linf"
+    search_method: str = "sgd"
+    search_passes: int = 10
+    search_delta: float = 0.2
+    refresh_every: int = 0  # 0: static V (the paper)
+    targets_per_image: str = "one"
+    perturbed_fraction: float = 0.5
+    # FGSM-AT / PGD-AT
+    adv_eps: float | None = None  # attack radius; None: dataset default (MNIST 0.3)
+    pgd_steps: int = 10
+    pgd_step_size: float | None = None  # None: 2.5 eps / steps
+    # performance
+    precision: str = "float32"
+    jit_compile: bool = False
+    verbose: int | None = None  # None: progress bar when interactive, one line per epoch if not
+
+    def resolved_eps(self) -> float:
+        """``eps`` (radius of V), or the dataset's default."""
+        return float(self.eps) if self.eps is not None else DEFAULT_EPS.get(self.dataset, 0.1)
+
+    def resolved_adv_eps(self) -> float:
+        """``adv_eps`` (FGSM-AT / PGD-AT radius), or the dataset's default."""
+        if self.adv_eps is not None:
+            return float(self.adv_eps)
+        return DEFAULT_ADV_EPS.get(self.dataset, 0.1)
+
+    def resolved_subset(self) -> int:
+        """Number of training images (0 = all)."""
+        if self.train_subset is None:
+            return DEFAULT_RAT_SUBSET if self.method == "rat" else 0
+        return int(self.train_subset)
+
+    def validate(self, num_replicas: int = 1) -> None:
+        """Raise ValueError naming the first bad value."""
+        info = data_lib.get_info(self.dataset)
+        if self.model not in models.MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
+        checks = [
+            (self.method in METHODS, f"unknown method {self.method!r}; choose one of {METHODS}"),
+            (int(self.epochs) >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (int(self.batch_size) % num_replicas == 0,
+             f"global batch_size {self.batch_size} is not divisible by the {num_replicas} "
+             f"replicas of the strategy"),
+            (int(self.steps_per_epoch) >= 0,
+             f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr}"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}"),
+            (self.optimizer in OPTIMIZERS,
+             f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}"),
+            (self.train_subset is None or int(self.train_subset) >= 0,
+             f"train_subset must be >= 0, got {self.train_subset}"),
+            (self.resolved_subset() % info.num_classes == 0,
+             f"train_subset {self.resolved_subset()} must be a multiple of the "
+             f"{info.num_classes} classes (balanced subset)"),
+            (int(self.test_subset) >= 0, f"test_subset must be >= 0, got {self.test_subset}"),
+            (self.resolved_eps() > 0, f"eps must be positive, got {self.eps}"),
+            (self.resolved_adv_eps() > 0, f"adv_eps must be positive, got {self.adv_eps}"),
+            (self.norm in ops.NORMS, f"unknown norm {self.norm!r}; choose one of {ops.NORMS}"),
+            (self.search_method in SEARCH_METHODS,
+             f"unknown search_method {self.search_method!r}; choose one of {SEARCH_METHODS}"),
+            (int(self.search_passes) >= 1,
+             f"search_passes must be >= 1, got {self.search_passes}"),
+            (0 <= self.search_delta < 1, f"search_delta must be in [0, 1), got "
+                                         f"{self.search_delta}"),
+            (int(self.refresh_every) >= 0,
+             f"refresh_every must be >= 0, got {self.refresh_every}"),
+            (self.targets_per_image in TARGET_MODES,
+             f"targets_per_image must be one of {TARGET_MODES}, got {self.targets_per_image!r}"),
+            (0 <= self.perturbed_fraction <= 1,
+             f"perturbed_fraction must be in [0, 1], got {self.perturbed_fraction}"),
+            (int(self.pgd_steps) >= 1, f"pgd_steps must be >= 1, got {self.pgd_steps}"),
+            (self.pgd_step_size is None or self.pgd_step_size > 0,
+             f"pgd_step_size must be positive, got {self.pgd_step_size}"),
+            (self.precision in distribute.PRECISIONS,
+             f"unknown precision {self.precision!r}; choose one of {distribute.PRECISIONS}"),
+            (bool(self.model_dir), "model_dir must be set"),
+            (not self.init_from or os.path.isfile(self.init_from),
+             f"init_from {self.init_from!r}: no such file"),
+            (not self.perturbations_path or os.path.isfile(self.perturbations_path),
+             f"perturbations_path {self.perturbations_path!r}: no such file"),
+            (self.method == "rat" or not (self.perturbations_path or self.refresh_every),
+             "perturbations_path and refresh_every are RAT settings (method=rat)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def trainer_settings(self) -> dict:
+        """The keyword settings of :func:`make_trainer` for this config."""
+        if self.method == "rat":
+            return {"targets_per_image": self.targets_per_image,
+                    "perturbed_fraction": self.perturbed_fraction, "seed": self.seed}
+        if self.method in ("fgsm_at", "pgd_at"):
+            return {"eps": self.resolved_adv_eps(), "norm": self.norm, "steps": self.pgd_steps,
+                    "step_size": self.pgd_step_size, "seed": self.seed}
+        return {"seed": self.seed}
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
+    """The optimizer and learning-rate schedule of ``config`` over ``total_steps`` steps."""
+    lr: Any = config.lr
+    if config.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=max(1, total_steps))
+    elif config.lr_schedule == "step":
+        bounds = [max(1, total_steps // 2), max(2, (3 * total_steps) // 4)]
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            bounds, [config.lr, config.lr * 0.1, config.lr * 0.01])
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    if config.optimizer == "momentum":
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
+    return keras.optimizers.SGD(lr)
+
+
+def _atomic_write(path: str, write: Callable[[str], None], suffix: str) -> None:
+    """Write through ``write(tmp_path)`` then ``os.replace`` so readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+    _atomic_write(path, write, ".json")
+
+
+def _jsonable(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def read_history(path: str) -> dict[str, list[float]]:
+    """Per-epoch history from a CSVLogger file (last row wins when an epoch was re-run)."""
+    if not os.path.isfile(path):
+        return {}
+    rows: dict[int, dict] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows[int(row["epoch"])] = row
+    history: dict[str, list] = {}
+    for epoch in sorted(rows):
+        for key, value in rows[epoch].items():
+            value = None if value in ("NA", "", None) else (
+                int(value) if key == "epoch" else float(value))
+            history.setdefault(key, []).append(value)
+    return {k: v for k, v in history.items() if any(x is not None for x in v)}
+
+
+def _copy_weights(classifier: keras.Model, path: str) -> None:
+    """Load the weights of the .keras classifier at ``path`` into ``classifier``."""
+    source = keras.models.load_model(path, compile=False)
+    src, dst = source.get_weights(), classifier.get_weights()
+    if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src, dst)):
+        raise ValueError(f"init_from {path}: its architecture ({source.name}, "
+                         f"{len(src)} weight arrays) does not match model {classifier.name} "
+                         f"({len(dst)} weight arrays)")
+    classifier.set_weights(src)
+
+
+def _verbose(config: TrainConfig) -> int:
+    if config.verbose is not None:
+        return config.verbose
+    return 1 if sys.stdout.isatty() else 2
+
+
+def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
+          callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
+    """Train per ``config`` (resuming from ``model_dir/backup`` if present) and write outputs.
+
+    Writes ``model_dir/model.keras`` (the classifier), ``metrics.json``, ``history.csv``,
+    TensorBoard logs and, for RAT, ``perturbations.npz``; under multi-worker only the chief
+    writes them. Returns the metrics dict.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    config.validate(strategy.num_replicas_in_sync)
+    previous_policy = keras.mixed_precision.global_policy().name
+    distribute.set_precision(config.precision)
+    try:
+        return _train(config, strategy, list(callbacks))
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
+           extra_callbacks: list) -> dict:
+    start = time.time()
+    chief = distribute.is_chief(strategy)
+    model_dir = os.path.abspath(config.model_dir)
+    work_dir = distribute.worker_dir(model_dir, strategy)
+    os.makedirs(work_dir, exist_ok=True)
+    backup_dir = os.path.join(work_dir, "backup")
+    history_path = os.path.join(work_dir, "history.csv")
+    resuming = os.path.exists(os.path.join(backup_dir, "training_metadata.json"))
+    if not resuming and os.path.exists(history_path):
+        os.remove(history_path)  # a fresh run: drop the history of an earlier finished run
+    keras.utils.set_random_seed(config.seed)
+
+    info = data_lib.get_info(config.dataset)
+    x_train, y_train = data_lib.load_arrays(config.dataset, "train", config.data_source,
+                                            config.data_dir)
+    x_test, y_test = data_lib.load_arrays(config.dataset, "test", config.data_source,
+                                          config.data_dir)
+    subset = config.resolved_subset()
+    if subset:
+        x_train, y_train = data_lib.balanced_subset(x_train, y_train,
+                                                    subset // info.num_classes, config.seed)
+    if config.test_subset:
+        x_test, y_test = x_test[:config.test_subset], y_test[:config.test_subset]
+    steps_per_epoch = config.steps_per_epoch or len(x_train) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(x_train)} training images make no full batch of "
+                         f"{config.batch_size}; lower batch_size or enlarge train_subset")
+    logging.info("%s on %s/%s: %d training images, %d steps/epoch x %d epochs, global batch "
+                 "%d over %d replicas%s", config.method, config.dataset, config.model,
+                 len(x_train), steps_per_epoch, config.epochs, config.batch_size,
+                 strategy.num_replicas_in_sync, " (resuming)" if resuming else "")
+
+    eps = config.resolved_eps()
+    search_kwargs = dict(eps=eps, norm=config.norm, method=config.search_method,
+                         max_passes=config.search_passes, delta=config.search_delta,
+                         batch_size=min(128, len(x_train)))
+    with strategy.scope():
+        classifier = models.build_model(config.model, info.image_shape, info.num_classes)
+        if config.init_from:
+            _copy_weights(classifier, config.init_from)
+        trainer = make_trainer(config.method, classifier, **config.trainer_settings())
+        trainer.build((None, *info.image_shape))
+        trainer.compile(optimizer=make_optimizer(config, steps_per_epoch * config.epochs),
+                        jit_compile=config.jit_compile)
+
+    search_seconds, search_stats = 0.0, None
+    if config.method == "rat" and not resuming:  # a resumed run restores V from the backup
+        t = time.time()
+        if config.perturbations_path:
+            v, meta = attacks.load_perturbations(config.perturbations_path)
+            logging.info("loaded V from %s (%s)", config.perturbations_path, meta)
+        else:
+            logging.info("searching targeted universal perturbations (%s, eps %g, %s)",
+                         config.norm, eps, config.search_method)
+            v, search_stats = attacks.targeted_universal(
+                classifier, x_train, y_train, info.num_classes, seed=config.seed,
+                strategy=strategy, **search_kwargs)
+            logging.info("V found in %.1fs: mean targeted success %.3f on the training subset",
+                         time.time() - t, _mean_rate(search_stats))
+        trainer.set_perturbations(v)
+        search_seconds = time.time() - t
+
+    cbs: list = [RaiseOnNaN()]
+    if config.method == "rat" and config.refresh_every:
+        cbs.append(RefreshPerturbations(x_train, y_train, config.refresh_every,
+                                        seed=config.seed, **search_kwargs))
+    timer = _EpochTimer()
+    cbs += extra_callbacks + [
+        timer,
+        keras.callbacks.BackupAndRestore(backup_dir),
+        keras.callbacks.CSVLogger(history_path, append=True),
+    ]
+    if importlib.util.find_spec("tensorboard") is not None:
+        cbs.append(keras.callbacks.TensorBoard(os.path.join(work_dir, "logs")))
+    else:
+        logging.warning("tensorboard is not installed: no TensorBoard logs "
+                        "(pip install tensorboard); history.csv has the per-epoch metrics")
+    ds = data_lib.make_dataset(x_train, y_train, config.batch_size, shuffle=True,
+                               seed=config.seed, repeat=True, drop_remainder=True)
+    fit_start = time.time()
+    trainer.fit(ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch, callbacks=cbs,
+                shuffle=False, verbose=_verbose(config))
+    fit_seconds = time.time() - fit_start
+    epochs_run = len(timer.seconds)
+
+    test_accuracy = accuracy(lambda z: classifier(z, training=False), x_test, y_test)
+    images = epochs_run * steps_per_epoch * config.batch_size
+    steady = timer.seconds[1:]
+    metrics = {
+        "config": dataclasses.asdict(config),
+        "settings": trainer.settings(),
+        "strategy": type(strategy).__name__,
+        "num_replicas": strategy.num_replicas_in_sync,
+        "train_images": len(x_train),
+        "steps_per_epoch": steps_per_epoch,
+        "epochs_run_this_session": epochs_run,
+        "resumed": resuming,
+        "history": read_history(history_path),
+        "test_accuracy": test_accuracy,
+        "test_images": len(x_test),
+        "fit_seconds": fit_seconds,
+        "search_seconds": search_seconds,
+        "wall_seconds": time.time() - start,
+        "epoch_seconds": timer.seconds,
+        "images_per_sec": images / fit_seconds if epochs_run else None,
+        "images_per_sec_steady": (len(steady) * steps_per_epoch * config.batch_size
+                                  / sum(steady)) if steady else None,
+    }
+    if search_stats is not None:
+        metrics["search_success_rate"] = search_stats["success_rate"]
+    logging.info("done: test accuracy %.4f, %.1f images/s, %.1fs", test_accuracy,
+                 metrics["images_per_sec"] or 0.0, metrics["wall_seconds"])
+    if chief:
+        os.makedirs(model_dir, exist_ok=True)
+        _atomic_write(os.path.join(model_dir, "model.keras"), classifier.save, ".keras")
+        if config.method == "rat":
+            v = trainer.get_perturbations()
+            _atomic_write(os.path.join(model_dir, "perturbations.npz"),
+                          lambda p: attacks.save_perturbations(p, v, eps=eps, norm=config.norm),
+                          ".npz")
+        _write_json(os.path.join(model_dir, "metrics.json"), metrics)
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return metrics
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of every epoch run in this session."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.time() - self._t0)
