@@ -386,6 +386,48 @@ def _float_or_none(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
+def parse_models(spec: str | Sequence[str]) -> dict[str, str]:
+    """``"name=path,name2=path2"`` (or a list of ``name=path``) as an ordered {name: path}."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"model spec {item!r} is not name=path")
+        if name.strip() in out:
+            raise ValueError(f"model name {name.strip()!r} given twice")
+        out[name.strip()] = path.strip()
+    if not out:
+        raise ValueError("no models given (expected name=path,...)")
+    return out
+
+
+def evaluate_models(models: Mapping[str, Any], *, dataset: str, data_dir: str | None = None,
+                    data_source: str = "auto", settings: EvalSettings | None = None,
+                    perturbations: np.ndarray | str | None = None,
+                    out_dir: str | None = None, progress: bool = True) -> dict[str, Report]:
+    """Report on several models side by side: test split to measure, train split to search.
+
+    ``models`` maps names to keras Models or paths; writes the report to ``out_dir`` if given.
+    """
+    info = data.get_info(dataset)
+    settings = settings or EvalSettings.for_dataset(dataset)
+    x_test, y_test = data.load_arrays(dataset, "test", data_source, data_dir)
+    x_train, y_train = data.load_arrays(dataset, "train", data_source, data_dir)
+    reports: dict[str, Report] = {}
+    for name, model in models.items():
+        logging.info("evaluating %s (%s)", name, model if isinstance(model, str) else "model")
+        reports[name] = robustness_report(
+            model, x_test, y_test, x_search=x_train, y_search=y_train,
+            perturbations=perturbations, settings=settings, class_names=info.class_names,
+            name=name, progress=progress)
+    if out_dir:
+        write_report(reports, out_dir, title=f"Robustness report: {dataset}")
+    return reports
+
+
 # --------------------------------------------------------------------------- output
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
@@ -497,11 +539,22 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str,
                                 **{k: v for k, v in arrays.items()})
     if rows:
         first = next(iter(reports.values()))
-        paths["perturbations"] = plots.perturbation_grid(
+        paths["perturbations"] = _shrink_png(plots.perturbation_grid(
             rows, os.path.join(out_dir, "perturbations.png"), titles=first["class_names"],
-            row_labels=labels)
+            row_labels=labels, dpi=80 if len(rows) <= 2 else 64))
     logging.info("wrote report to %s", out_dir)
     return paths
+
+
+def _shrink_png(path: str, limit: int = 200_000) -> str:
+    """Re-save a PNG with an adaptive 128-colour palette if it is larger than ``limit`` bytes."""
+    if os.path.getsize(path) > limit:
+        from PIL import Image  # a matplotlib dependency
+
+        with Image.open(path) as img:
+            small = img.convert("RGB").quantize(colors=128)
+        small.save(path, optimize=True)
+    return path
 
 
 def _safe(name: str) -> str:

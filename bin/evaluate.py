@@ -1,0 +1,62 @@
+"""Robustness report of one or more models side by side (METHOD.md section 3).
+
+    python3 bin/evaluate.py --dataset=mnist --models=std=runs/std/model.keras,rat=export/rat \\
+        --perturbations=runs/rat/perturbations.npz --output_dir=results/eval
+
+Models are .keras files, directories holding model.keras, or SavedModel directories. Measures
+on the test split, searches fresh universal perturbations on the training split; writes
+report.json, report.md and PNG figures to --output_dir and prints the table.
+"""
+
+from absl import app, flags, logging
+
+from rat_tf import evaluation
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", None, "name=path,... (.keras file, dir with model.keras, SavedModel)")
+flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "cifar10"], "Dataset.")
+flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
+flags.DEFINE_enum("data_source", "auto", ["auto", "files", "tfds"], "Where to read data.")
+flags.DEFINE_string("output_dir", None, "Where to write report.json, report.md, PNGs.")
+flags.DEFINE_string("perturbations", None, "Optional .npz of the perturbations used in training.")
+flags.DEFINE_list("fgsm_eps", None, "FGSM radii (default per dataset).")
+flags.DEFINE_list("pgd_eps", None, "PGD radii (default per dataset).")
+flags.DEFINE_integer("pgd_steps", None, "PGD steps.")
+flags.DEFINE_integer("pgd_restarts", None, "PGD random restarts.")
+flags.DEFINE_float("pgd_step_size", None, "PGD step size (default 2.5 eps / steps).")
+flags.DEFINE_float("class_eps", None, "FGSM radius of the per-class breakdown.")
+flags.DEFINE_float("tup_eps", None, "Radius of the fresh targeted universal perturbations.")
+flags.DEFINE_enum("tup_norm", None, ["linf", "l2"], "Norm of the universal perturbations.")
+flags.DEFINE_enum("tup_method", None, ["sgd", "batched", "reference"], "TUP search method.")
+flags.DEFINE_integer("tup_passes", None, "TUP search passes.")
+flags.DEFINE_integer("tup_n_per_class", None, "TUP search images per class.")
+flags.DEFINE_float("uap_eps", None, "Untargeted universal radius (default tup_eps).")
+flags.DEFINE_integer("uap_passes", None, "Untargeted universal search passes.")
+flags.DEFINE_integer("n_test", None, "Test images (default 1000; 0 = all).")
+flags.DEFINE_integer("batch_size", None, "Evaluation batch size.")
+flags.DEFINE_integer("seed", None, "Seed of random inits and searches.")
+flags.mark_flags_as_required(["models", "output_dir"])
+
+
+def main(argv):
+    del argv
+    floats = lambda v: None if v is None else [float(e) for e in v]  # noqa: E731
+    settings = evaluation.EvalSettings.for_dataset(
+        FLAGS.dataset, fgsm_eps=floats(FLAGS.fgsm_eps), pgd_eps=floats(FLAGS.pgd_eps),
+        pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
+        pgd_step_size=FLAGS.pgd_step_size, class_eps=FLAGS.class_eps, tup_eps=FLAGS.tup_eps,
+        tup_norm=FLAGS.tup_norm, tup_method=FLAGS.tup_method, tup_passes=FLAGS.tup_passes,
+        tup_n_per_class=FLAGS.tup_n_per_class, uap_eps=FLAGS.uap_eps,
+        uap_passes=FLAGS.uap_passes, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
+    if FLAGS.n_test is not None:
+        settings.n_test = FLAGS.n_test or None
+    reports = evaluation.evaluate_models(
+        evaluation.parse_models(FLAGS.models), dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+        data_source=FLAGS.data_source, settings=settings, perturbations=FLAGS.perturbations,
+        out_dir=FLAGS.output_dir)
+    print(evaluation.markdown_table(reports))
+    logging.info("report written to %s", FLAGS.output_dir)
+
+
+if __name__ == "__main__":
+    app.run(main)

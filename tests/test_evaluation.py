@@ -1,0 +1,146 @@
+"""Robustness reports on real MNIST: attack strength ordering, SavedModel parity, held-out checks."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rat_tf import attacks, evaluation, export
+
+N_TEST = 300
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return evaluation.EvalSettings.for_dataset(
+        "mnist", fgsm_eps=(0.05, 0.1, 0.2), pgd_eps=(0.1, 0.2), pgd_steps=10, pgd_restarts=2,
+        class_eps=0.1, tup_passes=2, tup_n_per_class=10, tup_batch_size=25, uap_passes=1,
+        n_test=N_TEST, batch_size=150, seed=0)
+
+
+@pytest.fixture(scope="module")
+def split(mnist_arrays):
+    """Test images to measure on; search images from the training set (never the test set)."""
+    x_train, y_train, x_test, y_test = mnist_arrays
+    return x_test[:N_TEST], y_test[:N_TEST], x_train[-2000:], y_train[-2000:]
+
+
+@pytest.fixture(scope="module")
+def given(split, tmp_path_factory):
+    """A 'training' perturbation file whose metadata fingerprints its search images."""
+    _, _, xs, _ = split
+    v = np.random.default_rng(0).uniform(-0.2, 0.2, (10, 28, 28, 1)).astype(np.float32)
+    path = str(tmp_path_factory.mktemp("given") / "v.npz")
+    attacks.save_perturbations(path, v, eps=0.2, norm="linf",
+                               **{evaluation.FINGERPRINT_KEY: evaluation.fingerprints(xs[:100])})
+    return path
+
+
+@pytest.fixture(scope="module")
+def reports(mnist_model, split, settings, given, tmp_path_factory):
+    """Reports of the Keras model and of its SavedModel export, with the same seeds."""
+    x_test, y_test, xs, ys = split
+    saved = export.export_saved_model(mnist_model,
+                                      str(tmp_path_factory.mktemp("export") / "std"))
+    out = {}
+    for name, model in (("keras", mnist_model), ("saved_model", saved)):
+        out[name] = evaluation.robustness_report(
+            model, x_test, y_test, x_search=xs, y_search=ys, perturbations=given,
+            settings=settings, name=name, progress=False)
+    return out
+
+
+def test_pgd_with_restarts_at_least_as_strong_as_fgsm(reports, settings):
+    for name, r in reports.items():
+        for eps in settings.pgd_eps:
+            key = f"{eps:g}"
+            assert key in r["fgsm_accuracy"]
+            assert r["pgd_accuracy"][key] <= r["fgsm_accuracy"][key] + 1.0 / N_TEST, (name, key)
+        # and accuracy falls as the FGSM radius grows, from the clean accuracy down
+        curve = [r["clean_accuracy"]] + [r["fgsm_accuracy"][f"{e:g}"] for e in settings.fgsm_eps]
+        assert curve == sorted(curve, reverse=True), (name, curve)
+        assert r["clean_accuracy"] > 0.9
+
+
+def test_saved_model_report_matches_keras(reports):
+    k, s = reports["keras"], reports["saved_model"]
+    assert s["model"].startswith("saved_model:") and k["model"].startswith("keras:")
+    assert s["clean_accuracy"] == pytest.approx(k["clean_accuracy"], abs=1e-9)
+    for key in k["fgsm_accuracy"]:
+        assert s["fgsm_accuracy"][key] == pytest.approx(k["fgsm_accuracy"][key], abs=2 / N_TEST)
+    for key in k["pgd_accuracy"]:
+        assert s["pgd_accuracy"][key] == pytest.approx(k["pgd_accuracy"][key], abs=3 / N_TEST)
+    np.testing.assert_allclose(s["tup_given"]["success_rate"], k["tup_given"]["success_rate"],
+                               atol=2 / N_TEST)
+    assert s["tup_fresh"]["mean"] == pytest.approx(k["tup_fresh"]["mean"], abs=0.03)
+    assert s["uap"]["fooling_rate"] == pytest.approx(k["uap"]["fooling_rate"], abs=0.03)
+    assert s["per_class"]["clean"] == k["per_class"]["clean"]
+
+
+def test_report_contents(reports, settings):
+    r = reports["keras"]
+    assert r["num_test"] == N_TEST and r["num_search"] == 100
+    assert len(r["tup_fresh"]["success_rate"]) == 10
+    assert max(r["tup_fresh"]["linf"]) <= settings.tup_eps + 1e-6
+    assert r.arrays["tup_fresh"].shape == (10, 28, 28, 1)
+    assert sum(r["per_class"]["count"]) == N_TEST
+    assert r["per_class"]["fgsm_eps"] == 0.1
+    assert r["tup_given"]["meta"] == {"eps": 0.2, "norm": "linf"}
+
+
+def test_json_serializable_with_every_setting(reports, settings):
+    for r in reports.values():
+        back = json.loads(json.dumps(r, allow_nan=False))
+        assert back["settings"] == json.loads(json.dumps(settings.to_dict()))
+        for field in ("fgsm_eps", "pgd_eps", "pgd_steps", "pgd_restarts", "tup_eps",
+                      "tup_method", "tup_passes", "uap_eps", "n_test", "seed"):
+            assert field in back["settings"]
+
+
+def test_markdown_and_written_report(reports, tmp_path):
+    table = evaluation.markdown_table(reports)
+    rows = [line for line in table.strip().splitlines()[2:]]
+    assert [row.split("|")[1].strip() for row in rows] == list(reports)
+    assert "PGD-10x2 0.2" in table.splitlines()[0]
+    paths = evaluation.write_report(reports, str(tmp_path))
+    for key in ("json", "markdown", "accuracy_vs_radius", "perturbations"):
+        assert os.path.isfile(paths[key])
+    for png in ("accuracy_vs_radius", "perturbations"):
+        assert os.path.getsize(paths[png]) < 200_000
+    with open(paths["json"]) as f:
+        assert set(json.load(f)) == set(reports)
+    with open(paths["markdown"]) as f:
+        assert table in f.read()
+
+
+def test_refuses_to_measure_on_search_images(mnist_model, split, settings, given):
+    x_test, y_test, xs, ys = split
+    leaky = np.concatenate([xs, x_test[7:8]])
+    with pytest.raises(ValueError, match="held-out"):
+        evaluation.robustness_report(mnist_model, x_test, y_test, x_search=leaky,
+                                     y_search=np.concatenate([ys, y_test[7:8]]),
+                                     settings=settings, progress=False)
+    # the fingerprints stored with a perturbation file are checked too
+    with pytest.raises(ValueError, match="held-out"):
+        evaluation.robustness_report(mnist_model, xs[:50], ys[:50], x_search=x_test,
+                                     y_search=y_test, perturbations=given, settings=settings,
+                                     progress=False)
+
+
+def test_settings_defaults_and_validation():
+    c = evaluation.EvalSettings.for_dataset("cifar10")
+    assert c.fgsm_eps == pytest.approx((2 / 255, 4 / 255, 8 / 255))
+    m = evaluation.EvalSettings.for_dataset("mnist", pgd_steps=7)
+    assert m.fgsm_eps == (0.05, 0.1, 0.2, 0.3) and m.pgd_steps == 7
+    with pytest.raises(ValueError, match="fgsm_eps"):
+        evaluation.EvalSettings.for_dataset("mnist", fgsm_eps=(0.1, -0.1))
+    with pytest.raises(ValueError, match="pgd_restarts"):
+        evaluation.EvalSettings.for_dataset("mnist", pgd_restarts=0)
+    with pytest.raises(ValueError, match="unknown evaluation settings"):
+        evaluation.EvalSettings.for_dataset("mnist", pgd_stepz=3)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        evaluation.EvalSettings.for_dataset("svhn")
+    assert evaluation.parse_models("a=x.keras, b=dir") == {"a": "x.keras", "b": "dir"}
+    with pytest.raises(ValueError, match="name=path"):
+        evaluation.parse_models("a=x,b")
