@@ -506,8 +506,13 @@ def report_markdown(reports: Mapping[str, Mapping], title: str = "Robustness rep
 
 
 def write_report(reports: Mapping[str, Mapping], out_dir: str,
-                 title: str = "Robustness report") -> dict[str, str]:
-    """Write report.json, report.md and PNG figures for models side by side; return the paths."""
+                 title: str = "Robustness report", extra_markdown: str = "",
+                 save_arrays: bool = True) -> dict[str, str]:
+    """Write report.json, report.md and PNG figures for models side by side; return the paths.
+
+    ``extra_markdown`` is appended to report.md (e.g. a training-cost table); with
+    ``save_arrays`` the perturbations found are saved as perturbations_<model>.npz.
+    """
     if not reports:
         raise ValueError("no reports to write")
     os.makedirs(out_dir, exist_ok=True)
@@ -516,7 +521,7 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str,
     with open(paths["json"], "w") as f:
         json.dump({name: dict(r) for name, r in reports.items()}, f, indent=1)
     with open(paths["markdown"], "w") as f:
-        f.write(report_markdown(reports, title))
+        f.write(report_markdown(reports, title) + extra_markdown)
     curves = {}
     for name, r in reports.items():
         curve = {0.0: r["clean_accuracy"]}
@@ -530,11 +535,11 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str,
         given = arrays.get("tup_given")
         if given is not None and not any(np.array_equal(given, x) for x in rows):
             rows.append(given)
-            labels.append(f"{name}: given")
+            labels.append("V of training" if len(reports) > 1 else f"{name}: given")
         if arrays.get("tup_fresh") is not None:
             rows.append(arrays["tup_fresh"])
             labels.append(f"{name}: fresh")
-        if arrays:
+        if arrays and save_arrays:
             np.savez_compressed(os.path.join(out_dir, f"perturbations_{_safe(name)}.npz"),
                                 **{k: v for k, v in arrays.items()})
     if rows:

@@ -1,0 +1,425 @@
+"""The paper's pipeline in one call: pretrain, search V, RAT and baselines, evaluate side by side.
+
+Stages (each skipped when its outputs already exist, so a killed run resumes):
+
+(a) standard training of the start model (:func:`rat_tf.training.train`, method ``standard``);
+(b) targeted universal perturbations V searched against the start model on a balanced
+    training subset (:func:`rat_tf.attacks.targeted_universal`);
+(c) RAT fine-tuning of the start model on a small balanced subset (default 1,000 images)
+    with that V (static, the paper; ``refresh_every`` > 0 searches V again every N epochs);
+(d) FGSM-AT (random init) and PGD-AT baselines fine-tuned from the same start model on the
+    same subset, for the same epochs;
+(e) every model exported as a SavedModel and evaluated on held-out test images
+    (:func:`rat_tf.evaluation.robustness_report`), side by side.
+
+``budget`` presets (tiny | small | full) set every size; single fields override them.
+tiny: a minute or two, for tests/CI; small: ~10 min for MNIST on a 2-core CPU (CIFAR-10 with
+ResNet-20 on a subset, a few tens of minutes); full: paper-sized (GPU).
+
+Result directory layout (``output_dir``)::
+
+    config.json                  the resolved experiment config (a resume must match it)
+    summary.json                 stage timings, training costs, the main numbers
+    report.md / report.json      side-by-side robustness tables (+ training costs) / raw numbers
+    accuracy_vs_radius.png       FGSM accuracy against radius, one line per model
+    perturbations.png            V used in training, then V searched afresh against each model
+    start/                       (a) model.keras, metrics.json, history.csv, logs/
+    search/perturbations.npz     (b) V [K,H,W,C] + metadata (incl. fingerprints of its images)
+    search/perturbations.png     (b) V as images; search/search.json: its statistics
+    rat/ fgsm_at/ pgd_at/        (c)(d) model.keras, metrics.json, history.csv (rat: V used)
+    saved_models/<model>/        (e) SavedModel of every classifier (serving_default, _uint8)
+    evaluation/<model>.json|npz  (e) per-model report and the perturbations its evaluation
+                                 found (a cache: reused on resume if the settings match)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from rat_tf import attacks, data, evaluation, export, plots, training
+
+BUDGETS = ("tiny", "small", "full")
+FINETUNE_METHODS = ("rat", "fgsm_at", "pgd_at", "standard")
+START = "start"
+
+# Budget presets. Keys are ExperimentConfig fields; "eval" holds EvalSettings overrides.
+_MNIST_LIKE = {
+    "tiny": dict(model="tiny_cnn", pretrain_subset=2000, pretrain_epochs=1,
+                 pretrain_batch_size=64, finetune_subset=200, finetune_epochs=1,
+                 finetune_batch_size=50, search_passes=2, train_pgd_steps=3, test_subset=500,
+                 eval=dict(n_test=200, pgd_steps=5, pgd_restarts=2, tup_passes=2,
+                           tup_n_per_class=10, tup_batch_size=50, uap_passes=1)),
+    "small": dict(model="mnist_cnn", pretrain_subset=0, pretrain_epochs=1,
+                  pretrain_batch_size=128, finetune_subset=1000, finetune_epochs=10,
+                  finetune_batch_size=50, search_passes=10, train_pgd_steps=10,
+                  test_subset=0,
+                  eval=dict(n_test=1000, pgd_steps=20, pgd_restarts=2, tup_passes=5,
+                            tup_n_per_class=50, uap_passes=3)),
+    "full": dict(model="mnist_cnn", pretrain_subset=0, pretrain_epochs=10,
+                 pretrain_batch_size=128, finetune_subset=1000, finetune_epochs=50,
+                 finetune_batch_size=50, search_passes=20, train_pgd_steps=40, test_subset=0,
+                 eval=dict(n_test=None, pgd_steps=40, pgd_restarts=5, tup_passes=10,
+                           tup_n_per_class=100, uap_passes=5)),
+}
+_CIFAR = {
+    "tiny": dict(model="tiny_cnn", pretrain_subset=2000, pretrain_epochs=1,
+                 pretrain_batch_size=64, finetune_subset=200, finetune_epochs=1,
+                 finetune_batch_size=50, search_passes=2, train_pgd_steps=2, test_subset=500,
+                 eval=dict(n_test=100, pgd_steps=3, pgd_restarts=2, tup_passes=1,
+                           tup_n_per_class=5, tup_batch_size=50, uap_passes=1)),
+    "small": dict(model="resnet20", pretrain_subset=10000, pretrain_epochs=4,
+                  pretrain_batch_size=128, finetune_subset=1000, finetune_epochs=5,
+                  finetune_batch_size=50, search_passes=5, train_pgd_steps=5, test_subset=2000,
+                  eval=dict(n_test=500, pgd_steps=10, pgd_restarts=2, tup_passes=3,
+                            tup_n_per_class=20, uap_passes=2)),
+    "full": dict(model="resnet20", pretrain_subset=0, pretrain_epochs=100,
+                 pretrain_batch_size=128, pretrain_optimizer="momentum", pretrain_lr=0.1,
+                 pretrain_lr_schedule="cosine", finetune_subset=1000, finetune_epochs=30,
+                 finetune_batch_size=50, search_passes=20, train_pgd_steps=10, test_subset=0,
+                 eval=dict(n_test=None, pgd_steps=20, pgd_restarts=5, tup_passes=10,
+                           tup_n_per_class=100, uap_passes=5)),
+}
+
+
+def budget_preset(dataset: str, budget: str) -> dict:
+    """The preset of ``budget`` for ``dataset`` (a copy; "eval" holds evaluation settings)."""
+    data.get_info(dataset)
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; choose one of {BUDGETS}")
+    preset = (_CIFAR if dataset == "cifar10" else _MNIST_LIKE)[budget]
+    return {**preset, "eval": dict(preset["eval"])}
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """Settings of :func:`run`; fields left None come from the ``budget`` preset."""
+
+    dataset: str = "mnist"
+    budget: str = "small"
+    output_dir: str = "results/experiment"
+    data_dir: str | None = None
+    data_source: str = "auto"
+    model: str | None = None
+    seed: int = 0
+    methods: tuple[str, ...] = ("rat", "fgsm_at", "pgd_at")
+    # (a) standard training of the start model
+    pretrain_subset: int | None = None  # balanced subset size, 0 = the whole training set
+    pretrain_epochs: int | None = None
+    pretrain_batch_size: int | None = None
+    pretrain_lr: float | None = None  # default 1e-3 (Adam)
+    pretrain_optimizer: str | None = None  # default adam
+    pretrain_lr_schedule: str | None = None  # default constant
+    # (b) targeted universal perturbations
+    eps: float | None = None  # radius of V; None: training.DEFAULT_EPS of the dataset
+    norm: str = "linf"
+    search_method: str = "sgd"
+    search_passes: int | None = None
+    search_delta: float = 0.2
+    # (c) RAT and (d) baselines, fine-tuned from the start model
+    finetune_subset: int | None = None  # balanced; the same images for every method
+    finetune_epochs: int | None = None
+    finetune_batch_size: int | None = None
+    finetune_lr: float = 5e-4
+    refresh_every: int = 0  # RAT: 0 = static V (the paper)
+    targets_per_image: str = "one"
+    perturbed_fraction: float = 0.5
+    adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: training.DEFAULT_ADV_EPS
+    train_pgd_steps: int | None = None
+    test_subset: int | None = None  # test images for the accuracy in each metrics.json
+    # (e) evaluation: overrides of EvalSettings (None: budget preset, then dataset defaults)
+    eval_overrides: dict = dataclasses.field(default_factory=dict)
+
+    def resolved(self) -> "ExperimentConfig":
+        """A copy with every None filled from the budget preset and the dataset defaults."""
+        preset = budget_preset(self.dataset, self.budget)
+        eval_preset = preset.pop("eval")
+        defaults = dict(pretrain_lr=1e-3, pretrain_optimizer="adam",
+                        pretrain_lr_schedule="constant",
+                        eps=training.DEFAULT_EPS.get(self.dataset, 0.1),
+                        adv_eps=training.DEFAULT_ADV_EPS.get(self.dataset, 0.1))
+        values = dataclasses.asdict(self)
+        for key, value in {**defaults, **preset}.items():
+            if values.get(key) is None:
+                values[key] = value
+        values["methods"] = tuple(self.methods)
+        values["eval_overrides"] = {**eval_preset, "tup_eps": values["eps"],
+                                    "tup_norm": self.norm,
+                                    **{k: v for k, v in self.eval_overrides.items()
+                                       if v is not None}}
+        if values["eval_overrides"].get("n_test") == 0:  # 0 = every test image
+            values["eval_overrides"]["n_test"] = None
+        out = ExperimentConfig(**values)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value of a resolved config."""
+        info = data.get_info(self.dataset)
+        k = info.num_classes
+        bad = [m for m in self.methods if m not in FINETUNE_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {FINETUNE_METHODS}, got "
+                             f"{list(self.methods)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods repeat: {list(self.methods)}")
+        if self.finetune_subset < k or self.finetune_subset % k:
+            raise ValueError(f"finetune_subset must be a positive multiple of the {k} classes, "
+                             f"got {self.finetune_subset}")
+        if self.pretrain_subset < 0 or self.pretrain_subset % k:
+            raise ValueError(f"pretrain_subset must be 0 (all) or a multiple of the {k} "
+                             f"classes, got {self.pretrain_subset}")
+        for name in ("pretrain_epochs", "pretrain_batch_size", "finetune_epochs",
+                     "finetune_batch_size", "search_passes", "train_pgd_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.finetune_batch_size > self.finetune_subset:
+            raise ValueError(f"finetune_batch_size {self.finetune_batch_size} exceeds the "
+                             f"finetune_subset of {self.finetune_subset} images")
+        if not self.output_dir:
+            raise ValueError("output_dir must be set")
+        self.eval_settings()  # validates the evaluation overrides
+
+    def eval_settings(self) -> evaluation.EvalSettings:
+        """The evaluation settings of a resolved config."""
+        return evaluation.EvalSettings.for_dataset(self.dataset, seed=self.seed,
+                                                   **self.eval_overrides)
+
+    def train_config(self, method: str, model_dir: str, **kwargs: Any) -> training.TrainConfig:
+        """The :class:`rat_tf.training.TrainConfig` of a stage."""
+        return training.TrainConfig(
+            dataset=self.dataset, data_dir=self.data_dir, data_source=self.data_source,
+            model=self.model, method=method, seed=self.seed, model_dir=model_dir,
+            eps=self.eps, norm=self.norm, search_method=self.search_method,
+            search_passes=self.search_passes, search_delta=self.search_delta,
+            adv_eps=self.adv_eps, pgd_steps=self.train_pgd_steps,
+            test_subset=self.test_subset or 0, **kwargs)
+
+
+def _training_part(config: ExperimentConfig) -> dict:
+    """The fields that decide the trained models (evaluation settings may change on resume)."""
+    d = dataclasses.asdict(config)
+    for key in ("eval_overrides", "output_dir", "data_dir", "data_source"):
+        d.pop(key)
+    d["methods"] = list(d["methods"])
+    return d
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def _write_json(path: str, obj: Any) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_resume(config: ExperimentConfig, out: str) -> None:
+    """Refuse to resume into a directory made with different training settings."""
+    path = os.path.join(out, "config.json")
+    if os.path.isfile(path):
+        old = _read_json(path).get("training")
+        new = json.loads(json.dumps(_training_part(config)))
+        if old is not None and old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ValueError(f"{out} holds an experiment with other training settings "
+                             f"({', '.join(diff)}); use another output_dir or delete it")
+    _write_json(path, {"training": _training_part(config),
+                       "config": dataclasses.asdict(config)})
+
+
+def _stage(name: str, done: bool, timings: dict, fn, *args, **kwargs):
+    """Run one stage unless ``done``; log and time it."""
+    if done:
+        logging.info("stage %s: outputs exist, skipped", name)
+        timings[name] = "skipped (resumed)"
+        return None
+    logging.info("stage %s: start", name)
+    t0 = time.time()
+    result = fn(*args, **kwargs)
+    timings[name] = round(time.time() - t0, 1)
+    logging.info("stage %s: done in %.1fs", name, timings[name])
+    return result
+
+
+def _search(config: ExperimentConfig, classifier_path: str, out_dir: str,
+            strategy: tf.distribute.Strategy) -> None:
+    """Stage (b): V against the start model on the balanced fine-tuning subset; npz + png."""
+    info = data.get_info(config.dataset)
+    x_train, y_train = data.load_arrays(config.dataset, "train", config.data_source,
+                                        config.data_dir)
+    # The same balanced subset train() fine-tunes on (same function, size and seed).
+    xs, ys = data.balanced_subset(x_train, y_train, config.finetune_subset // info.num_classes,
+                                  config.seed)
+    with strategy.scope():
+        classifier = keras.models.load_model(classifier_path, compile=False)
+    v, stats = attacks.targeted_universal(
+        classifier, xs, ys, info.num_classes, config.eps, norm=config.norm,
+        method=config.search_method, delta=config.search_delta, max_passes=config.search_passes,
+        batch_size=min(128, len(xs)), seed=config.seed, strategy=strategy, progress=True)
+    os.makedirs(out_dir, exist_ok=True)
+    rates = [r for r in stats["success_rate"] if r is not None]
+    logging.info("V: mean targeted success %.3f on the %d search images after %d passes",
+                 float(np.mean(rates)), len(xs), stats["passes"])
+    _write_json(os.path.join(out_dir, "search.json"),
+                {k: v for k, v in stats.items() if k != "history"} | {"images": len(xs)})
+    plots.perturbation_grid(v, os.path.join(out_dir, "perturbations.png"),
+                            titles=info.class_names, row_labels=["V"])
+    # npz last: its presence marks the stage as done.
+    attacks.save_perturbations(
+        os.path.join(out_dir, "perturbations.npz"), v, eps=float(config.eps), norm=config.norm,
+        method=config.search_method, mean_success_rate=float(np.mean(rates)),
+        **{evaluation.FINGERPRINT_KEY: evaluation.fingerprints(xs)})
+
+
+def _export(model_path: str, saved_dir: str, x_check: np.ndarray) -> None:
+    classifier = keras.models.load_model(model_path, compile=False)
+    export.export_saved_model(classifier, saved_dir, overwrite=True)
+    export.verify_export(saved_dir, classifier, x_check, atol=1e-4)
+
+
+def _cached_report(path: str, settings: evaluation.EvalSettings) -> evaluation.Report | None:
+    """A per-model report saved by an earlier run with the same settings, else None."""
+    if not (os.path.isfile(path + ".json") and os.path.isfile(path + ".npz")):
+        return None
+    saved = _read_json(path + ".json")
+    if saved.get("settings") != json.loads(json.dumps(settings.to_dict())):
+        return None
+    report = evaluation.Report(saved)
+    with np.load(path + ".npz", allow_pickle=False) as f:
+        report.arrays = {k: f[k] for k in f.files}
+    return report
+
+
+def _training_table(metrics: dict[str, dict]) -> str:
+    lines = ["\n## Training\n",
+             "Fine-tuning starts from the `start` model; every method sees the same balanced "
+             "subset for the same epochs. Seconds are wall time of `fit` on this machine.\n",
+             "| model | method | train images | epochs | fit seconds | images/s | "
+             "test acc. (metrics.json) |", "|---|---|---|---|---|---|---|"]
+    for name, m in metrics.items():
+        epochs = len(m.get("history", {}).get("epoch", [])) or m["config"]["epochs"]
+        ips = m.get("images_per_sec")
+        lines.append(f"| {name} | {m['config']['method']} | {m['train_images']} | {epochs} | "
+                     f"{m['fit_seconds']:.1f} | {'-' if ips is None else f'{ips:.0f}'} | "
+                     f"{100 * m['test_accuracy']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None) -> dict:
+    """Run (or resume) the whole pipeline into ``config.output_dir``; return the summary."""
+    config = config.resolved()
+    strategy = strategy or tf.distribute.get_strategy()
+    out = os.path.abspath(config.output_dir)
+    os.makedirs(out, exist_ok=True)
+    _check_resume(config, out)
+    info = data.get_info(config.dataset)
+    logging.info("experiment %s/%s (budget %s, model %s) into %s", config.dataset,
+                 ",".join(config.methods), config.budget, config.model, out)
+    timings: dict[str, Any] = {}
+    start_dir = os.path.join(out, START)
+    start_model = os.path.join(start_dir, "model.keras")
+    v_path = os.path.join(out, "search", "perturbations.npz")
+    t_all = time.time()
+
+    # (a) the start model
+    _stage("a_pretrain", os.path.isfile(start_model), timings, training.train,
+           config.train_config("standard", start_dir, epochs=config.pretrain_epochs,
+                               batch_size=config.pretrain_batch_size, lr=config.pretrain_lr,
+                               optimizer=config.pretrain_optimizer,
+                               lr_schedule=config.pretrain_lr_schedule,
+                               train_subset=config.pretrain_subset), strategy)
+    # (b) V against the start model
+    _stage("b_search", os.path.isfile(v_path), timings, _search, config, start_model,
+           os.path.dirname(v_path), strategy)
+    # (c) RAT and (d) baselines from the same start model, subset and epochs
+    model_dirs = {START: start_dir}
+    for method in config.methods:
+        name = "standard_ft" if method == "standard" else method
+        model_dir = os.path.join(out, name)
+        model_dirs[name] = model_dir
+        extra = dict(perturbations_path=v_path, refresh_every=config.refresh_every,
+                     targets_per_image=config.targets_per_image,
+                     perturbed_fraction=config.perturbed_fraction) if method == "rat" else {}
+        _stage(f"c_{name}", os.path.isfile(os.path.join(model_dir, "model.keras")), timings,
+               training.train,
+               config.train_config(method, model_dir, epochs=config.finetune_epochs,
+                                   batch_size=config.finetune_batch_size, lr=config.finetune_lr,
+                                   train_subset=config.finetune_subset, init_from=start_model,
+                                   **extra), strategy)
+
+    # (e) export, then evaluate the SavedModels side by side on held-out test images
+    x_test, y_test = data.load_arrays(config.dataset, "test", config.data_source,
+                                      config.data_dir)
+    saved = {}
+    for name, model_dir in model_dirs.items():
+        saved[name] = os.path.join(out, "saved_models", name)
+        _stage(f"e_export_{name}",
+               os.path.isfile(os.path.join(saved[name], "saved_model.pb")), timings, _export,
+               os.path.join(model_dir, "model.keras"), saved[name], x_test[:64])
+    x_train, y_train = data.load_arrays(config.dataset, "train", config.data_source,
+                                        config.data_dir)
+    settings = config.eval_settings()
+    reports: dict[str, evaluation.Report] = {}
+    os.makedirs(os.path.join(out, "evaluation"), exist_ok=True)
+    for name, path in saved.items():
+        cache = os.path.join(out, "evaluation", name)
+        report = _cached_report(cache, settings)
+        if report is None:
+            t0 = time.time()
+            report = evaluation.robustness_report(
+                path, x_test, y_test, x_search=x_train, y_search=y_train, perturbations=v_path,
+                settings=settings, class_names=info.class_names, name=name)
+            timings[f"e_evaluate_{name}"] = round(time.time() - t0, 1)
+            _write_json(cache + ".json", dict(report))
+            np.savez_compressed(cache + ".npz", **report.arrays)
+        else:
+            timings[f"e_evaluate_{name}"] = "skipped (cached)"
+        reports[name] = report
+        logging.info("%s: clean %.3f, FGSM %s, PGD %s", name, report["clean_accuracy"],
+                     report["fgsm_accuracy"], report["pgd_accuracy"])
+
+    metrics = {name: _read_json(os.path.join(d, "metrics.json")) for name, d in model_dirs.items()}
+    paths = evaluation.write_report(
+        reports, out, title=f"Region adversarial training: {config.dataset}, budget "
+                            f"{config.budget}", extra_markdown=_training_table(metrics),
+        save_arrays=False)
+    summary = {
+        "dataset": config.dataset, "budget": config.budget, "model": config.model,
+        "output_dir": out, "stages": timings, "wall_seconds": round(time.time() - t_all, 1),
+        "files": {k: os.path.relpath(v, out) for k, v in paths.items()},
+        "results": {name: {"clean": r["clean_accuracy"], "fgsm": r["fgsm_accuracy"],
+                           "pgd": r["pgd_accuracy"],
+                           "tup_given": r["tup_given"]["mean"] if r["tup_given"] else None,
+                           "tup_fresh": r["tup_fresh"]["mean"],
+                           "uap": r["uap"]["fooling_rate"],
+                           "fit_seconds": metrics[name]["fit_seconds"]}
+                    for name, r in reports.items()},
+    }
+    _write_json(os.path.join(out, "summary.json"), summary)
+    logging.info("experiment done in %.1fs; report: %s", summary["wall_seconds"],
+                 paths["markdown"])
+    return summary
+
+
+__all__ = ["ExperimentConfig", "run", "budget_preset", "BUDGETS", "FINETUNE_METHODS"]

@@ -1,0 +1,108 @@
+"""The whole pipeline (bin/experiment.py) end to end at the tiny budget on real MNIST."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rat_tf import attacks, evaluation, experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ("start", "rat", "fgsm_at", "pgd_at")
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    """Run bin/experiment.py --budget=tiny once in a subprocess; return (dir, stdout)."""
+    out = str(tmp_path_factory.mktemp("experiment") / "mnist_tiny")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bin", "experiment.py"), "--dataset=mnist",
+         "--budget=tiny", f"--output_dir={out}", f"--data_dir={data_dir}"],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+def test_writes_every_promised_file(run_dir):
+    out, stdout = run_dir
+    files = ["config.json", "summary.json", "report.md", "report.json", "accuracy_vs_radius.png",
+             "perturbations.png", "search/perturbations.npz", "search/perturbations.png",
+             "search/search.json"]
+    for name in MODELS:
+        files += [f"{name}/model.keras", f"{name}/metrics.json",
+                  f"saved_models/{name}/saved_model.pb", f"evaluation/{name}.json",
+                  f"evaluation/{name}.npz"]
+    missing = [f for f in files if not os.path.isfile(os.path.join(out, f))]
+    assert not missing
+    for png in ("accuracy_vs_radius.png", "perturbations.png", "search/perturbations.png"):
+        assert os.path.getsize(os.path.join(out, png)) < 200_000
+    assert "| rat |" in stdout and "| pgd_at |" in stdout  # the table is printed
+
+
+def test_report_compares_all_models_on_held_out_images(run_dir):
+    out, _ = run_dir
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    assert list(report) == list(MODELS)
+    for name, r in report.items():
+        assert r["settings"]["n_test"] == 200 and r["settings"]["tup_eps"] == 0.2
+        assert 0.0 <= r["clean_accuracy"] <= 1.0 and r["model"].startswith("saved_model:")
+        assert set(r["fgsm_accuracy"]) == {"0.05", "0.1", "0.2", "0.3"}
+        assert r["tup_given"] is not None and len(r["tup_fresh"]["success_rate"]) == 10
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    for name in MODELS:
+        assert f"| {name} |" in md
+    assert "## Training" in md
+    # V carries the fingerprints of its search images: none of them is a test image
+    v, meta = attacks.load_perturbations(os.path.join(out, "search", "perturbations.npz"))
+    assert v.shape == (10, 28, 28, 1) and np.max(np.abs(v)) <= 0.2 + 1e-6
+    assert len(meta[evaluation.FINGERPRINT_KEY]) == 200 and meta["eps"] == 0.2
+
+
+def test_finetuning_shares_start_model_subset_and_epochs(run_dir):
+    out, _ = run_dir
+    configs = {}
+    for name in MODELS[1:]:
+        with open(os.path.join(out, name, "metrics.json")) as f:
+            configs[name] = json.load(f)["config"]
+    start = os.path.join(out, "start", "model.keras")
+    assert {c["init_from"] for c in configs.values()} == {start}
+    assert {c["train_subset"] for c in configs.values()} == {200}
+    assert len({c["epochs"] for c in configs.values()}) == 1
+    assert configs["rat"]["perturbations_path"].endswith("search/perturbations.npz")
+    assert configs["rat"]["refresh_every"] == 0
+
+
+def test_resume_skips_done_stages_and_refuses_other_settings(run_dir, data_dir):
+    out, _ = run_dir
+    summary = experiment.run(experiment.ExperimentConfig(
+        dataset="mnist", budget="tiny", output_dir=out, data_dir=data_dir))
+    stages = summary["stages"]
+    assert all(str(v).startswith("skipped") for v in stages.values()), stages
+    assert set(summary["results"]) == set(MODELS)
+    with pytest.raises(ValueError, match="finetune_epochs"):
+        experiment.run(experiment.ExperimentConfig(
+            dataset="mnist", budget="tiny", output_dir=out, data_dir=data_dir,
+            finetune_epochs=3))
+
+
+def test_budget_presets_and_validation():
+    small = experiment.ExperimentConfig(dataset="mnist", budget="small").resolved()
+    assert small.finetune_subset == 1000 and small.model == "mnist_cnn"
+    assert small.eval_settings().tup_eps == small.eps == 0.2
+    cifar = experiment.ExperimentConfig(dataset="cifar10", budget="small",
+                                        finetune_epochs=2).resolved()
+    assert cifar.model == "resnet20" and cifar.finetune_epochs == 2
+    assert cifar.eval_settings().fgsm_eps == pytest.approx((2 / 255, 4 / 255, 8 / 255))
+    with pytest.raises(ValueError, match="budget"):
+        experiment.ExperimentConfig(budget="huge").resolved()
+    with pytest.raises(ValueError, match="methods"):
+        experiment.ExperimentConfig(methods=("rat", "trades")).resolved()
+    with pytest.raises(ValueError, match="finetune_subset"):
+        experiment.ExperimentConfig(finetune_subset=1005).resolved()
