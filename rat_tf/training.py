@@ -43,6 +43,13 @@ def _replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
+def _multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """Whether ``strategy`` is a MultiWorkerMirroredStrategy running with several workers."""
+    extended = getattr(strategy, "extended", None)
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and bool(getattr(extended, "_in_multi_worker_mode", lambda: False)()))
+
+
 def _step_seed(base: int, counter: tf.Tensor) -> tf.Tensor:
     """A stateless-RNG seed that differs per step and per replica (same on every run)."""
     ctx = tf.distribute.get_replica_context()
@@ -84,6 +91,16 @@ class StandardModel(keras.Model):
         self.classifier.build(input_shape or (None, *self.image_shape))
         super().build(input_shape or (None, *self.image_shape))
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3 (TF backend) builds the compiled state by pulling a batch from the
+        # distributed iterator and reducing it with strategy.reduce, which fails under
+        # MultiWorkerMirroredStrategy (PerReplica -> Tensor). The input signature is known:
+        # build from it instead (nothing is pulled from the data).
+        del iterator, data_batch
+        batch = (tf.zeros((1, *self.image_shape)), tf.zeros((1,), tf.int32))
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=batch)
+
     def _fit_on(self, x: tf.Tensor, y: tf.Tensor, sample_weight: tf.Tensor | None = None
                 ) -> tf.Tensor:
         """One optimizer step on (x, y); returns the logits (training mode)."""
@@ -107,20 +124,30 @@ class StandardModel(keras.Model):
             raise ValueError("sample weights are not supported by the rat_tf trainers")
         return tf.convert_to_tensor(x), tf.cast(y, tf.int32)
 
+    def _results(self, *metrics: keras.metrics.Metric) -> dict:
+        """Logs of a step: the loss and the given metrics (others are not meaningful here)."""
+        results = {m.name: m.result() for m in (self._loss_tracker, *metrics)}
+        if _multi_worker(self.distribute_strategy):
+            # Keras 3 reduces step logs across workers with strategy.reduce(MEAN, axis=0),
+            # which rejects scalars (tensorflow/tensorflow#72388): hand it shape-[1] values.
+            results = {k: tf.reshape(v, [1]) for k, v in results.items()}
+        return results
+
     def train_step(self, data):
         x, y = self._unpack(data)
         logits = self._fit_on(x, y)
         self.accuracy_metric.update_state(y, logits)
-        return self.get_metrics_result()
+        return self._results(self.accuracy_metric)
 
     def test_step(self, data):
+        """Clean loss and accuracy (the same for every method)."""
         x, y = self._unpack(data)
         logits = self.classifier(x, training=False)
         loss = self._compute_loss(x=x, y=y, y_pred=logits, training=False)
         self._loss_tracker.update_state(loss * tf.cast(_replicas(), loss.dtype),
                                         sample_weight=tf.shape(x)[0])
         self.accuracy_metric.update_state(y, logits)
-        return self.get_metrics_result()
+        return self._results(self.accuracy_metric)
 
     def settings(self) -> dict:
         """The method settings (for logs and metrics.json)."""
@@ -205,7 +232,7 @@ class RATModel(StandardModel):
                               weights)
         self.accuracy_metric.update_state(y, logits[:n_clean])
         self.perturbed_accuracy.update_state(y_p, logits[n_clean:])
-        return self.get_metrics_result()
+        return self._results(self.accuracy_metric, self.perturbed_accuracy)
 
     def settings(self) -> dict:
         return {**super().settings(), "targets_per_image": self.targets_per_image,
@@ -259,7 +286,7 @@ class AdversarialTrainingModel(StandardModel):
         x, y = self._unpack(data)
         logits = self._fit_on(self.adversarial_batch(x, y), y)
         self.adversarial_accuracy.update_state(y, logits)
-        return self.get_metrics_result()
+        return self._results(self.adversarial_accuracy)
 
     def settings(self) -> dict:
         return {**super().settings(), "eps": self.eps, "norm": self.norm, "steps": self.steps,
@@ -593,6 +620,33 @@ def read_history(path: str) -> dict[str, list[float]]:
     return {k: v for k, v in history.items() if any(x is not None for x in v)}
 
 
+def train_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
+                 start: int = 0) -> tf.data.Dataset:
+    """Endless batches of a fresh seeded permutation per pass, from example ``start`` on.
+
+    The order is a pure function of (seed, pass), so it is the same under every strategy
+    (however often the dataset is iterated) and a resumed run continues where it stopped.
+    Batches are global (``drop_remainder``); the pipeline is auto-sharded by DATA.
+    """
+    n = len(x)
+    if n < batch_size:
+        raise ValueError(f"{n} training images make no full batch of {batch_size}")
+    images, labels = tf.constant(np.asarray(x, np.float32)), tf.constant(np.asarray(y, np.int32))
+
+    def one_pass(p):
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), p]))
+        return tf.data.Dataset.from_tensor_slices(perm)
+
+    ds = tf.data.Dataset.counter(dtype=tf.int64).flat_map(one_pass).skip(start)
+    ds = ds.batch(batch_size, drop_remainder=True).map(
+        lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    opts = tf.data.Options()
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    opts.deterministic = True
+    return ds.with_options(opts).prefetch(tf.data.AUTOTUNE)
+
+
 def _copy_weights(classifier: keras.Model, path: str) -> None:
     """Load the weights of the .keras classifier at ``path`` into ``classifier``."""
     source = keras.models.load_model(path, compile=False)
@@ -707,8 +761,12 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
     else:
         logging.warning("tensorboard is not installed: no TensorBoard logs "
                         "(pip install tensorboard); history.csv has the per-epoch metrics")
-    ds = data_lib.make_dataset(x_train, y_train, config.batch_size, shuffle=True,
-                               seed=config.seed, repeat=True, drop_remainder=True)
+    initial_epoch = 0
+    if resuming:
+        with open(os.path.join(backup_dir, "training_metadata.json")) as f:
+            initial_epoch = int(json.load(f).get("epoch", 0))
+    ds = train_stream(x_train, y_train, config.batch_size, config.seed,
+                      start=initial_epoch * steps_per_epoch * config.batch_size)
     fit_start = time.time()
     trainer.fit(ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch, callbacks=cbs,
                 shuffle=False, verbose=_verbose(config))
