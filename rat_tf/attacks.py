@@ -1,0 +1,598 @@
+"""Attacks: FGSM, PGD and (targeted) universal perturbations, stateless and tf.function-friendly.
+
+``model_fn`` is any callable mapping a batch of [0, 1] images to logits (a Keras model works;
+inside a ``train_step`` pass ``lambda x: model(x, training=False)``). :func:`fgsm` and
+:func:`pgd` are pure TensorFlow (no numpy, no Python side effects): they trace inside
+``tf.function``, XLA and replica contexts. The universal searches are Python drivers over
+compiled passes with fixed shapes: each pass is one ``tf.function`` that loops over padded,
+masked batches of a distributed dataset, so nothing retraces between passes.
+
+Targeted universal perturbations (see METHOD.md, section 1) are searched for all targets at
+once as one tensor V [K,H,W,C]: every batch of B images is tiled against the K perturbations
+(one [K*B] forward pass), and images whose label equals the target are left out of that
+target's loss and statistics. Under a ``tf.distribute`` strategy every replica works on its
+shard of each global batch and the update sums are all-reduced, so every replica holds the same
+V; the search is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import time
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from rat_tf import ops
+
+ModelFn = Callable[[tf.Tensor], tf.Tensor]
+TU_METHODS = ("reference", "batched", "sgd")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _xent(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Per-example sparse softmax cross-entropy in float32."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _labels(model_fn: ModelFn, x: tf.Tensor, y) -> tf.Tensor:
+    """Integer labels [N]: ``y`` itself, or the model's predictions when ``y`` is None."""
+    if y is None:
+        return tf.argmax(model_fn(x), axis=-1, output_type=tf.int32)
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank != 1:
+        raise ValueError(f"labels must be integer class ids of shape [N], got shape {y.shape}")
+    return tf.cast(y, tf.int32)
+
+
+def _ascent_grad(model_fn: ModelFn, x_adv: tf.Tensor, y: tf.Tensor, targeted: bool):
+    """Gradient of the attack objective (CE, or -CE toward ``y`` if targeted) w.r.t. ``x_adv``."""
+    with tf.GradientTape() as tape:
+        tape.watch(x_adv)
+        loss = _xent(y, model_fn(x_adv))
+        total = -tf.reduce_sum(loss) if targeted else tf.reduce_sum(loss)
+    return tape.gradient(total, x_adv)
+
+
+def _objective(model_fn: ModelFn, x_adv: tf.Tensor, y: tf.Tensor, targeted: bool):
+    """(success [N] bool, objective [N]) of adversarial examples, for picking the worst case."""
+    logits = model_fn(x_adv)
+    pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    loss = _xent(y, logits)
+    if targeted:
+        return tf.equal(pred, y), -loss
+    return tf.not_equal(pred, y), loss
+
+
+def _bcast(mask: tf.Tensor, rank: int) -> tf.Tensor:
+    return tf.reshape(mask, tf.concat([tf.shape(mask), tf.ones([rank - 1], tf.int32)], 0))
+
+
+# ----------------------------------------------------------------------------- FGSM / PGD
+def fgsm(model_fn: ModelFn, x, y, eps, norm: str = "linf", targeted: bool = False,
+         rand_init: bool = False, seed: int | None = None, step_size=None) -> tf.Tensor:
+    """Fast gradient (sign) method: one step of size ``eps`` (FGSM-RS with ``rand_init``).
+
+    ``y``: true labels (untargeted; None uses the model's predictions) or targets. With
+    ``rand_init`` (Wong et al. 2020) the start is uniform in the ball and the step defaults to
+    1.25 * eps, then projected back to the ball. Returns x_adv in [0, 1] (gradient stopped).
+    """
+    ops.check_norm(norm)
+    ops.check_radius(eps)
+    ops.check_radius(step_size, "step_size")
+    x = tf.convert_to_tensor(x)
+    y = _labels(model_fn, x, y)
+    if step_size is None:
+        step_size = 1.25 * eps if rand_init else eps
+    delta = (ops.random_in_ball(tf.shape(x), eps, norm, seed, x.dtype) if rand_init
+             else tf.zeros_like(x))
+    x0 = ops.apply_perturbation(x, delta)
+    g = _ascent_grad(model_fn, x0, y, targeted)
+    step = tf.cast(step_size, x.dtype) * ops.normalized_step(g, norm)
+    delta = ops.project(x0 - x + step, eps, norm)
+    return tf.stop_gradient(ops.apply_perturbation(x, delta))
+
+
+def pgd(model_fn: ModelFn, x, y, eps, step_size=None, steps: int = 40, norm: str = "linf",
+        targeted: bool = False, rand_init: bool = True, restarts: int = 1,
+        seed: int | None = None) -> tf.Tensor:
+    """Projected gradient descent (Madry et al. 2018), keeping the worst case over restarts.
+
+    Per example, a restart replaces the current worst case if it succeeds where that one did
+    not, or succeeds equally and has a higher loss (lower, toward the target, if targeted).
+    ``step_size`` defaults to 2.5 * eps / steps. Returns x_adv in [0, 1] (gradient stopped).
+    """
+    ops.check_norm(norm)
+    ops.check_radius(eps)
+    ops.check_radius(step_size, "step_size")
+    steps = _check_positive_int(steps, "steps")
+    restarts = _check_positive_int(restarts, "restarts")
+    x = tf.convert_to_tensor(x)
+    y = _labels(model_fn, x, y)
+    if step_size is None:
+        step_size = 2.5 * eps / steps
+    step_size = tf.cast(step_size, x.dtype)
+    rank = x.shape.rank
+
+    def body(i, delta):
+        x_adv = ops.apply_perturbation(x, delta)
+        g = _ascent_grad(model_fn, x_adv, y, targeted)
+        return i + 1, ops.project(x_adv - x + step_size * ops.normalized_step(g, norm), eps, norm)
+
+    best_x = best_ok = best_obj = None
+    for r in range(restarts):
+        if rand_init:
+            rseed = None if seed is None else tf.constant([int(seed), r], tf.int64)
+            delta = ops.random_in_ball(tf.shape(x), eps, norm, rseed, x.dtype)
+        else:
+            delta = tf.zeros_like(x)
+        _, delta = tf.while_loop(lambda i, d: i < steps, body, [tf.constant(0), delta])
+        x_adv = ops.apply_perturbation(x, delta)
+        if restarts == 1:
+            return tf.stop_gradient(x_adv)
+        ok, obj = _objective(model_fn, x_adv, y, targeted)
+        if best_x is None:
+            best_x, best_ok, best_obj = x_adv, ok, obj
+            continue
+        better = (ok & ~best_ok) | ((ok == best_ok) & (obj > best_obj))
+        best_x = tf.where(_bcast(better, rank), x_adv, best_x)
+        best_ok, best_obj = best_ok | ok, tf.where(better, obj, best_obj)
+    return tf.stop_gradient(best_x)
+
+
+# ----------------------------------------------------------------------------- universal search
+def _check_model(model_fn: ModelFn, x: np.ndarray, num_classes: int) -> None:
+    """Raise ValueError unless ``model_fn`` accepts ``x``-shaped images and returns K logits."""
+    want = getattr(model_fn, "input_shape", None)
+    if isinstance(want, tuple) and len(want) == 4 and tuple(want[1:]) != tuple(x.shape[1:]):
+        raise ValueError(f"images/perturbations of shape {tuple(x.shape[1:])} do not match the "
+                         f"model input shape {tuple(want[1:])}")
+    try:
+        logits = model_fn(tf.constant(x[:1]))
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as e:
+        raise ValueError(f"the model does not accept images of shape {x.shape[1:]}: {e}") from e
+    if logits.shape.rank != 2 or logits.shape[-1] != num_classes:
+        raise ValueError(f"the model must return logits [N, {num_classes}], got shape "
+                         f"{tuple(logits.shape)}")
+
+
+def _check_images(x, y) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, np.float32)
+    if x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"expected a non-empty batch of images [N,H,W,C], got shape {x.shape}")
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"expected integer labels of shape [{len(x)}], got {y.dtype} "
+                             f"{y.shape}")
+        y = y.astype(np.int32)
+    return x, y
+
+
+def _check_targets(targets, num_classes: int) -> list[int]:
+    if targets is None:
+        return list(range(num_classes))
+    targets = [int(t) for t in np.atleast_1d(targets)]
+    if not targets:
+        raise ValueError("targets must not be empty")
+    bad = [t for t in targets if not 0 <= t < num_classes]
+    if bad:
+        raise ValueError(f"targets {bad} out of range [0, {num_classes})")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"targets must be distinct, got {targets}")
+    return sorted(targets)
+
+
+def _float32_radius(eps: float) -> np.float32:
+    """The largest float32 not above ``eps``, so a float32 bound is also exact in float64."""
+    e = np.float32(eps)
+    return np.nextafter(e, np.float32(0)) if float(e) > eps else e
+
+
+def enforce_bound(v: np.ndarray, eps: float, norm: str) -> np.ndarray:
+    """Make every slice of float32 ``v`` satisfy ||v[i]|| <= eps exactly (float64 check)."""
+    v = np.asarray(v, np.float32).copy()
+    if norm == "linf":
+        e = _float32_radius(eps)
+        return np.clip(v, -e, e)
+    for i in range(len(v)):
+        for _ in range(10):
+            n = float(np.sqrt(np.sum(np.square(v[i].astype(np.float64)))))
+            if n <= eps:
+                break
+            v[i] *= np.float32(eps / n * (1 - 1e-6))
+    return v
+
+
+def _padded_dataset(x: np.ndarray, y: np.ndarray, global_batch: int, shuffle: bool,
+                    seed: int) -> tuple[tf.data.Dataset, int]:
+    """Repeated dataset of (x, y, mask) batches padded to whole global batches (fixed shapes)."""
+    n = len(x)
+    npad = -(-n // global_batch) * global_batch
+    pad = npad - n
+    xs = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)]) if pad else x
+    ys = np.concatenate([y, np.zeros(pad, np.int32)]) if pad else y
+    ms = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    ds = tf.data.Dataset.from_tensor_slices((xs, ys, ms))
+    if shuffle:
+        ds = ds.shuffle(npad, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.repeat().batch(global_batch, drop_remainder=True)
+    opts = tf.data.Options()
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    opts.deterministic = True
+    return ds.with_options(opts), npad // global_batch
+
+
+class _UniversalSearch:
+    """Compiled passes of a universal-perturbation search for P perturbations at once.
+
+    ``labels[p]`` is the class perturbation p pushes toward (``targeted``) or the row uses the
+    image label to push away from (untargeted, P == 1). Update rules: ``sgd`` (projected
+    sign/normalized gradient step on the summed CE) and ``batched`` (mean of the per-image
+    targeted inner attacks of the not-yet-fooled images; with batch 1 this is the reference).
+    """
+
+    def __init__(self, model_fn: ModelFn, x: np.ndarray, y: np.ndarray, labels: list[int] | None,
+                 eps: float, norm: str, method: str, step_size: float, inner_steps: int,
+                 batch_size: int, seed: int, strategy: tf.distribute.Strategy,
+                 jit_compile: bool):
+        self.model_fn, self.eps, self.norm, self.method = model_fn, eps, norm, method
+        self.strategy = strategy
+        self.targeted = labels is not None
+        self.num = len(labels) if self.targeted else 1
+        self.shape = tuple(x.shape[1:])
+        self.labels = tf.constant(labels if self.targeted else [0], tf.int32)
+        self.step_size = float(step_size)
+        self.inner_steps = inner_steps
+        replicas = strategy.num_replicas_in_sync
+        gb = -(-batch_size // replicas) * replicas
+        self.train_ds, self.train_steps = _padded_dataset(x, y, gb, True, seed)
+        self.eval_ds, self.eval_steps = _padded_dataset(x, y, gb, False, seed)
+        with strategy.scope():
+            self.v = tf.Variable(tf.zeros((self.num,) + self.shape), trainable=False,
+                                 name="universal_perturbations",
+                                 synchronization=tf.VariableSynchronization.ON_WRITE,
+                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.train_iter = iter(strategy.experimental_distribute_dataset(self.train_ds))
+        self.eval_iter = iter(strategy.experimental_distribute_dataset(self.eval_ds))
+        local = self._local_sgd if method == "sgd" else self._local_batched
+        self._local = tf.function(local, jit_compile=True) if jit_compile else local
+        self._run_pass = tf.function(self._pass)
+        self._run_eval = tf.function(self._eval)
+
+    # -- per-replica pieces -------------------------------------------------------------
+    def _tiled(self, v, xb):
+        """Perturbed copies clip(x_b + v_p) as [P*B,H,W,C]."""
+        xt = ops.apply_perturbation(xb[None], v[:, None])
+        return tf.reshape(xt, (-1,) + self.shape)
+
+    def _weights(self, yb, mb):
+        """[P,B] weights: valid images, minus those whose label is the target (targeted)."""
+        w = tf.tile(mb[None], [self.num, 1])
+        if self.targeted:
+            w *= tf.cast(tf.not_equal(yb[None], self.labels[:, None]), tf.float32)
+        return w
+
+    def _row_labels(self, yb):
+        if self.targeted:
+            return tf.tile(self.labels[:, None], [1, tf.shape(yb)[0]])
+        return yb[None]
+
+    def _local_sgd(self, v, xb, yb, mb):
+        """Summed gradient of the weighted CE w.r.t. V, and its weight per row."""
+        w = self._weights(yb, mb)
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            logits = self.model_fn(self._tiled(v, xb))
+            ce = tf.reshape(_xent(tf.reshape(self._row_labels(yb), [-1]), logits), tf.shape(w))
+            loss = tf.reduce_sum(w * ce)
+        return tape.gradient(loss, v), tf.reduce_sum(w, axis=1)
+
+    def _local_batched(self, v, xb, yb, mb):
+        """Summed inner-attack increments of the not-yet-fooled images, and their count."""
+        rows = tf.reshape(self._row_labels(yb), [-1])
+        x0 = self._tiled(v, xb)
+        pred = tf.argmax(self.model_fn(x0), -1, output_type=tf.int32)
+        need = tf.reshape(self._weights(yb, mb), [-1]) * tf.cast(pred != rows, tf.float32)
+        alpha = tf.constant(self.step_size, tf.float32)
+        rank = len(self.shape) + 1
+
+        def cond(i, xa, still):
+            return (i < self.inner_steps) & tf.reduce_any(still > 0)
+
+        def body(i, xa, still):
+            g = _ascent_grad(self.model_fn, xa, rows, targeted=True)
+            xa = ops.apply_perturbation(
+                xa, alpha * ops.normalized_step(g, self.norm) * _bcast(still, rank))
+            p = tf.argmax(self.model_fn(xa), -1, output_type=tf.int32)
+            return i + 1, xa, still * tf.cast(p != rows, tf.float32)
+
+        _, xa, _ = tf.while_loop(cond, body, [tf.constant(0), x0, need])
+        d = tf.reshape((xa - x0) * _bcast(need, rank), (self.num, -1) + self.shape)
+        return tf.reduce_sum(d, axis=1), tf.reduce_sum(tf.reshape(need, [self.num, -1]), 1)
+
+    def _replica_step(self, batch, active, lr):
+        xb, yb, mb = batch
+        ctx = tf.distribute.get_replica_context()
+        v = tf.convert_to_tensor(self.v)
+        total, count = self._local(v, xb, yb, mb)
+        total, count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [total, count])
+        if self.method == "sgd":
+            direction = ops.normalized_step(total, self.norm)
+            new = v + (-lr if self.targeted else lr) * direction
+        else:
+            new = v + total / _bcast(tf.maximum(count, 1.0), rank=len(self.shape) + 1)
+        new = ops.project(new, self.eps, self.norm)
+        self.v.assign(tf.where(_bcast(active, len(self.shape) + 1), new, v))
+
+    def _pass(self, active, lr):
+        for _ in tf.range(self.train_steps):
+            self.strategy.run(self._replica_step, args=(next(self.train_iter), active, lr))
+
+    def _replica_eval(self, batch):
+        xb, yb, mb = batch
+        v = tf.convert_to_tensor(self.v)
+        w = self._weights(yb, mb)
+        pred = tf.reshape(tf.argmax(self.model_fn(self._tiled(v, xb)), -1, output_type=tf.int32),
+                          tf.shape(w))
+        hit = tf.equal(pred, self._row_labels(yb))
+        if not self.targeted:
+            hit = ~hit
+        return tf.reduce_sum(w * tf.cast(hit, tf.float32), 1), tf.reduce_sum(w, 1)
+
+    def _eval(self):
+        hits = tf.zeros([self.num])
+        total = tf.zeros([self.num])
+        for _ in tf.range(self.eval_steps):
+            h, n = self.strategy.run(self._replica_eval, args=(next(self.eval_iter),))
+            hits += self.strategy.reduce(tf.distribute.ReduceOp.SUM, h, axis=None)
+            total += self.strategy.reduce(tf.distribute.ReduceOp.SUM, n, axis=None)
+        return hits / tf.maximum(total, 1.0)
+
+    # -- driver -------------------------------------------------------------------------
+    def traces(self) -> int:
+        """How many times the pass function was traced (1 = no retracing)."""
+        return int(self._run_pass.experimental_get_tracing_count())
+
+    def run(self, max_passes: int, delta: float | None, progress: bool):
+        """Run passes until every row reaches 1 - delta (if given) or ``max_passes``."""
+        active = np.ones(self.num, bool)
+        bar = keras.utils.Progbar(max_passes, unit_name="pass") if progress else None
+        history, rate, passes = [], np.zeros(self.num), 0
+        for passes in range(1, max_passes + 1):
+            self._run_pass(tf.constant(active), tf.constant(self.step_size, tf.float32))
+            rate = self._run_eval().numpy()
+            history.append(rate.tolist())
+            if delta is not None:
+                active &= rate < 1.0 - delta
+            if bar is not None:
+                bar.update(passes, [("success", float(rate.mean())),
+                                    ("active", float(active.sum()))])
+            logging.info("universal search pass %d: mean rate %.4f, %d rows active", passes,
+                         rate.mean(), active.sum())
+            if not active.any():
+                break
+        return enforce_bound(self.v.numpy(), self.eps, self.norm), rate, passes, history
+
+
+def _default_step(eps: float, norm: str, method: str) -> float:
+    return eps / 10.0 if method == "sgd" else eps / 5.0
+
+
+def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, norm: str = "linf",
+                       method: str = "sgd", targets: Sequence[int] | None = None,
+                       delta: float = 0.2, max_passes: int = 10, step_size: float | None = None,
+                       batch_size: int = 128, seed: int = 0,
+                       strategy: tf.distribute.Strategy | None = None, progress: bool = False,
+                       inner_steps: int = 10, jit_compile: bool = False
+                       ) -> tuple[np.ndarray, dict]:
+    """Search targeted universal perturbations V [K,H,W,C] for all ``targets`` at once.
+
+    Methods: ``sgd`` (default, fast: projected sign-SGD on the mean targeted CE, step
+    ``step_size`` = eps/10 by default), ``batched`` (mean of per-image targeted FGSM increments,
+    ``inner_steps`` steps of ``step_size`` = eps/5 stopping once the class is t, over the
+    not-yet-fooled images of a batch) and ``reference`` (the same rule one image at a time, the
+    paper's loop; runs on one device). A target stops once its success on ``x`` reaches
+    1 - delta. Rows of targets not searched are zero. Returns (V float32 numpy, stats) with
+    stats ``success_rate`` (list[K], None where not searched), ``norm``, ``passes``, ...
+    """
+    if method not in TU_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {TU_METHODS}")
+    ops.check_norm(norm)
+    ops.check_radius(eps)
+    num_classes = _check_positive_int(num_classes, "num_classes")
+    max_passes = _check_positive_int(max_passes, "max_passes")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    inner_steps = _check_positive_int(inner_steps, "inner_steps")
+    if not 0.0 <= delta <= 1.0:
+        raise ValueError(f"delta must be in [0, 1], got {delta}")
+    if step_size is None:
+        step_size = _default_step(eps, norm, method)
+    ops.check_radius(step_size, "step_size")
+    x, y = _check_images(x, y)
+    if y is None:
+        raise ValueError("targeted_universal needs the labels y of the search images")
+    targets = _check_targets(targets, num_classes)
+    _check_model(model_fn, x, num_classes)
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
+    strategy = strategy or tf.distribute.get_strategy()
+    if method == "reference":
+        if strategy.num_replicas_in_sync > 1:
+            logging.warning("method 'reference' is sequential (one image at a time): running it "
+                            "on the default strategy")
+        strategy, batch_size = tf.distribute.get_strategy(), 1
+    start = time.perf_counter()
+    search = _UniversalSearch(model_fn, x, y, targets, eps, norm, method, step_size, inner_steps,
+                              batch_size, seed, strategy, jit_compile)
+    v, rate, passes, history = search.run(max_passes, delta, progress)
+    full = np.zeros((num_classes,) + x.shape[1:], np.float32)
+    full[targets] = v
+    norms = np.asarray(ops.batch_norms(full, norm), np.float64)
+    success: list = [None] * num_classes
+    for t, r in zip(targets, rate):
+        success[t] = float(r)
+    stats = {"success_rate": success, "norm": norms.tolist(), "passes": passes,
+             "method": method, "targets": targets, "eps": float(eps), "norm_type": norm,
+             "delta": float(delta), "step_size": float(step_size),
+             "converged": bool(np.all(rate >= 1.0 - delta)), "history": history,
+             "seconds": time.perf_counter() - start,
+             "num_replicas": strategy.num_replicas_in_sync,
+             "traces": search.traces()}
+    return full, stats
+
+
+def untargeted_universal(model_fn: ModelFn, x, y, eps: float, norm: str = "linf",
+                         max_passes: int = 5, step_size: float | None = None,
+                         batch_size: int = 128, seed: int = 0,
+                         strategy: tf.distribute.Strategy | None = None, progress: bool = False
+                         ) -> tuple[np.ndarray, dict]:
+    """Search one untargeted universal perturbation v [H,W,C] by projected sign-SGD on the CE.
+
+    ``y``: labels whose cross-entropy is raised (None: the model's clean predictions).
+    Returns (v, stats) with stats ``fooling_rate`` (on ``x``), ``norm``, ``passes``.
+    """
+    ops.check_norm(norm)
+    ops.check_radius(eps)
+    max_passes = _check_positive_int(max_passes, "max_passes")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    if step_size is None:
+        step_size = _default_step(eps, norm, "sgd")
+    ops.check_radius(step_size, "step_size")
+    x, y = _check_images(x, y)
+    logits = model_fn(tf.constant(x[:1]))
+    if logits.shape.rank != 2:
+        raise ValueError(f"the model must return logits [N, K], got {tuple(logits.shape)}")
+    _check_model(model_fn, x, int(logits.shape[-1]))
+    if y is None:
+        y = _predict(model_fn, x, 500)
+    strategy = strategy or tf.distribute.get_strategy()
+    start = time.perf_counter()
+    search = _UniversalSearch(model_fn, x, y, None, eps, norm, "sgd", step_size, 1, batch_size,
+                              seed, strategy, False)
+    v, _, passes, history = search.run(max_passes, None, progress)
+    v = v[0]
+    stats = {"fooling_rate": fooling_rate(model_fn, x, v), "norm":
+             float(ops.batch_norms(v[None], norm)[0]), "passes": passes, "eps": float(eps),
+             "norm_type": norm, "history": history, "seconds": time.perf_counter() - start}
+    return v, stats
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _batches(n: int, batch: int):
+    for i in range(0, n, batch):
+        yield i, min(i + batch, n)
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+    if len(a) == size:
+        return a
+    return np.concatenate([a, np.zeros((size - len(a),) + a.shape[1:], a.dtype)])
+
+
+def _predict(model_fn: ModelFn, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Predicted classes of ``x`` with one compiled fixed-shape function."""
+    fn = tf.function(lambda xb: tf.argmax(model_fn(xb), -1, output_type=tf.int32))
+    out = [fn(tf.constant(_pad(x[i:j], batch_size))).numpy()[:j - i]
+           for i, j in _batches(len(x), batch_size)]
+    return np.concatenate(out)
+
+
+def targeted_success_rate(model_fn: ModelFn, x, y, V, targets: Sequence[int] | None = None,
+                          batch_size: int = 500) -> np.ndarray:
+    """Per target t: fraction of images with label != t classified t after clip(x + V[t]).
+
+    ``batch_size`` counts images per forward pass (a batch is tiled against the targets).
+    Returns float64 [K]; NaN for targets not evaluated.
+    """
+    x, y = _check_images(x, y)
+    if y is None:
+        raise ValueError("targeted_success_rate needs the labels y")
+    V = np.asarray(V, np.float32)
+    if V.ndim != 4 or V.shape[1:] != x.shape[1:]:
+        raise ValueError(f"perturbations must be [K,{','.join(map(str, x.shape[1:]))}], got "
+                         f"shape {V.shape}")
+    k = V.shape[0]
+    targets = _check_targets(targets, k)
+    _check_model(model_fn, x, k)
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    vt = tf.constant(V[targets])
+    tt = tf.constant(targets, tf.int32)
+    b = max(1, batch_size // len(targets))
+
+    @tf.function
+    def counts(xb, yb, mb):
+        xt = ops.apply_perturbation(xb[None], vt[:, None])
+        pred = tf.argmax(model_fn(tf.reshape(xt, (-1,) + x.shape[1:])), -1, output_type=tf.int32)
+        pred = tf.reshape(pred, [len(targets), -1])
+        w = mb[None] * tf.cast(tf.not_equal(yb[None], tt[:, None]), tf.float32)
+        return (tf.reduce_sum(w * tf.cast(tf.equal(pred, tt[:, None]), tf.float32), 1),
+                tf.reduce_sum(w, 1))
+
+    hits = np.zeros(len(targets))
+    total = np.zeros(len(targets))
+    for i, j in _batches(len(x), b):
+        h, n = counts(tf.constant(_pad(x[i:j], b)), tf.constant(_pad(y[i:j], b)),
+                      tf.constant(_pad(np.ones(j - i, np.float32), b)))
+        hits += h.numpy()
+        total += n.numpy()
+    out = np.full(k, np.nan)
+    out[targets] = hits / np.maximum(total, 1.0)
+    return out
+
+
+def fooling_rate(model_fn: ModelFn, x, v, batch_size: int = 500) -> float:
+    """Fraction of images whose predicted class changes under clip(x + v)."""
+    x, _ = _check_images(x, None)
+    v = np.asarray(v, np.float32)
+    if v.shape != x.shape[1:]:
+        raise ValueError(f"perturbation shape {v.shape} does not match images {x.shape[1:]}")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    clean = _predict(model_fn, x, batch_size)
+    adv = _predict(model_fn, np.asarray(ops.apply_perturbation(x, v)), batch_size)
+    return float(np.mean(clean != adv))
+
+
+# ----------------------------------------------------------------------------- files
+def save_perturbations(path: str, V, **meta) -> str:
+    """Save perturbations and JSON metadata in one .npz (readable with allow_pickle=False)."""
+    V = np.asarray(V, np.float32)
+    if V.ndim not in (3, 4):
+        raise ValueError(f"perturbations must be [H,W,C] or [K,H,W,C], got shape {V.shape}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez(path, perturbations=V, meta=np.array(json.dumps(meta, default=_json_default)))
+    return path if path.endswith(".npz") else path + ".npz"
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"metadata value {o!r} is not JSON serializable")
+
+
+def load_perturbations(path: str) -> tuple[np.ndarray, dict]:
+    """Load (V, metadata) saved by :func:`save_perturbations` (no pickle)."""
+    with np.load(path, allow_pickle=False) as f:
+        if "perturbations" not in f.files:
+            raise ValueError(f"{path} holds no 'perturbations' array (keys: {f.files})")
+        meta = json.loads(str(f["meta"])) if "meta" in f.files else {}
+        return f["perturbations"].astype(np.float32), meta
+
+
+__all__ = ["fgsm", "pgd", "targeted_universal", "untargeted_universal", "targeted_success_rate",
+           "fooling_rate", "save_perturbations", "load_perturbations", "enforce_bound",
+           "TU_METHODS"]

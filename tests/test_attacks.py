@@ -1,0 +1,239 @@
+"""Attacks on the small real MNIST model: FGSM, PGD, universal searches, errors and files."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from rat_tf import attacks, data, ops
+
+EPS = 0.3  # the usual MNIST L-inf radius
+
+
+@pytest.fixture(scope="module")
+def model_fn(mnist_model):
+    return lambda x: mnist_model(x, training=False)
+
+
+@pytest.fixture(scope="module")
+def test_slice(mnist_arrays):
+    _, _, x_test, y_test = mnist_arrays
+    return x_test[:500], y_test[:500]
+
+
+@pytest.fixture(scope="module")
+def search_set(mnist_arrays):
+    x_train, y_train, _, _ = mnist_arrays
+    return data.balanced_subset(x_train, y_train, 20, seed=0)  # 200 training images
+
+
+@pytest.fixture(scope="module")
+def held_out(mnist_arrays):
+    _, _, x_test, y_test = mnist_arrays
+    return x_test[:1000], y_test[:1000]
+
+
+def accuracy(model_fn, x, y):
+    return float(np.mean(np.argmax(model_fn(x).numpy(), -1) == y))
+
+
+def linf(a, b):
+    return np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).reshape(len(a), -1).max(1)
+
+
+def l2(a, b):
+    return np.sqrt(((np.asarray(a, np.float64) - b) ** 2).reshape(len(a), -1).sum(1))
+
+
+# ----------------------------------------------------------------------------- FGSM / PGD
+def test_fgsm_lowers_accuracy_and_stays_in_ball(model_fn, test_slice):
+    x, y = test_slice
+    clean = accuracy(model_fn, x, y)
+    x_adv = attacks.fgsm(model_fn, x, y, 0.2).numpy()
+    assert clean > 0.9
+    assert accuracy(model_fn, x_adv, y) < clean - 0.3
+    assert linf(x_adv, x).max() <= 0.2 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    # random init (FGSM-RS) and L2 also stay in their balls
+    x_rs = attacks.fgsm(model_fn, x, y, 0.2, rand_init=True, seed=1).numpy()
+    assert linf(x_rs, x).max() <= 0.2 + 1e-6
+    x_l2 = attacks.fgsm(model_fn, x, y, 2.0, norm="l2").numpy()
+    assert l2(x_l2, x).max() <= 2.0 * (1 + 1e-5)
+    assert accuracy(model_fn, x_l2, y) < clean
+
+
+def test_pgd_with_restarts_at_least_as_strong_as_fgsm(model_fn, test_slice):
+    x, y = test_slice[0][:200], test_slice[1][:200]
+    acc_fgsm = accuracy(model_fn, attacks.fgsm(model_fn, x, y, 0.2), y)
+    x_pgd = attacks.pgd(model_fn, x, y, 0.2, steps=10, restarts=2, seed=0).numpy()
+    acc_pgd = accuracy(model_fn, x_pgd, y)
+    assert acc_pgd <= acc_fgsm
+    assert acc_pgd < 0.5 * accuracy(model_fn, x, y)
+    assert linf(x_pgd, x).max() <= 0.2 + 1e-6
+    x2 = attacks.pgd(model_fn, x[:64], y[:64], 1.5, steps=5, norm="l2", seed=0).numpy()
+    assert l2(x2, x[:64]).max() <= 1.5 * (1 + 1e-5)
+
+
+def test_restarts_keep_worst_case_per_example(model_fn, test_slice):
+    x, y = test_slice[0][:200], test_slice[1][:200]
+    kw = dict(steps=3, step_size=0.03, seed=3)
+    one = attacks.pgd(model_fn, x, y, 0.1, restarts=1, **kw)
+    three = attacks.pgd(model_fn, x, y, 0.1, restarts=3, **kw)
+    wrong1 = np.argmax(model_fn(one).numpy(), -1) != y
+    wrong3 = np.argmax(model_fn(three).numpy(), -1) != y
+    assert np.all(wrong3[wrong1])  # restart 0 is among the three: never less successful
+
+
+def test_targeted_pgd_reaches_target(model_fn, test_slice):
+    x, y = test_slice[0][:100], test_slice[1][:100]
+    t = (y + 1) % 10
+    x_adv = attacks.pgd(model_fn, x, t, 0.3, steps=20, targeted=True, seed=0)
+    assert np.mean(np.argmax(model_fn(x_adv).numpy(), -1) == t) > 0.8
+
+
+def test_fgsm_pgd_trace_in_tf_function_and_replica_context(model_fn, test_slice):
+    x, y = test_slice[0][:64], test_slice[1][:64]
+    eager = attacks.fgsm(model_fn, x, y, 0.1).numpy()
+    compiled = tf.function(lambda a, b: attacks.fgsm(model_fn, a, b, 0.1))(x, y).numpy()
+    np.testing.assert_allclose(compiled, eager, atol=1e-6)
+    # as called from a train_step under MirroredStrategy (per-replica, inside tf.function)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    ds = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(64, drop_remainder=True))
+
+    @tf.function
+    def step(batch):
+        def replica_fn(xb, yb):
+            adv = attacks.pgd(model_fn, xb, yb, 0.1, steps=3, restarts=2, seed=0)
+            fg = attacks.fgsm(model_fn, xb, yb, 0.1, rand_init=True)
+            return tf.reduce_max(tf.abs(adv - xb)), tf.reduce_max(tf.abs(fg - xb))
+        return strategy.run(replica_fn, args=batch)
+
+    for batch in ds:
+        out = step(batch)
+    d_pgd, d_fgsm = [max(float(r) for r in strategy.experimental_local_results(o)) for o in out]
+    assert 0.05 < float(d_pgd) <= 0.1 + 1e-6 and float(d_fgsm) <= 0.1 + 1e-6
+
+
+# ----------------------------------------------------------------------------- universal
+@pytest.fixture(scope="module")
+def sgd_result(model_fn, search_set):
+    x, y = search_set
+    return attacks.targeted_universal(model_fn, x, y, 10, EPS, method="sgd", targets=[2, 3, 8],
+                                      delta=0.2, max_passes=6, batch_size=50, seed=0)
+
+
+def test_sgd_search_reaches_held_out_success(model_fn, sgd_result, held_out):
+    V, stats = sgd_result
+    assert V.shape == (10, 28, 28, 1) and V.dtype == np.float32
+    np.testing.assert_array_equal(V[[0, 1, 4, 5, 6, 7, 9]], 0.0)  # not searched
+    assert stats["success_rate"][0] is None and stats["success_rate"][2] > 0.5
+    assert stats["traces"] == 1  # one compiled pass function, no retracing between passes
+    rate = attacks.targeted_success_rate(model_fn, *held_out, V, targets=[2, 3, 8])
+    assert np.all(rate[[2, 3, 8]] > 0.5), rate
+    assert np.isnan(rate[0])
+    assert np.abs(V).max() <= EPS  # exactly, in float64
+
+
+def test_success_rate_matches_direct_count(model_fn, sgd_result, held_out):
+    V, _ = sgd_result
+    x, y = held_out[0][:300], held_out[1][:300]
+    rate = attacks.targeted_success_rate(model_fn, x, y, V, batch_size=64)
+    for t in (2, 8):
+        keep = y != t
+        pred = np.argmax(model_fn(ops.apply_perturbation(x[keep], V[t])).numpy(), -1)
+        assert rate[t] == pytest.approx(np.mean(pred == t), abs=1e-9)
+
+
+def test_l2_search_respects_bound_exactly(model_fn, search_set, held_out):
+    x, y = search_set
+    eps = 4.0
+    V, stats = attacks.targeted_universal(model_fn, x, y, 10, eps, norm="l2", targets=[3, 8],
+                                          max_passes=4, batch_size=50, seed=1)
+    norms = np.sqrt((V.astype(np.float64) ** 2).reshape(10, -1).sum(1))
+    assert np.all(norms <= eps) and norms[3] > 0.9 * eps
+    rate = attacks.targeted_success_rate(model_fn, *held_out, V, targets=[3, 8])
+    assert np.all(rate[[3, 8]] > 0.3), rate
+
+
+def test_batched_and_reference_search(model_fn, search_set, held_out):
+    x, y = search_set
+    V, stats = attacks.targeted_universal(model_fn, x, y, 10, EPS, method="batched",
+                                          targets=[2, 8], max_passes=3, batch_size=50,
+                                          inner_steps=5, seed=0)
+    assert stats["method"] == "batched" and np.abs(V).max() <= EPS
+    rate = attacks.targeted_success_rate(model_fn, *held_out, V, targets=[2, 8])
+    assert np.all(rate[[2, 8]] > 0.2), rate
+    xs, ys = x[:60], y[:60]  # the per-image reference loop on a tiny slice
+    Vr, sr = attacks.targeted_universal(model_fn, xs, ys, 10, EPS, method="reference",
+                                        targets=[2], max_passes=2, inner_steps=5, seed=0)
+    assert np.abs(Vr).max() <= EPS and np.abs(Vr[2]).max() > 0
+    rate = attacks.targeted_success_rate(model_fn, *held_out, Vr, targets=[2])
+    assert rate[2] > 0.25, rate
+
+
+def test_mirrored_search_matches_default(model_fn, search_set):
+    x, y = search_set[0][:120], search_set[1][:120]
+    kw = dict(targets=[2, 3], max_passes=2, batch_size=40, seed=5)
+    V1, s1 = attacks.targeted_universal(model_fn, x, y, 10, EPS, **kw)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    V2, s2 = attacks.targeted_universal(model_fn, x, y, 10, EPS, strategy=strategy, **kw)
+    assert s2["num_replicas"] == 2 and np.abs(V1[2]).max() > 0.1
+    diff = np.abs(V1 - V2)
+    assert diff.mean() < 0.01 * EPS, diff.mean()
+    np.testing.assert_allclose(s1["success_rate"][2], s2["success_rate"][2], atol=0.03)
+    V3, _ = attacks.targeted_universal(model_fn, x, y, 10, EPS, **kw)
+    np.testing.assert_array_equal(V1, V3)  # deterministic for a seed
+
+
+def test_untargeted_universal_fools(model_fn, search_set, held_out):
+    x, y = search_set
+    v, stats = attacks.untargeted_universal(model_fn, x, y, EPS, max_passes=3, batch_size=50)
+    assert v.shape == (28, 28, 1) and np.abs(v).max() <= EPS
+    assert stats["fooling_rate"] > 0.3
+    assert attacks.fooling_rate(model_fn, held_out[0], v) > 0.3
+    assert attacks.fooling_rate(model_fn, held_out[0], np.zeros_like(v)) == 0.0
+
+
+# ----------------------------------------------------------------------------- errors & files
+def test_bad_inputs_raise_clear_errors(model_fn, search_set):
+    x, y = search_set[0][:20], search_set[1][:20]
+    tu = attacks.targeted_universal
+    with pytest.raises(ValueError, match="eps"):
+        tu(model_fn, x, y, 10, -0.1)
+    with pytest.raises(ValueError, match="norm"):
+        tu(model_fn, x, y, 10, 0.1, norm="l1")
+    with pytest.raises(ValueError, match="method"):
+        tu(model_fn, x, y, 10, 0.1, method="adam")
+    with pytest.raises(ValueError, match="out of range"):
+        tu(model_fn, x, y, 10, 0.1, targets=[3, 10])
+    with pytest.raises(ValueError, match="logits"):
+        tu(model_fn, x, y, 7, 0.1)  # the model returns 10 logits, not 7
+    with pytest.raises(ValueError, match="delta"):
+        tu(model_fn, x, y, 10, 0.1, delta=1.5)
+    with pytest.raises(ValueError, match="shape"):
+        tu(model_fn, np.zeros((4, 32, 32, 3), np.float32), np.zeros(4, np.int32), 10, 0.1)
+    with pytest.raises(ValueError, match="perturbations must be"):
+        attacks.targeted_success_rate(model_fn, x, y, np.zeros((10, 32, 32, 3)))
+    with pytest.raises(ValueError, match="logits"):
+        attacks.targeted_success_rate(model_fn, x, y, np.zeros((4, 28, 28, 1)))
+    with pytest.raises(ValueError, match="eps"):
+        attacks.fgsm(model_fn, x, y, -1.0)
+    with pytest.raises(ValueError, match="norm"):
+        attacks.pgd(model_fn, x, y, 0.1, norm="linfinity")
+    with pytest.raises(ValueError, match="steps"):
+        attacks.pgd(model_fn, x, y, 0.1, steps=0)
+    with pytest.raises(ValueError, match="shape"):
+        attacks.fooling_rate(model_fn, x, np.zeros((28, 28, 3)))
+
+
+def test_save_load_round_trip(tmp_path):
+    V = np.random.default_rng(0).uniform(-0.3, 0.3, (10, 28, 28, 1)).astype(np.float32)
+    path = attacks.save_perturbations(str(tmp_path / "v.npz"), V, eps=0.3, norm="linf",
+                                      success=np.array([0.5, 0.25]), targets=[1, 2])
+    V2, meta = attacks.load_perturbations(path)
+    np.testing.assert_array_equal(V, V2)
+    assert meta == {"eps": 0.3, "norm": "linf", "success": [0.5, 0.25], "targets": [1, 2]}
+    with np.load(path, allow_pickle=False) as f:  # plain arrays, no pickled objects
+        assert sorted(f.files) == ["meta", "perturbations"]
+    np.savez(str(tmp_path / "other.npz"), a=np.zeros(3))
+    with pytest.raises(ValueError, match="perturbations"):
+        attacks.load_perturbations(str(tmp_path / "other.npz"))
