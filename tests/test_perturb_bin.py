@@ -1,0 +1,33 @@
+"""bin/perturb.py end to end on a tiny real MNIST subset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from rat_tf import attacks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_perturb_binary_writes_npz_png_json(mnist_model_path, data_dir, tmp_path):
+    out = tmp_path / "tup"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.join(ROOT, "bin", "perturb.py"), "--dataset=mnist",
+           f"--data_dir={data_dir}", "--source=files", f"--model_path={mnist_model_path}",
+           f"--output_dir={out}", "--n_per_class=4", "--max_passes=2", "--batch_size=20",
+           "--targets=2,8", "--test_limit=300", "--eps=0.3", "--noprogress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    V, meta = attacks.load_perturbations(str(out / "perturbations.npz"))
+    assert V.shape == (10, 28, 28, 1) and np.abs(V).max() <= 0.3
+    assert np.abs(V[2]).max() > 0 and not V[0].any()
+    assert meta["targets"] == [2, 8] and meta["method"] == "sgd"
+    report = json.loads((out / "perturbation.json").read_text())
+    assert report["num_search_images"] == 40 and report["num_test_images"] == 300
+    assert report["success_test"][0] is None and 0 <= report["success_test"][2] <= 1
+    assert report["success_search"][8] is not None and report["wall_seconds"] > 0
+    assert report["norm"][2] <= 0.3
+    assert (out / "perturbations.png").stat().st_size > 1000
