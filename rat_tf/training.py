@@ -411,25 +411,30 @@ class RobustnessMonitor(keras.callbacks.Callback):
 
 # --------------------------------------------------------------------------- evaluation helpers
 def accuracy(model_fn: Callable, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
-    """Clean accuracy of ``model_fn`` (x -> logits) on arrays, computed locally in batches."""
+    """Clean accuracy of ``model_fn`` (x -> logits) on arrays, computed locally (eagerly)."""
     if len(x) == 0:
         raise ValueError("accuracy of an empty set")
-    fn = tf.function(lambda z: tf.argmax(model_fn(z), axis=-1, output_type=tf.int32))
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
     correct = 0
     for i in range(0, len(x), batch_size):
-        correct += int(np.sum(fn(tf.constant(x[i:i + batch_size])).numpy() == y[i:i + batch_size]))
+        logits = keras.ops.convert_to_numpy(model_fn(tf.constant(x[i:i + batch_size])))
+        correct += int(np.sum(np.argmax(logits, axis=-1) == y[i:i + batch_size]))
     return correct / len(x)
 
 
 def adversarial_accuracy(model_fn: Callable, x: np.ndarray, y: np.ndarray, eps: float, *,
                          norm: str = "linf", batch_size: int = 500) -> float:
     """Accuracy under the (untargeted, no random init) FGSM attack of radius ``eps``."""
-    attack = tf.function(lambda a, b: attacks.fgsm(model_fn, a, b, eps, norm=norm))
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"need as many labels as images (and some), got {len(x)} / {len(y)}")
     correct = 0
     for i in range(0, len(x), batch_size):
-        xa = attack(tf.constant(x[i:i + batch_size]), tf.constant(y[i:i + batch_size]))
-        pred = np.argmax(keras.ops.convert_to_numpy(model_fn(xa)), axis=-1)
-        correct += int(np.sum(pred == y[i:i + batch_size]))
+        yb = y[i:i + batch_size]
+        x_adv = attacks.fgsm(model_fn, tf.constant(x[i:i + batch_size]),
+                             tf.constant(yb, tf.int32), eps, norm=norm)
+        logits = keras.ops.convert_to_numpy(model_fn(x_adv))
+        correct += int(np.sum(np.argmax(logits, axis=-1) == yb))
     return correct / len(x)
 
 
