@@ -434,6 +434,9 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
             logging.warning("method 'reference' is sequential (one image at a time): running it "
                             "on the default strategy")
         strategy, batch_size = tf.distribute.get_strategy(), 1
+        if strategy.num_replicas_in_sync > 1:
+            raise ValueError("method 'reference' is sequential (one image at a time); call it "
+                             "outside a multi-replica strategy scope, or use 'batched'")
     start = time.perf_counter()
     search = _UniversalSearch(model_fn, x, y, targets, eps, norm, method, step_size, inner_steps,
                               batch_size, seed, strategy, jit_compile)

@@ -184,6 +184,15 @@ def test_mirrored_search_matches_default(model_fn, search_set):
     np.testing.assert_array_equal(V1, V3)  # deterministic for a seed
 
 
+def test_xla_compiled_search_matches(model_fn, search_set):
+    x, y = search_set[0][:80], search_set[1][:80]
+    kw = dict(targets=[3], max_passes=1, batch_size=40, seed=2)
+    V1, _ = attacks.targeted_universal(model_fn, x, y, 10, EPS, **kw)
+    V2, s2 = attacks.targeted_universal(model_fn, x, y, 10, EPS, jit_compile=True, **kw)
+    assert np.abs(V1[3]).max() > 0 and np.abs(V2).max() <= EPS
+    assert np.mean(np.abs(V1 - V2)) < 0.02 * EPS
+
+
 def test_untargeted_universal_fools(model_fn, search_set, held_out):
     x, y = search_set
     v, stats = attacks.untargeted_universal(model_fn, x, y, EPS, max_passes=3, batch_size=50)
@@ -211,6 +220,9 @@ def test_bad_inputs_raise_clear_errors(model_fn, search_set):
         tu(model_fn, x, y, 10, 0.1, delta=1.5)
     with pytest.raises(ValueError, match="shape"):
         tu(model_fn, np.zeros((4, 32, 32, 3), np.float32), np.zeros(4, np.int32), 10, 0.1)
+    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+        with pytest.raises(ValueError, match="sequential"):
+            tu(model_fn, x, y, 10, 0.1, method="reference")
     with pytest.raises(ValueError, match="perturbations must be"):
         attacks.targeted_success_rate(model_fn, x, y, np.zeros((10, 32, 32, 3)))
     with pytest.raises(ValueError, match="logits"):
