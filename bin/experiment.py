@@ -20,7 +20,8 @@ flags.DEFINE_enum("budget", _D.budget, experiment.BUDGETS,
                   "Size preset: tiny (tests), small (~10 min MNIST on 2 CPU cores), full.")
 flags.DEFINE_string("output_dir", None, "Results directory (resumed if it exists).")
 flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
-flags.DEFINE_enum("data_source", _D.data_source, ["auto", "files", "tfds"], "Where data comes from.")
+flags.DEFINE_enum("data_source", _D.data_source, ["auto", "files", "tfds"],
+                  "Where data comes from.")
 flags.DEFINE_string("model", None, "Model name (default from the budget preset).")
 flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 flags.DEFINE_list("methods", list(_D.methods),
@@ -40,7 +41,8 @@ flags.DEFINE_integer("finetune_subset", None, "(c,d) balanced fine-tuning images
 flags.DEFINE_integer("finetune_epochs", None, "(c,d) epochs.")
 flags.DEFINE_integer("finetune_batch_size", None, "(c,d) global batch size.")
 flags.DEFINE_float("finetune_lr", _D.finetune_lr, "(c,d) learning rate (Adam).")
-flags.DEFINE_integer("refresh_every", _D.refresh_every, "(c) re-search V every N epochs (0: static).")
+flags.DEFINE_integer("refresh_every", _D.refresh_every,
+                     "(c) re-search V every N epochs (0: static).")
 flags.DEFINE_enum("targets_per_image", _D.targets_per_image, ["one", "all"],
                   "(c) one random target per image, or all K-1.")
 flags.DEFINE_float("perturbed_fraction", _D.perturbed_fraction,

@@ -1,4 +1,4 @@
-"""Robustness reports on real MNIST: attack strength ordering, SavedModel parity, held-out checks."""
+"""Robustness reports on real MNIST: attack ordering, SavedModel parity, held-out checks."""
 
 import json
 import os
