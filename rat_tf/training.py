@@ -50,12 +50,8 @@ def _multi_worker(strategy: tf.distribute.Strategy) -> bool:
             and bool(getattr(extended, "_in_multi_worker_mode", lambda: False)()))
 
 
-def _step_seed(base: int, counter: tf.Tensor) -> tf.Tensor:
-    """A stateless-RNG seed that differs per step and per replica (same on every run)."""
-    ctx = tf.distribute.get_replica_context()
-    replica = ctx.replica_id_in_sync_group if ctx is not None else 0
-    replica = tf.cast(replica, tf.int64)
-    return tf.stack([tf.cast(base, tf.int64) * 1009 + replica, tf.cast(counter, tf.int64)])
+class WorkerLostError(RuntimeError):
+    """A multi-worker run stopped because a peer died or became unreachable (resumable)."""
 
 
 # --------------------------------------------------------------------------- trainer models
@@ -207,10 +203,16 @@ class RATModel(StandardModel):
         k = self.num_classes
         v = tf.convert_to_tensor(self.perturbations)
         if self.targets_per_image == "one":
-            seed = _step_seed(self.seed, self.optimizer.iterations)
-            offset = tf.random.stateless_uniform(tf.shape(y), seed, minval=1, maxval=k,
+            # Draw for the whole global batch and take this replica's slice, so the targets
+            # do not depend on how the batch is split over replicas and workers.
+            ctx = tf.distribute.get_replica_context()
+            replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+            n = tf.shape(y)[0]
+            seed = tf.stack([tf.constant(self.seed, tf.int64),
+                             tf.cast(self.optimizer.iterations, tf.int64)])
+            offset = tf.random.stateless_uniform([n * _replicas()], seed, minval=1, maxval=k,
                                                  dtype=tf.int32)
-            targets = (y + offset) % k
+            targets = (y + offset[replica * n:(replica + 1) * n]) % k
             return ops.apply_perturbation(x, tf.gather(v, targets)), y
         targets = (y[:, None] + tf.range(1, k, dtype=y.dtype)[None, :]) % k  # [B, K-1]
         x_p = ops.apply_perturbation(x[:, None], tf.gather(v, targets))  # [B, K-1, H, W, C]
@@ -695,8 +697,9 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
     work_dir = distribute.worker_dir(model_dir, strategy)
     os.makedirs(work_dir, exist_ok=True)
     backup_dir = os.path.join(work_dir, "backup")
+    chief_backup = os.path.join(model_dir, "backup")  # what every worker restores from
     history_path = os.path.join(work_dir, "history.csv")
-    resuming = os.path.exists(os.path.join(backup_dir, "training_metadata.json"))
+    resuming = os.path.exists(os.path.join(chief_backup, "training_metadata.json"))
     if not resuming and os.path.exists(history_path):
         os.remove(history_path)  # a fresh run: drop the history of an earlier finished run
     keras.utils.set_random_seed(config.seed)
@@ -758,7 +761,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
     timer = _EpochTimer()
     cbs += extra_callbacks + [
         timer,
-        keras.callbacks.BackupAndRestore(backup_dir),
+        ClusterBackupAndRestore(backup_dir, restore_dir=chief_backup),
         keras.callbacks.CSVLogger(history_path, append=True),
     ]
     if importlib.util.find_spec("tensorboard") is not None:
@@ -768,13 +771,26 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
                         "(pip install tensorboard); history.csv has the per-epoch metrics")
     initial_epoch = 0
     if resuming:
-        with open(os.path.join(backup_dir, "training_metadata.json")) as f:
+        with open(os.path.join(chief_backup, "training_metadata.json")) as f:
             initial_epoch = int(json.load(f).get("epoch", 0))
     ds = train_stream(x_train, y_train, config.batch_size, config.seed,
                       start=initial_epoch * steps_per_epoch * config.batch_size)
     fit_start = time.time()
-    trainer.fit(ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch, callbacks=cbs,
-                shuffle=False, verbose=_verbose(config))
+    try:
+        trainer.fit(ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch, callbacks=cbs,
+                    shuffle=False, verbose=_verbose(config))
+    except (tf.errors.UnavailableError, tf.errors.AbortedError,
+            tf.errors.DeadlineExceededError) as e:
+        if not _multi_worker(strategy):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = next((line for line in lines if "unhealthy" in line or "abort" in line.lower()),
+                     lines[0] if lines else "")
+        raise WorkerLostError(
+            f"multi-worker training lost a worker or its connection ({type(e).__name__}: "
+            f"{cause}). Finished epochs "
+            f"are in {chief_backup}: restart every worker with the same command to "
+            f"resume.") from e
     fit_seconds = time.time() - fit_start
     epochs_run = len(timer.seconds)
 
@@ -817,6 +833,28 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
     return metrics
+
+
+class ClusterBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` where every worker restores from the chief's backup.
+
+    Each worker saves to its own ``backup_dir`` (no two processes write one file) but all
+    restore ``restore_dir`` (the chief's), so a restarted cluster resumes at one epoch even if
+    a worker died between the chief's save and its own.
+    """
+
+    def __init__(self, backup_dir: str, restore_dir: str | None = None):
+        super().__init__(backup_dir)
+        self.restore_dir = restore_dir or backup_dir
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        own = (self._weights_path, self._training_metadata_path)
+        self._weights_path = os.path.join(self.restore_dir, "latest.weights.h5")
+        self._training_metadata_path = os.path.join(self.restore_dir, "training_metadata.json")
+        try:
+            super().on_train_begin(logs)
+        finally:
+            self._weights_path, self._training_metadata_path = own
 
 
 class _EpochTimer(keras.callbacks.Callback):
