@@ -20,7 +20,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", _D.method, training.METHODS, "Training method.")
 flags.DEFINE_string("dataset", _D.dataset, "mnist, fashion_mnist or cifar10.")
 flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
-flags.DEFINE_enum("data_source", _D.data_source, ["auto", "files", "tfds"], "Where data comes from.")
+flags.DEFINE_enum("data_source", _D.data_source, ["auto", "files", "tfds"],
+                  "Where the data comes from.")
 flags.DEFINE_string("model", _D.model, "Model name (rat_tf.models).")
 flags.DEFINE_string("model_dir", _D.model_dir, "Output / checkpoint directory.")
 flags.DEFINE_string("init_from", "", ".keras classifier to fine-tune from.")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rat_tf import attacks, training
+from rat_tf import attacks, models, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +128,6 @@ def test_mirrored_rat_search_and_variable_are_replicated(data_dir, mnist_model_p
     metrics = training.train(cfg, strategy)
     assert len(metrics["search_success_rate"]) == 10
     with strategy.scope():
-        from rat_tf import models
         trainer = training.make_trainer("rat", models.build_model("mnist_cnn", (28, 28, 1), 10))
     v = np.random.default_rng(0).uniform(-0.1, 0.1, (10, 28, 28, 1)).astype(np.float32)
     trainer.set_perturbations(v)

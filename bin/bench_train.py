@@ -1,0 +1,116 @@
+"""Benchmark of training (issue 2): accuracy and speed of train(), and its overhead vs model.fit.
+
+    python bin/bench_train.py --out=results/bench_train.json
+
+1. Full real MNIST, mnist_cnn, ``--mnist_epochs`` epochs through ``training.train``: test
+   accuracy (goal >= 99.0%) and images/s.
+2. Overhead: ``training.train`` against a plain ``model.fit`` of the same model, data, batch
+   size and epochs (``--overhead_epochs``), as a ratio of fit time and of total wall time
+   (train() also loads data, evaluates and saves; goal <= 1.1). One run each.
+3. Real CIFAR-10, resnet20, ``--cifar_epochs`` on a balanced ``--cifar_subset``: images/s and
+   test accuracy.
+"""
+
+import json
+import os
+import tempfile
+import time
+
+import keras
+from absl import app, flags, logging
+
+from rat_tf import data, models, training
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
+flags.DEFINE_string("out", "results/bench_train.json", "Output JSON.")
+flags.DEFINE_string("work_dir", "", "Where runs are written (default: a temporary directory).")
+flags.DEFINE_integer("mnist_epochs", 3, "Epochs of mnist_cnn on full MNIST.")
+flags.DEFINE_integer("overhead_epochs", 1, "Epochs of the train() vs model.fit comparison.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("cifar_epochs", 1, "Epochs of resnet20 on CIFAR-10 (0: skip).")
+flags.DEFINE_integer("cifar_subset", 10000, "Balanced CIFAR-10 training images (0: all).")
+flags.DEFINE_integer("cifar_test", 2000, "CIFAR-10 test images for the accuracy (0: all).")
+
+
+def _plain_fit(x, y, epochs: int, batch_size: int) -> float:
+    """Wall seconds of a plain compile + fit of mnist_cnn (the baseline of the overhead)."""
+    keras.utils.set_random_seed(0)
+    model = models.build_model("mnist_cnn", (28, 28, 1), 10)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    start = time.time()
+    model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=2)
+    return time.time() - start
+
+
+def main(argv):
+    del argv
+    work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_train_")
+    results = {}
+    mnist = training.TrainConfig(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn",
+                                 epochs=FLAGS.mnist_epochs, batch_size=FLAGS.batch_size,
+                                 model_dir=os.path.join(work, "mnist"))
+    m = training.train(mnist)
+    results["mnist_cnn"] = {"epochs": FLAGS.mnist_epochs, "test_accuracy": m["test_accuracy"],
+                            "goal_accuracy": 0.99, "images_per_sec": m["images_per_sec"],
+                            "images_per_sec_steady": m["images_per_sec_steady"],
+                            "wall_seconds": m["wall_seconds"]}
+
+    if FLAGS.overhead_epochs:
+        x, y = data.load_arrays("mnist", "train", data_dir=FLAGS.data_dir)
+        plain = _plain_fit(x, y, FLAGS.overhead_epochs, FLAGS.batch_size)
+        if FLAGS.overhead_epochs == FLAGS.mnist_epochs:
+            ours = m
+        else:
+            ours = training.train(training.TrainConfig(
+                dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn",
+                epochs=FLAGS.overhead_epochs, batch_size=FLAGS.batch_size,
+                model_dir=os.path.join(work, "overhead")))
+        results["overhead"] = {"epochs": FLAGS.overhead_epochs, "plain_fit_seconds": plain,
+                               "train_fit_seconds": ours["fit_seconds"],
+                               "train_wall_seconds": ours["wall_seconds"],
+                               "fit_ratio": ours["fit_seconds"] / plain,
+                               "wall_ratio": ours["wall_seconds"] / plain, "goal_ratio": 1.1}
+
+    if FLAGS.cifar_epochs:
+        c = training.train(training.TrainConfig(
+            dataset="cifar10", data_dir=FLAGS.data_dir, model="resnet20",
+            epochs=FLAGS.cifar_epochs, batch_size=FLAGS.batch_size, optimizer="momentum",
+            lr=0.05, lr_schedule="cosine", train_subset=FLAGS.cifar_subset,
+            test_subset=FLAGS.cifar_test, model_dir=os.path.join(work, "cifar")))
+        results["resnet20_cifar10"] = {"epochs": FLAGS.cifar_epochs,
+                                       "train_images": c["train_images"],
+                                       "test_images": c["test_images"],
+                                       "test_accuracy": c["test_accuracy"],
+                                       "images_per_sec": c["images_per_sec"],
+                                       "wall_seconds": c["wall_seconds"]}
+
+    rows = [("benchmark", "value", "goal")]
+    r = results["mnist_cnn"]
+    rows.append((f"MNIST mnist_cnn test accuracy ({r['epochs']} ep)",
+                 f"{100 * r['test_accuracy']:.2f}%", ">= 99.0%"))
+    rows.append(("MNIST mnist_cnn images/s (all / after epoch 1)",
+                 f"{r['images_per_sec']:.0f} / {r['images_per_sec_steady'] or 0:.0f}", ""))
+    if "overhead" in results:
+        o = results["overhead"]
+        rows.append((f"train() / model.fit fit time ({o['epochs']} ep)", f"{o['fit_ratio']:.3f}",
+                     "<= 1.1"))
+        rows.append(("train() total wall / model.fit", f"{o['wall_ratio']:.3f}", ""))
+    if "resnet20_cifar10" in results:
+        c = results["resnet20_cifar10"]
+        rows.append((f"CIFAR-10 resnet20 {c['epochs']} ep on {c['train_images']} imgs: test acc",
+                     f"{100 * c['test_accuracy']:.2f}%", ""))
+        rows.append(("CIFAR-10 resnet20 images/s", f"{c['images_per_sec']:.0f}", ""))
+    width = max(len(a) for a, _, _ in rows)
+    table = "\n".join(f"{a:<{width}}  {b:>14}  {c}" for a, b, c in rows)
+    print(table)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(results, f, indent=2)
+    logging.info("wrote %s", FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,108 @@
+"""Benchmark of the training methods (issue 4): cost per example and time to robustness.
+
+    python bin/bench_training.py --out=results/bench_training.json
+
+1. Cost per example seen of rat (one / all targets), fgsm_at and pgd_at relative to standard
+   training: same model (mnist_cnn), batch size and data; images/s of the steady epoch.
+2. Time to robustness: from the same pretrained mnist_cnn, wall time until FGSM (L-inf
+   ``--fgsm_eps``) accuracy on held-out test images reaches ``--target`` for rat and pgd_at
+   (evaluated after every epoch, evaluation time excluded; RAT's V search included), capped
+   at ``--time_cap`` seconds of training per method.
+"""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+from absl import app, flags, logging
+
+from rat_tf import attacks, data, training
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
+flags.DEFINE_string("out", "results/bench_training.json", "Output JSON.")
+flags.DEFINE_string("work_dir", "", "Where runs are written (default: a temporary directory).")
+flags.DEFINE_integer("batch_size", 128, "Batch size of every method.")
+flags.DEFINE_integer("cost_steps", 30, "Steps per epoch of the cost runs (2 epochs each).")
+flags.DEFINE_integer("pgd_steps", 10, "PGD-AT steps.")
+flags.DEFINE_string("init_from", "", "Pretrained mnist_cnn (.keras); default: train one.")
+flags.DEFINE_integer("pretrain_images", 12000, "Images of the 1-epoch pretraining.")
+flags.DEFINE_float("fgsm_eps", 0.2, "FGSM radius of the robustness target.")
+flags.DEFINE_float("target", 0.8, "FGSM accuracy to reach.")
+flags.DEFINE_integer("eval_images", 1000, "Held-out test images for the FGSM accuracy.")
+flags.DEFINE_float("time_cap", 300.0, "Max training seconds per method (time to robustness).")
+flags.DEFINE_integer("max_epochs", 100, "Max epochs per method (time to robustness).")
+flags.DEFINE_integer("search_passes", 3, "RAT: passes of the V search.")
+
+_COST_METHODS = {"standard": {}, "rat_one": {"method": "rat", "targets_per_image": "one"},
+                 "rat_all": {"method": "rat", "targets_per_image": "all"},
+                 "fgsm_at": {"method": "fgsm_at"}, "pgd_at": {"method": "pgd_at"}}
+
+
+def main(argv):
+    del argv
+    work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_training_")
+    base = dict(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn", verbose=2,
+                batch_size=FLAGS.batch_size, pgd_steps=FLAGS.pgd_steps)
+    results = {"cost": {}, "time_to_robustness": {}}
+
+    # 1. cost per example seen (V's values do not change the cost: zeros)
+    zeros = attacks.save_perturbations(os.path.join(work, "zeros.npz"),
+                                       np.zeros((10, 28, 28, 1), np.float32))
+    for name, kw in _COST_METHODS.items():
+        cfg = training.TrainConfig(**base, epochs=2, steps_per_epoch=FLAGS.cost_steps,
+                                   train_subset=6000, model_dir=os.path.join(work, "cost_" + name),
+                                   **kw)
+        if cfg.method == "rat":
+            cfg.perturbations_path = zeros
+        m = training.train(cfg)
+        results["cost"][name] = {"images_per_sec": m["images_per_sec_steady"]}
+    ref = results["cost"]["standard"]["images_per_sec"]
+    for r in results["cost"].values():
+        r["cost_vs_standard"] = ref / r["images_per_sec"]
+
+    # 2. time to robustness from one pretrained model
+    init_from = FLAGS.init_from
+    if not init_from:
+        pre = training.train(training.TrainConfig(
+            **{**base, "batch_size": 64}, epochs=1, train_subset=FLAGS.pretrain_images,
+            model_dir=os.path.join(work, "pretrained")))
+        init_from = os.path.join(work, "pretrained", "model.keras")
+        results["pretrained_test_accuracy"] = pre["test_accuracy"]
+    x_test, y_test = data.load_arrays("mnist", "test", data_dir=FLAGS.data_dir)
+    x_eval, y_eval = x_test[-FLAGS.eval_images:], y_test[-FLAGS.eval_images:]
+    for method, kw in (("rat", {"batch_size": 50, "search_passes": FLAGS.search_passes}),
+                       ("pgd_at", {"steps_per_epoch": 20})):
+        monitor = training.RobustnessMonitor(x_eval, y_eval, FLAGS.fgsm_eps, target=FLAGS.target,
+                                             time_limit=FLAGS.time_cap)
+        cfg = training.TrainConfig(**{**base, **kw}, method=method, init_from=init_from,
+                                   epochs=FLAGS.max_epochs, test_subset=FLAGS.eval_images,
+                                   model_dir=os.path.join(work, "robust_" + method))
+        m = training.train(cfg, callbacks=[monitor])
+        reached = monitor.time_to_target is not None
+        results["time_to_robustness"][method] = {
+            "reached": reached,
+            "seconds": (monitor.time_to_target + m["search_seconds"]) if reached else None,
+            "search_seconds": m["search_seconds"], "epochs": len(monitor.records),
+            "final_fgsm_accuracy": monitor.records[-1]["fgsm_accuracy"],
+            "clean_test_accuracy": m["test_accuracy"], "records": monitor.records}
+
+    rows = [("method", "images/s", "cost vs standard")]
+    for name, r in results["cost"].items():
+        rows.append((name, f"{r['images_per_sec']:.0f}", f"{r['cost_vs_standard']:.2f}x"))
+    print("\n".join(f"{a:<10} {b:>9} {c:>17}" for a, b, c in rows))
+    print(f"\ntime to FGSM(eps {FLAGS.fgsm_eps}) accuracy >= {FLAGS.target:.0%} on "
+          f"{FLAGS.eval_images} held-out test images (cap {FLAGS.time_cap:.0f}s):")
+    for method, r in results["time_to_robustness"].items():
+        when = f"{r['seconds']:.0f}s" if r["reached"] else "not reached"
+        print(f"{method:<8} {when:>12}  after {r['epochs']} epochs, FGSM acc "
+              f"{r['final_fgsm_accuracy']:.3f}, clean {r['clean_test_accuracy']:.4f}")
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(results, f, indent=2)
+    logging.info("wrote %s", FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)
