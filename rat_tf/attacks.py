@@ -216,19 +216,28 @@ def enforce_bound(v: np.ndarray, eps: float, norm: str) -> np.ndarray:
     return v
 
 
-def _padded_dataset(x: np.ndarray, y: np.ndarray, global_batch: int, shuffle: bool,
-                    seed: int) -> tuple[tf.data.Dataset, int]:
-    """Repeated dataset of (x, y, mask) batches padded to whole global batches (fixed shapes)."""
+def _padded_dataset(x: np.ndarray, y: np.ndarray, global_batch: int, passes: int,
+                    seed: int | None) -> tuple[tf.data.Dataset, int]:
+    """(x, y, mask) batches padded to whole global batches (fixed shapes), ``passes`` times.
+
+    With a ``seed`` every pass visits the images in a fresh order drawn from numpy's seeded
+    generator (independent of TensorFlow's global seed); without one, in the given order.
+    """
     n = len(x)
     npad = -(-n // global_batch) * global_batch
     pad = npad - n
     xs = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)]) if pad else x
     ys = np.concatenate([y, np.zeros(pad, np.int32)]) if pad else y
     ms = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    ds = tf.data.Dataset.from_tensor_slices((xs, ys, ms))
-    if shuffle:
-        ds = ds.shuffle(npad, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.repeat().batch(global_batch, drop_remainder=True)
+    if seed is None:
+        ds = tf.data.Dataset.from_tensor_slices((xs, ys, ms)).repeat()
+    else:
+        rng = np.random.default_rng(seed)
+        order = np.concatenate([rng.permutation(npad) for _ in range(passes)]).astype(np.int32)
+        arrays = tuple(tf.constant(a) for a in (xs, ys, ms))
+        ds = tf.data.Dataset.from_tensor_slices(order).map(
+            lambda i: tuple(tf.gather(a, i) for a in arrays))
+    ds = ds.batch(global_batch, drop_remainder=True)
     opts = tf.data.Options()
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     opts.deterministic = True
@@ -247,7 +256,7 @@ class _UniversalSearch:
     def __init__(self, model_fn: ModelFn, x: np.ndarray, y: np.ndarray, labels: list[int] | None,
                  eps: float, norm: str, method: str, step_size: float, inner_steps: int,
                  batch_size: int, seed: int, strategy: tf.distribute.Strategy,
-                 jit_compile: bool):
+                 jit_compile: bool, max_passes: int):
         self.model_fn, self.eps, self.norm, self.method = model_fn, eps, norm, method
         self.strategy = strategy
         self.targeted = labels is not None
@@ -258,8 +267,9 @@ class _UniversalSearch:
         self.inner_steps = inner_steps
         replicas = strategy.num_replicas_in_sync
         gb = -(-batch_size // replicas) * replicas
-        self.train_ds, self.train_steps = _padded_dataset(x, y, gb, True, seed)
-        self.eval_ds, self.eval_steps = _padded_dataset(x, y, gb, False, seed)
+        self.train_ds, self.train_steps = _padded_dataset(x, y, gb, max_passes, seed)
+        self.eval_ds, self.eval_steps = _padded_dataset(x, y, gb, max_passes, None)
+        self.max_passes = max_passes
         with strategy.scope():
             self.v = tf.Variable(tf.zeros((self.num,) + self.shape), trainable=False,
                                  name="universal_perturbations",
@@ -366,8 +376,9 @@ class _UniversalSearch:
         """How many times the pass function was traced (1 = no retracing)."""
         return int(self._run_pass.experimental_get_tracing_count())
 
-    def run(self, max_passes: int, delta: float | None, progress: bool):
+    def run(self, delta: float | None, progress: bool):
         """Run passes until every row reaches 1 - delta (if given) or ``max_passes``."""
+        max_passes = self.max_passes
         active = np.ones(self.num, bool)
         bar = keras.utils.Progbar(max_passes, unit_name="pass") if progress else None
         history, rate, passes = [], np.zeros(self.num), 0
@@ -439,8 +450,8 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
                              "outside a multi-replica strategy scope, or use 'batched'")
     start = time.perf_counter()
     search = _UniversalSearch(model_fn, x, y, targets, eps, norm, method, step_size, inner_steps,
-                              batch_size, seed, strategy, jit_compile)
-    v, rate, passes, history = search.run(max_passes, delta, progress)
+                              batch_size, seed, strategy, jit_compile, max_passes)
+    v, rate, passes, history = search.run(delta, progress)
     full = np.zeros((num_classes,) + x.shape[1:], np.float32)
     full[targets] = v
     norms = np.asarray(ops.batch_norms(full, norm), np.float64)
@@ -484,8 +495,8 @@ def untargeted_universal(model_fn: ModelFn, x, y, eps: float, norm: str = "linf"
     strategy = strategy or tf.distribute.get_strategy()
     start = time.perf_counter()
     search = _UniversalSearch(model_fn, x, y, None, eps, norm, "sgd", step_size, 1, batch_size,
-                              seed, strategy, False)
-    v, _, passes, history = search.run(max_passes, None, progress)
+                              seed, strategy, False, max_passes)
+    v, _, passes, history = search.run(None, progress)
     v = v[0]
     stats = {"fooling_rate": fooling_rate(model_fn, x, v), "norm":
              float(ops.batch_norms(v[None], norm)[0]), "passes": passes, "eps": float(eps),

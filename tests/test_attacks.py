@@ -180,6 +180,7 @@ def test_mirrored_search_matches_default(model_fn, search_set):
     diff = np.abs(V1 - V2)
     assert diff.mean() < 0.01 * EPS, diff.mean()
     np.testing.assert_allclose(s1["success_rate"][2], s2["success_rate"][2], atol=0.03)
+    tf.keras.utils.set_random_seed(123)  # the search order does not depend on global seeds
     V3, _ = attacks.targeted_universal(model_fn, x, y, 10, EPS, **kw)
     np.testing.assert_array_equal(V1, V3)  # deterministic for a seed
 
