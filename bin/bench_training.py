@@ -24,8 +24,11 @@ flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
 flags.DEFINE_string("out", "results/bench_training.json", "Output JSON.")
 flags.DEFINE_string("work_dir", "", "Where runs are written (default: a temporary directory).")
 flags.DEFINE_integer("batch_size", 128, "Batch size of every method.")
-flags.DEFINE_integer("cost_steps", 30, "Steps per epoch of the cost runs (2 epochs each).")
+flags.DEFINE_integer("cost_steps", 30, "Steps per epoch of the cost runs, 2 epochs each "
+                     "(0: skip the cost part).")
 flags.DEFINE_integer("pgd_steps", 10, "PGD-AT steps.")
+flags.DEFINE_float("adv_eps", None, "FGSM-AT/PGD-AT radius (default: --fgsm_eps).")
+flags.DEFINE_list("robust_methods", ["rat", "pgd_at"], "Methods of the time-to-robustness part.")
 flags.DEFINE_string("init_from", "", "Pretrained mnist_cnn (.keras); default: train one.")
 flags.DEFINE_integer("pretrain_images", 12000, "Images of the 1-epoch pretraining.")
 flags.DEFINE_float("fgsm_eps", 0.2, "FGSM radius of the robustness target.")
@@ -44,13 +47,14 @@ def main(argv):
     del argv
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_training_")
     base = dict(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn", verbose=2,
-                batch_size=FLAGS.batch_size, pgd_steps=FLAGS.pgd_steps)
+                batch_size=FLAGS.batch_size, pgd_steps=FLAGS.pgd_steps,
+                adv_eps=FLAGS.adv_eps if FLAGS.adv_eps is not None else FLAGS.fgsm_eps)
     results = {"cost": {}, "time_to_robustness": {}}
 
     # 1. cost per example seen (V's values do not change the cost: zeros)
     zeros = attacks.save_perturbations(os.path.join(work, "zeros.npz"),
                                        np.zeros((10, 28, 28, 1), np.float32))
-    for name, kw in _COST_METHODS.items():
+    for name, kw in (_COST_METHODS.items() if FLAGS.cost_steps else ()):
         cfg = training.TrainConfig(**base, epochs=2, steps_per_epoch=FLAGS.cost_steps,
                                    train_subset=6000, model_dir=os.path.join(work, "cost_" + name),
                                    **kw)
@@ -58,7 +62,7 @@ def main(argv):
             cfg.perturbations_path = zeros
         m = training.train(cfg)
         results["cost"][name] = {"images_per_sec": m["images_per_sec_steady"]}
-    ref = results["cost"]["standard"]["images_per_sec"]
+    ref = results["cost"].get("standard", {}).get("images_per_sec")
     for r in results["cost"].values():
         r["cost_vs_standard"] = ref / r["images_per_sec"]
 
@@ -72,8 +76,10 @@ def main(argv):
         results["pretrained_test_accuracy"] = pre["test_accuracy"]
     x_test, y_test = data.load_arrays("mnist", "test", data_dir=FLAGS.data_dir)
     x_eval, y_eval = x_test[-FLAGS.eval_images:], y_test[-FLAGS.eval_images:]
-    for method, kw in (("rat", {"batch_size": 50, "search_passes": FLAGS.search_passes}),
-                       ("pgd_at", {"steps_per_epoch": 20})):
+    settings = {"rat": {"batch_size": 50, "search_passes": FLAGS.search_passes},
+                "pgd_at": {"steps_per_epoch": 20}, "fgsm_at": {"steps_per_epoch": 20}}
+    for method in FLAGS.robust_methods:
+        kw = settings[method]
         monitor = training.RobustnessMonitor(x_eval, y_eval, FLAGS.fgsm_eps, target=FLAGS.target,
                                              time_limit=FLAGS.time_cap)
         cfg = training.TrainConfig(**{**base, **kw}, method=method, init_from=init_from,
@@ -81,7 +87,7 @@ def main(argv):
                                    model_dir=os.path.join(work, "robust_" + method))
         m = training.train(cfg, callbacks=[monitor])
         reached = monitor.time_to_target is not None
-        results["time_to_robustness"][method] = {
+        results["time_to_robustness"][method] = {"settings": m["settings"],
             "reached": reached,
             "seconds": (monitor.time_to_target + m["search_seconds"]) if reached else None,
             "search_seconds": m["search_seconds"], "epochs": len(monitor.records),
