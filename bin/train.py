@@ -37,7 +37,7 @@ flags.DEFINE_integer("test_subset", 0, "First N test images for the final accura
 flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 # RAT
 flags.DEFINE_string("perturbations_path", "", "RAT: V from bin/perturb.py (.npz); empty: search.")
-flags.DEFINE_float("eps", None, "RAT: radius of V (default per dataset, MNIST 0.2).")
+flags.DEFINE_float("eps", None, "RAT: radius of V (default per dataset, MNIST 0.3).")
 flags.DEFINE_enum("norm", _D.norm, ["linf", "l2"], "Norm of V and of the AT attacks.")
 flags.DEFINE_enum("search_method", _D.search_method, training.SEARCH_METHODS, "RAT: V search.")
 flags.DEFINE_integer("search_passes", _D.search_passes, "RAT: max passes of the V search.")

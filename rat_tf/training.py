@@ -33,7 +33,7 @@ TARGET_MODES = ("one", "all")
 LR_SCHEDULES = ("constant", "cosine", "step")
 OPTIMIZERS = ("adam", "sgd", "momentum")
 SEARCH_METHODS = ("sgd", "batched", "reference")
-DEFAULT_EPS = {"mnist": 0.2, "fashion_mnist": 0.1, "cifar10": 8 / 255}  # radius of V (RAT)
+DEFAULT_EPS = {"mnist": 0.3, "fashion_mnist": 0.1, "cifar10": 8 / 255}  # radius of V (RAT)
 DEFAULT_ADV_EPS = {"mnist": 0.3, "fashion_mnist": 0.1, "cifar10": 8 / 255}  # FGSM-AT / PGD-AT
 DEFAULT_RAT_SUBSET = 1000
 FGSM_RS_ALPHA = 1.25  # Wong et al. (2020): FGSM step = 1.25 eps from a uniform random start
@@ -463,7 +463,7 @@ class TrainConfig:
     init_from: str = ""  # .keras classifier to fine-tune from
     # RAT
     perturbations_path: str = ""  # .npz from bin/perturb.py; empty: search at start
-    eps: float | None = None  # L-inf/L2 radius of V; None: dataset default (MNIST 0.2)
+    eps: float | None = None  # L-inf/L2 radius of V; None: dataset default (MNIST 0.3)
     norm: str = "linf"
     search_method: str = "sgd"
     search_passes: int = 10
