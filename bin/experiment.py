@@ -31,7 +31,7 @@ flags.DEFINE_integer("pretrain_subset", None, "(a) balanced training images, 0 =
 flags.DEFINE_integer("pretrain_epochs", None, "(a) epochs.")
 flags.DEFINE_integer("pretrain_batch_size", None, "(a) global batch size.")
 flags.DEFINE_float("pretrain_lr", None, "(a) learning rate.")
-flags.DEFINE_float("eps", None, "(b) radius of V (default per dataset, MNIST 0.2).")
+flags.DEFINE_float("eps", None, "(b) radius of V (default per dataset, MNIST 0.3).")
 flags.DEFINE_enum("norm", _D.norm, ["linf", "l2"], "(b) norm of V and of the AT attacks.")
 flags.DEFINE_enum("search_method", _D.search_method, ["sgd", "batched", "reference"],
                   "(b) V search method.")
@@ -40,13 +40,14 @@ flags.DEFINE_float("search_delta", _D.search_delta, "(b) stop a target at 1-delt
 flags.DEFINE_integer("finetune_subset", None, "(c,d) balanced fine-tuning images (default 1000).")
 flags.DEFINE_integer("finetune_epochs", None, "(c,d) epochs.")
 flags.DEFINE_integer("finetune_batch_size", None, "(c,d) global batch size.")
-flags.DEFINE_float("finetune_lr", _D.finetune_lr, "(c,d) learning rate (Adam).")
-flags.DEFINE_integer("refresh_every", _D.refresh_every,
-                     "(c) re-search V every N epochs (0: static).")
-flags.DEFINE_enum("targets_per_image", _D.targets_per_image, ["one", "all"],
-                  "(c) one random target per image, or all K-1.")
-flags.DEFINE_float("perturbed_fraction", _D.perturbed_fraction,
-                   "(c) weight of the perturbed examples in the RAT loss.")
+flags.DEFINE_float("finetune_lr", None, "(c,d) learning rate (Adam; default 5e-4).")
+flags.DEFINE_integer("refresh_every", None,
+                     "(c) re-search V every N epochs (0: static V, the paper; default from "
+                     "the budget preset: MNIST small/full refresh every epoch).")
+flags.DEFINE_enum("targets_per_image", None, ["one", "all"],
+                  "(c) one random target per image, or all K-1 (default one).")
+flags.DEFINE_float("perturbed_fraction", None,
+                   "(c) weight of the perturbed examples in the RAT loss (default 0.5).")
 flags.DEFINE_float("adv_eps", None, "(d) FGSM-AT / PGD-AT radius (default per dataset).")
 flags.DEFINE_integer("train_pgd_steps", None, "(d) PGD-AT steps.")
 flags.DEFINE_integer("n_test", None, "(e) test images evaluated (0 = all).")

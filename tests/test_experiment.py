@@ -50,7 +50,7 @@ def test_report_compares_all_models_on_held_out_images(run_dir):
         report = json.load(f)
     assert list(report) == list(MODELS)
     for name, r in report.items():
-        assert r["settings"]["n_test"] == 200 and r["settings"]["tup_eps"] == 0.2
+        assert r["settings"]["n_test"] == 200 and r["settings"]["tup_eps"] == 0.3
         assert 0.0 <= r["clean_accuracy"] <= 1.0 and r["model"].startswith("saved_model:")
         assert set(r["fgsm_accuracy"]) == {"0.05", "0.1", "0.2", "0.3"}
         assert r["tup_given"] is not None and len(r["tup_fresh"]["success_rate"]) == 10
@@ -61,8 +61,8 @@ def test_report_compares_all_models_on_held_out_images(run_dir):
     assert "## Training" in md
     # V carries the fingerprints of its search images: none of them is a test image
     v, meta = attacks.load_perturbations(os.path.join(out, "search", "perturbations.npz"))
-    assert v.shape == (10, 28, 28, 1) and np.max(np.abs(v)) <= 0.2 + 1e-6
-    assert len(meta[evaluation.FINGERPRINT_KEY]) == 200 and meta["eps"] == 0.2
+    assert v.shape == (10, 28, 28, 1) and np.max(np.abs(v)) <= 0.3 + 1e-6
+    assert len(meta[evaluation.FINGERPRINT_KEY]) == 200 and meta["eps"] == 0.3
 
 
 def test_finetuning_shares_start_model_subset_and_epochs(run_dir):
@@ -95,7 +95,7 @@ def test_resume_skips_done_stages_and_refuses_other_settings(run_dir, data_dir):
 def test_budget_presets_and_validation():
     small = experiment.ExperimentConfig(dataset="mnist", budget="small").resolved()
     assert small.finetune_subset == 1000 and small.model == "mnist_cnn"
-    assert small.eval_settings().tup_eps == small.eps == 0.2
+    assert small.eval_settings().tup_eps == small.eps == 0.3
     cifar = experiment.ExperimentConfig(dataset="cifar10", budget="small",
                                         finetune_epochs=2).resolved()
     assert cifar.model == "resnet20" and cifar.finetune_epochs == 2
