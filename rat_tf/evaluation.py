@@ -30,7 +30,7 @@ FINGERPRINT_KEY = "search_fingerprints"  # meta key of a perturbation file (see 
 # radius of rat_tf.training.DEFAULT_EPS, so "given" and "fresh" perturbations are comparable).
 _DEFAULTS = {
     "mnist": dict(fgsm_eps=(0.05, 0.1, 0.2, 0.3), pgd_eps=(0.1, 0.3), class_eps=0.1,
-                  tup_eps=0.2),
+                  tup_eps=0.3),
     "fashion_mnist": dict(fgsm_eps=(0.05, 0.1, 0.2, 0.3), pgd_eps=(0.1,), class_eps=0.1,
                           tup_eps=0.1),
     "cifar10": dict(fgsm_eps=(2 / 255, 4 / 255, 8 / 255), pgd_eps=(8 / 255,), class_eps=8 / 255,
@@ -54,7 +54,7 @@ class EvalSettings:
     pgd_restarts: int = 2
     pgd_step_size: float | None = None  # None: 2.5 * eps / steps (Madry et al.)
     class_eps: float = 0.1
-    tup_eps: float = 0.2
+    tup_eps: float = 0.3
     tup_norm: str = "linf"
     tup_method: str = "sgd"
     tup_passes: int = 10
