@@ -94,7 +94,7 @@ _CIFAR = {
                  finetune_batch_size=50, search_passes=2, train_pgd_steps=2, test_subset=500,
                  eval=dict(n_test=100, pgd_steps=3, pgd_restarts=2, tup_passes=1,
                            tup_n_per_class=5, tup_batch_size=50, uap_passes=1)),
-    "small": dict(model="resnet20", pretrain_subset=10000, pretrain_epochs=4,
+    "small": dict(model="resnet20", pretrain_subset=20000, pretrain_epochs=5,
                   pretrain_batch_size=128, finetune_subset=1000, finetune_epochs=5,
                   finetune_batch_size=50, search_passes=5, train_pgd_steps=5, test_subset=2000,
                   eval=dict(n_test=500, pgd_steps=10, pgd_restarts=2, tup_passes=3,
