@@ -37,6 +37,8 @@ flags.DEFINE_integer("eval_images", 1000, "Held-out test images for the FGSM acc
 flags.DEFINE_float("time_cap", 300.0, "Max training seconds per method (time to robustness).")
 flags.DEFINE_integer("max_epochs", 100, "Max epochs per method (time to robustness).")
 flags.DEFINE_integer("search_passes", 3, "RAT: passes of the V search.")
+flags.DEFINE_integer("rat_refresh_every", 1,
+                     "RAT: search V again every N epochs (0: static V, the paper's mode).")
 
 _COST_METHODS = {"standard": {}, "rat_one": {"method": "rat", "targets_per_image": "one"},
                  "rat_all": {"method": "rat", "targets_per_image": "all"},
@@ -76,7 +78,8 @@ def main(argv):
         results["pretrained_test_accuracy"] = pre["test_accuracy"]
     x_test, y_test = data.load_arrays("mnist", "test", data_dir=FLAGS.data_dir)
     x_eval, y_eval = x_test[-FLAGS.eval_images:], y_test[-FLAGS.eval_images:]
-    settings = {"rat": {"batch_size": 50, "search_passes": FLAGS.search_passes},
+    settings = {"rat": {"batch_size": 50, "search_passes": FLAGS.search_passes,
+                        "refresh_every": FLAGS.rat_refresh_every},
                 "pgd_at": {"steps_per_epoch": 20}, "fgsm_at": {"steps_per_epoch": 20}}
     for method in FLAGS.robust_methods:
         kw = settings[method]
