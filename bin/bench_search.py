@@ -11,8 +11,6 @@ Prints a table and writes JSON to --output.
 Example:  python bin/bench_search.py --output=results/bench_search.json
 """
 
-import json
-import os
 import time
 
 import keras
@@ -20,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from rat_tf import attacks, data, models
+from rat_tf import attacks, data, files, models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Folder with MNIST (default $RAT_DATA_DIR).")
@@ -163,10 +161,7 @@ def main(argv):
     if art_time is not None:
         result["art_mean_seconds_per_target"] = float(art_time)
     print("\n".join(lines))
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-        json.dump(result, f, indent=2)
-    logging.info("wrote %s", FLAGS.output)
+    logging.info("wrote %s", files.write_json(FLAGS.output, result))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@
    test accuracy.
 """
 
-import json
 import os
 import tempfile
 import time
@@ -19,7 +18,7 @@ import time
 import keras
 from absl import app, flags, logging
 
-from rat_tf import data, models, training
+from rat_tf import data, files, models, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
@@ -106,10 +105,7 @@ def main(argv):
     width = max(len(a) for a, _, _ in rows)
     table = "\n".join(f"{a:<{width}}  {b:>14}  {c}" for a, b, c in rows)
     print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(results, f, indent=2)
-    logging.info("wrote %s", FLAGS.out)
+    logging.info("wrote %s", files.write_json(FLAGS.out, results))
 
 
 if __name__ == "__main__":

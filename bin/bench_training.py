@@ -10,14 +10,13 @@
    at ``--time_cap`` seconds of training per method.
 """
 
-import json
 import os
 import tempfile
 
 import numpy as np
 from absl import app, flags, logging
 
-from rat_tf import attacks, data, training
+from rat_tf import attacks, data, files, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
@@ -107,10 +106,7 @@ def main(argv):
         when = f"{r['seconds']:.0f}s" if r["reached"] else "not reached"
         print(f"{method:<8} {when:>12}  after {r['epochs']} epochs, FGSM acc "
               f"{r['final_fgsm_accuracy']:.3f}, clean {r['clean_test_accuracy']:.4f}")
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(results, f, indent=2)
-    logging.info("wrote %s", FLAGS.out)
+    logging.info("wrote %s", files.write_json(FLAGS.out, results))
 
 
 if __name__ == "__main__":

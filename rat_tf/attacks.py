@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import ops
+from rat_tf import files, ops
 
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
 TU_METHODS = ("reference", "batched", "sgd")
@@ -586,16 +586,8 @@ def save_perturbations(path: str, V, **meta) -> str:
     if V.ndim not in (3, 4):
         raise ValueError(f"perturbations must be [H,W,C] or [K,H,W,C], got shape {V.shape}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, perturbations=V, meta=np.array(json.dumps(meta, default=_json_default)))
+    np.savez(path, perturbations=V, meta=np.array(json.dumps(meta, default=files.jsonable)))
     return path if path.endswith(".npz") else path + ".npz"
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"metadata value {o!r} is not JSON serializable")
 
 
 def load_perturbations(path: str) -> tuple[np.ndarray, dict]:

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import attacks, data, ops, plots
+from rat_tf import attacks, data, files, ops, plots
 
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
 FINGERPRINT_KEY = "search_fingerprints"  # meta key of a perturbation file (see fingerprints)
@@ -518,8 +518,7 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str,
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "report.json"),
              "markdown": os.path.join(out_dir, "report.md")}
-    with open(paths["json"], "w") as f:
-        json.dump({name: dict(r) for name, r in reports.items()}, f, indent=1)
+    files.write_json(paths["json"], {name: dict(r) for name, r in reports.items()}, indent=1)
     with open(paths["markdown"], "w") as f:
         f.write(report_markdown(reports, title) + extra_markdown)
     curves = {}

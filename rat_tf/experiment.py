@@ -59,7 +59,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import attacks, data, evaluation, export, plots, training
+from rat_tf import attacks, data, evaluation, export, files, plots, training
 
 BUDGETS = ("tiny", "small", "full")
 FINETUNE_METHODS = ("rat", "fgsm_at", "pgd_at", "standard")
@@ -242,22 +242,6 @@ def _training_part(config: ExperimentConfig) -> dict:
     return d
 
 
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer, np.bool_)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"{type(o).__name__} is not JSON serializable")
-
-
-def _write_json(path: str, obj: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_jsonable)
-    os.replace(tmp, path)
-
-
 def _read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -273,7 +257,7 @@ def _check_resume(config: ExperimentConfig, out: str) -> None:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(f"{out} holds an experiment with other training settings "
                              f"({', '.join(diff)}); use another output_dir or delete it")
-    _write_json(path, {"training": _training_part(config),
+    files.write_json(path, {"training": _training_part(config),
                        "config": dataclasses.asdict(config)})
 
 
@@ -310,7 +294,7 @@ def _search(config: ExperimentConfig, classifier_path: str, out_dir: str,
     rates = [r for r in stats["success_rate"] if r is not None]
     logging.info("V: mean targeted success %.3f on the %d search images after %d passes",
                  float(np.mean(rates)), len(xs), stats["passes"])
-    _write_json(os.path.join(out_dir, "search.json"),
+    files.write_json(os.path.join(out_dir, "search.json"),
                 {k: v for k, v in stats.items() if k != "history"} | {"images": len(xs)})
     plots.perturbation_grid(v, os.path.join(out_dir, "perturbations.png"),
                             titles=info.class_names, row_labels=["V"])
@@ -420,7 +404,7 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
                 path, x_test, y_test, x_search=x_train, y_search=y_train, perturbations=v_path,
                 settings=settings, class_names=info.class_names, name=name)
             timings[f"e_evaluate_{name}"] = round(time.time() - t0, 1)
-            _write_json(cache + ".json", dict(report))
+            files.write_json(cache + ".json", dict(report))
             np.savez_compressed(cache + ".npz", **report.arrays)
         else:
             timings[f"e_evaluate_{name}"] = "skipped (cached)"
@@ -445,7 +429,7 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
                            "fit_seconds": metrics[name]["fit_seconds"]}
                     for name, r in reports.items()},
     }
-    _write_json(os.path.join(out, "summary.json"), summary)
+    files.write_json(os.path.join(out, "summary.json"), summary)
     logging.info("experiment done in %.1fs; report: %s", summary["wall_seconds"],
                  paths["markdown"])
     return summary

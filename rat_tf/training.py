@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -25,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import attacks, distribute, models, ops
+from rat_tf import attacks, distribute, files, models, ops
 from rat_tf import data as data_lib
 
 METHODS = ("standard", "rat", "fgsm_at", "pgd_at")
@@ -580,36 +579,6 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> keras.optimizers.Op
     return keras.optimizers.SGD(lr)
 
 
-def _atomic_write(path: str, write: Callable[[str], None], suffix: str) -> None:
-    """Write through ``write(tmp_path)`` then ``os.replace`` so readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
-    _atomic_write(path, write, ".json")
-
-
-def _jsonable(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def read_history(path: str) -> dict[str, list[float]]:
     """Per-epoch history from a CSVLogger file (last row wins when an epoch was re-run)."""
     if not os.path.isfile(path):
@@ -823,13 +792,13 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
                  metrics["images_per_sec"] or 0.0, metrics["wall_seconds"])
     if chief:
         os.makedirs(model_dir, exist_ok=True)
-        _atomic_write(os.path.join(model_dir, "model.keras"), classifier.save, ".keras")
+        files.atomic_write(os.path.join(model_dir, "model.keras"), classifier.save, ".keras")
         if config.method == "rat":
             v = trainer.get_perturbations()
-            _atomic_write(os.path.join(model_dir, "perturbations.npz"),
+            files.atomic_write(os.path.join(model_dir, "perturbations.npz"),
                           lambda p: attacks.save_perturbations(p, v, eps=eps, norm=config.norm),
                           ".npz")
-        _write_json(os.path.join(model_dir, "metrics.json"), metrics)
+        files.write_json(os.path.join(model_dir, "metrics.json"), metrics)
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
     return metrics
