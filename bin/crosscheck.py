@@ -9,12 +9,10 @@ Prints a table (model, attack, eps, ART acc, rat_tf acc, difference), writes JSO
 --output, and exits with status 1 if a figure disagrees beyond the tolerance.
 """
 
-import json
-import os
 
 from absl import app, flags, logging
 
-from rat_tf import crosscheck, data, evaluation
+from rat_tf import crosscheck, data, evaluation, files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("saved_model", None, "name=path,... of SavedModels from bin/export.py.")
@@ -39,9 +37,8 @@ flags.mark_flags_as_required(["saved_model"])
 
 def main(argv):
     del argv
-    floats = lambda v: None if v is None else [float(e) for e in v]  # noqa: E731
-    settings = evaluation.EvalSettings.for_dataset(
-        FLAGS.dataset, fgsm_eps=floats(FLAGS.fgsm_eps), pgd_eps=floats(FLAGS.pgd_eps),
+    settings = evaluation.EvalSettings.for_dataset(  # radii lists are parsed by EvalSettings
+        FLAGS.dataset, fgsm_eps=FLAGS.fgsm_eps, pgd_eps=FLAGS.pgd_eps,
         pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
         pgd_step_size=FLAGS.pgd_step_size)
     x, y = data.load_arrays(FLAGS.dataset, "test", FLAGS.data_source, FLAGS.data_dir)
@@ -57,10 +54,8 @@ def main(argv):
             pgd_tol=FLAGS.pgd_tol, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
     print(crosscheck.format_table(results))
     if FLAGS.output:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-        with open(FLAGS.output, "w") as f:
-            json.dump({"dataset": FLAGS.dataset, "results": results}, f, indent=1)
-        logging.info("wrote %s", FLAGS.output)
+        logging.info("wrote %s", files.write_json(
+            FLAGS.output, {"dataset": FLAGS.dataset, "results": results}, indent=1))
     bad = [name for name, r in results.items() if not r["ok"]]
     if bad:
         logging.error("ART and rat_tf disagree beyond tolerance for %s", ", ".join(bad))

@@ -40,9 +40,8 @@ flags.mark_flags_as_required(["models", "output_dir"])
 
 def main(argv):
     del argv
-    floats = lambda v: None if v is None else [float(e) for e in v]  # noqa: E731
-    settings = evaluation.EvalSettings.for_dataset(
-        FLAGS.dataset, fgsm_eps=floats(FLAGS.fgsm_eps), pgd_eps=floats(FLAGS.pgd_eps),
+    settings = evaluation.EvalSettings.for_dataset(  # radii lists are parsed by EvalSettings
+        FLAGS.dataset, fgsm_eps=FLAGS.fgsm_eps, pgd_eps=FLAGS.pgd_eps,
         pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
         pgd_step_size=FLAGS.pgd_step_size, class_eps=FLAGS.class_eps, tup_eps=FLAGS.tup_eps,
         tup_norm=FLAGS.tup_norm, tup_method=FLAGS.tup_method, tup_passes=FLAGS.tup_passes,
