@@ -46,7 +46,11 @@ flags.DEFINE_integer("refresh_every", 0, "RAT: search V again every N epochs (0:
 flags.DEFINE_enum("targets_per_image", _D.targets_per_image, training.TARGET_MODES,
                   "RAT: one random target per image, or all K-1.")
 flags.DEFINE_float("perturbed_fraction", _D.perturbed_fraction,
-                   "RAT: weight of the perturbed examples in the loss.")
+                   "RAT: weight of the perturbed examples in the loss (append), or the "
+                   "probability that an image is swapped for its perturbed copy (replace).")
+flags.DEFINE_enum("batch_mode", _D.batch_mode, training.BATCH_MODES,
+                  "RAT: append the perturbed copies to the clean batch, or replace images by "
+                  "them (the cost of a standard step).")
 # FGSM-AT / PGD-AT
 flags.DEFINE_float("adv_eps", None, "FGSM-AT/PGD-AT radius (default per dataset, MNIST 0.3).")
 flags.DEFINE_integer("pgd_steps", _D.pgd_steps, "PGD-AT steps.")
@@ -75,7 +79,7 @@ def main(argv):
         search_method=FLAGS.search_method, search_passes=FLAGS.search_passes,
         search_delta=FLAGS.search_delta, refresh_every=FLAGS.refresh_every,
         targets_per_image=FLAGS.targets_per_image, perturbed_fraction=FLAGS.perturbed_fraction,
-        adv_eps=FLAGS.adv_eps, pgd_steps=FLAGS.pgd_steps, pgd_step_size=FLAGS.pgd_step_size,
+        batch_mode=FLAGS.batch_mode, adv_eps=FLAGS.adv_eps, pgd_steps=FLAGS.pgd_steps, pgd_step_size=FLAGS.pgd_step_size,
         precision=FLAGS.precision, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose)
     metrics = training.train(config, strategy)
     summary = {k: metrics[k] for k in ("test_accuracy", "images_per_sec", "wall_seconds",

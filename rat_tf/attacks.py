@@ -81,13 +81,25 @@ def _bcast(mask: tf.Tensor, rank: int) -> tf.Tensor:
 
 
 # ----------------------------------------------------------------------------- FGSM / PGD
+def _start(x: tf.Tensor, eps, norm: str, seed, init: tf.Tensor | None) -> tf.Tensor:
+    """A random start in the ball: ``init`` (checked, projected) or a fresh uniform draw."""
+    if init is None:
+        return ops.random_in_ball(tf.shape(x), eps, norm, seed, x.dtype)
+    init = tf.convert_to_tensor(init, x.dtype)
+    if init.shape.is_fully_defined() and x.shape.is_fully_defined() and init.shape != x.shape:
+        raise ValueError(f"init must have the shape of x {x.shape}, got {init.shape}")
+    return ops.project(init, eps, norm)
+
+
 def fgsm(model_fn: ModelFn, x, y, eps, norm: str = "linf", targeted: bool = False,
-         rand_init: bool = False, seed: int | None = None, step_size=None) -> tf.Tensor:
+         rand_init: bool = False, seed: int | None = None, step_size=None,
+         init: tf.Tensor | None = None) -> tf.Tensor:
     """Fast gradient (sign) method: one step of size ``eps`` (FGSM-RS with ``rand_init``).
 
     ``y``: true labels (untargeted; None uses the model's predictions) or targets. With
-    ``rand_init`` (Wong et al. 2020) the start is uniform in the ball and the step defaults to
-    1.25 * eps, then projected back to the ball. Returns x_adv in [0, 1] (gradient stopped).
+    ``rand_init`` (Wong et al. 2020) the start is uniform in the ball (or ``init``, a start
+    perturbation drawn by the caller) and the step defaults to 1.25 * eps, then projected back
+    to the ball. Returns x_adv in [0, 1] (gradient stopped).
     """
     ops.check_norm(norm)
     ops.check_radius(eps)
@@ -96,8 +108,7 @@ def fgsm(model_fn: ModelFn, x, y, eps, norm: str = "linf", targeted: bool = Fals
     y = _labels(model_fn, x, y)
     if step_size is None:
         step_size = 1.25 * eps if rand_init else eps
-    delta = (ops.random_in_ball(tf.shape(x), eps, norm, seed, x.dtype) if rand_init
-             else tf.zeros_like(x))
+    delta = (_start(x, eps, norm, seed, init) if rand_init else tf.zeros_like(x))
     x0 = ops.apply_perturbation(x, delta)
     g = _ascent_grad(model_fn, x0, y, targeted)
     step = tf.cast(step_size, x.dtype) * ops.normalized_step(g, norm)
@@ -107,12 +118,14 @@ def fgsm(model_fn: ModelFn, x, y, eps, norm: str = "linf", targeted: bool = Fals
 
 def pgd(model_fn: ModelFn, x, y, eps, step_size=None, steps: int = 40, norm: str = "linf",
         targeted: bool = False, rand_init: bool = True, restarts: int = 1,
-        seed: int | None = None) -> tf.Tensor:
+        seed: int | None = None, init: tf.Tensor | None = None) -> tf.Tensor:
     """Projected gradient descent (Madry et al. 2018), keeping the worst case over restarts.
 
     Per example, a restart replaces the current worst case if it succeeds where that one did
     not, or succeeds equally and has a higher loss (lower, toward the target, if targeted).
-    ``step_size`` defaults to 2.5 * eps / steps. Returns x_adv in [0, 1] (gradient stopped).
+    ``step_size`` defaults to 2.5 * eps / steps. ``init``: the random start of the first
+    restart, drawn by the caller (e.g. for the whole global batch of a distributed step).
+    Returns x_adv in [0, 1] (gradient stopped).
     """
     ops.check_norm(norm)
     ops.check_radius(eps)
@@ -135,7 +148,7 @@ def pgd(model_fn: ModelFn, x, y, eps, step_size=None, steps: int = 40, norm: str
     for r in range(restarts):
         if rand_init:
             rseed = None if seed is None else tf.constant([int(seed), r], tf.int64)
-            delta = ops.random_in_ball(tf.shape(x), eps, norm, rseed, x.dtype)
+            delta = _start(x, eps, norm, rseed, init if r == 0 else None)
         else:
             delta = tf.zeros_like(x)
         _, delta = tf.while_loop(lambda i, d: i < steps, body, [tf.constant(0), delta])
@@ -244,39 +257,40 @@ def _padded_dataset(x: np.ndarray, y: np.ndarray, global_batch: int, passes: int
     return ds.with_options(opts), npad // global_batch
 
 
-class _UniversalSearch:
-    """Compiled passes of a universal-perturbation search for P perturbations at once.
+class UniversalSearch:
+    """A compiled, reusable universal-perturbation search for P perturbations at once.
 
-    ``labels[p]`` is the class perturbation p pushes toward (``targeted``) or the row uses the
-    image label to push away from (untargeted, P == 1). Update rules: ``sgd`` (projected
-    sign/normalized gradient step on the summed CE) and ``batched`` (mean of the per-image
-    targeted inner attacks of the not-yet-fooled images; with batch 1 this is the reference).
+    ``labels[p]`` is the class perturbation p pushes toward (targeted) or, with ``labels=None``,
+    the single row (P == 1) pushes every image away from its own label (untargeted). Update
+    rules: ``sgd`` (projected sign/normalized gradient step on the summed CE) and ``batched``
+    (mean of the per-image targeted inner attacks of the not-yet-fooled images; with batch 1
+    this is the reference). Build it once and call :meth:`run` many times (RAT's refresh mode
+    does): the pass is traced once per search set size, never again between passes or calls.
+    Success counts for the stop rule come from the forward pass the update already makes (the
+    rate of each batch at the V it saw), so a pass costs no extra evaluation; the returned rate
+    is measured exactly once at the end.
     """
 
-    def __init__(self, model_fn: ModelFn, x: np.ndarray, y: np.ndarray, labels: list[int] | None,
-                 eps: float, norm: str, method: str, step_size: float, inner_steps: int,
-                 batch_size: int, seed: int, strategy: tf.distribute.Strategy,
-                 jit_compile: bool, max_passes: int):
+    def __init__(self, model_fn: ModelFn, image_shape: Sequence[int], labels: list[int] | None,
+                 eps: float, norm: str = "linf", method: str = "sgd",
+                 step_size: float | None = None, inner_steps: int = 10, batch_size: int = 128,
+                 strategy: tf.distribute.Strategy | None = None, jit_compile: bool = False):
         self.model_fn, self.eps, self.norm, self.method = model_fn, eps, norm, method
-        self.strategy = strategy
+        self.strategy = strategy = strategy or tf.distribute.get_strategy()
         self.targeted = labels is not None
         self.num = len(labels) if self.targeted else 1
-        self.shape = tuple(x.shape[1:])
+        self.shape = tuple(int(d) for d in image_shape)
         self.labels = tf.constant(labels if self.targeted else [0], tf.int32)
-        self.step_size = float(step_size)
+        self.step_size = float(_default_step(eps, norm, method) if step_size is None
+                               else step_size)
         self.inner_steps = inner_steps
         replicas = strategy.num_replicas_in_sync
-        gb = -(-batch_size // replicas) * replicas
-        self.train_ds, self.train_steps = _padded_dataset(x, y, gb, max_passes, seed)
-        self.eval_ds, self.eval_steps = _padded_dataset(x, y, gb, max_passes, None)
-        self.max_passes = max_passes
+        self.global_batch = -(-batch_size // replicas) * replicas
         with strategy.scope():
             self.v = tf.Variable(tf.zeros((self.num,) + self.shape), trainable=False,
                                  name="universal_perturbations",
                                  synchronization=tf.VariableSynchronization.ON_WRITE,
                                  aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self.train_iter = iter(strategy.experimental_distribute_dataset(self.train_ds))
-        self.eval_iter = iter(strategy.experimental_distribute_dataset(self.eval_ds))
         local = self._local_sgd if method == "sgd" else self._local_batched
         self._local = tf.function(local, jit_compile=True) if jit_compile else local
         self._run_pass = tf.function(self._pass)
@@ -300,22 +314,35 @@ class _UniversalSearch:
             return tf.tile(self.labels[:, None], [1, tf.shape(yb)[0]])
         return yb[None]
 
+    def _hits(self, logits, yb, w):
+        """[P] weighted count of images whose perturbed copy succeeds (hits the target / flips)."""
+        pred = tf.reshape(tf.argmax(logits, -1, output_type=tf.int32), tf.shape(w))
+        hit = tf.equal(pred, self._row_labels(yb))
+        if not self.targeted:
+            hit = ~hit
+        return tf.reduce_sum(w * tf.cast(hit, tf.float32), 1)
+
     def _local_sgd(self, v, xb, yb, mb):
-        """Summed gradient of the weighted CE w.r.t. V, and its weight per row."""
+        """Summed gradient of the weighted CE w.r.t. V, its weight per row and the hits at V."""
         w = self._weights(yb, mb)
         with tf.GradientTape() as tape:
             tape.watch(v)
             logits = self.model_fn(self._tiled(v, xb))
             ce = tf.reshape(_xent(tf.reshape(self._row_labels(yb), [-1]), logits), tf.shape(w))
             loss = tf.reduce_sum(w * ce)
-        return tape.gradient(loss, v), tf.reduce_sum(w, axis=1)
+        return (tape.gradient(loss, v), tf.reduce_sum(w, axis=1),
+                self._hits(logits, yb, w), tf.reduce_sum(w, axis=1))
 
     def _local_batched(self, v, xb, yb, mb):
-        """Summed inner-attack increments of the not-yet-fooled images, and their count."""
+        """Summed inner-attack increments of the not-yet-fooled images, their count, the hits
+        at V and the weight per row."""
         rows = tf.reshape(self._row_labels(yb), [-1])
         x0 = self._tiled(v, xb)
+        w = self._weights(yb, mb)
         pred = tf.argmax(self.model_fn(x0), -1, output_type=tf.int32)
-        need = tf.reshape(self._weights(yb, mb), [-1]) * tf.cast(pred != rows, tf.float32)
+        fooled = tf.cast(pred == rows, tf.float32)
+        need = tf.reshape(w, [-1]) * (1.0 - fooled)
+        hits = tf.reduce_sum(w * tf.reshape(fooled, tf.shape(w)), 1)
         alpha = tf.constant(self.step_size, tf.float32)
         rank = len(self.shape) + 1
 
@@ -331,13 +358,14 @@ class _UniversalSearch:
 
         _, xa, _ = tf.while_loop(cond, body, [tf.constant(0), x0, need])
         d = tf.reshape((xa - x0) * _bcast(need, rank), (self.num, -1) + self.shape)
-        return tf.reduce_sum(d, axis=1), tf.reduce_sum(tf.reshape(need, [self.num, -1]), 1)
+        return (tf.reduce_sum(d, axis=1), tf.reduce_sum(tf.reshape(need, [self.num, -1]), 1),
+                hits, tf.reduce_sum(w, axis=1))
 
     def _replica_step(self, batch, active, lr):
         xb, yb, mb = batch
         ctx = tf.distribute.get_replica_context()
         v = tf.convert_to_tensor(self.v)
-        total, count = self._local(v, xb, yb, mb)
+        total, count, hits, weight = self._local(v, xb, yb, mb)
         total, count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [total, count])
         if self.method == "sgd":
             direction = ops.normalized_step(total, self.norm)
@@ -346,55 +374,71 @@ class _UniversalSearch:
             new = v + total / _bcast(tf.maximum(count, 1.0), rank=len(self.shape) + 1)
         new = ops.project(new, self.eps, self.norm)
         self.v.assign(tf.where(_bcast(active, len(self.shape) + 1), new, v))
+        return hits, weight
 
-    def _pass(self, active, lr):
-        for _ in tf.range(self.train_steps):
-            self.strategy.run(self._replica_step, args=(next(self.train_iter), active, lr))
+    def _sum(self, per_replica):
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def _pass(self, iterator, steps, active, lr):
+        """One pass of updates; returns the [P] hits and weights seen along the way."""
+        hits, total = tf.zeros([self.num]), tf.zeros([self.num])
+        for _ in tf.range(steps):
+            h, n = self.strategy.run(self._replica_step, args=(next(iterator), active, lr))
+            hits += self._sum(h)
+            total += self._sum(n)
+        return hits, total
 
     def _replica_eval(self, batch):
         xb, yb, mb = batch
-        v = tf.convert_to_tensor(self.v)
         w = self._weights(yb, mb)
-        pred = tf.reshape(tf.argmax(self.model_fn(self._tiled(v, xb)), -1, output_type=tf.int32),
-                          tf.shape(w))
-        hit = tf.equal(pred, self._row_labels(yb))
-        if not self.targeted:
-            hit = ~hit
-        return tf.reduce_sum(w * tf.cast(hit, tf.float32), 1), tf.reduce_sum(w, 1)
+        return self._hits(self.model_fn(self._tiled(tf.convert_to_tensor(self.v), xb)), yb, w), \
+            tf.reduce_sum(w, 1)
 
-    def _eval(self):
-        hits = tf.zeros([self.num])
-        total = tf.zeros([self.num])
-        for _ in tf.range(self.eval_steps):
-            h, n = self.strategy.run(self._replica_eval, args=(next(self.eval_iter),))
-            hits += self.strategy.reduce(tf.distribute.ReduceOp.SUM, h, axis=None)
-            total += self.strategy.reduce(tf.distribute.ReduceOp.SUM, n, axis=None)
+    def _eval(self, iterator, steps):
+        hits, total = tf.zeros([self.num]), tf.zeros([self.num])
+        for _ in tf.range(steps):
+            h, n = self.strategy.run(self._replica_eval, args=(next(iterator),))
+            hits += self._sum(h)
+            total += self._sum(n)
         return hits / tf.maximum(total, 1.0)
+
+    def _iterator(self, x, y, passes, seed):
+        ds, steps = _padded_dataset(x, y, self.global_batch, passes, seed)
+        return iter(self.strategy.experimental_distribute_dataset(ds)), tf.constant(steps)
 
     # -- driver -------------------------------------------------------------------------
     def traces(self) -> int:
         """How many times the pass function was traced (1 = no retracing)."""
         return int(self._run_pass.experimental_get_tracing_count())
 
-    def run(self, delta: float | None, progress: bool):
-        """Run passes until every row reaches 1 - delta (if given) or ``max_passes``."""
-        max_passes = self.max_passes
+    def run(self, x: np.ndarray, y: np.ndarray, *, max_passes: int = 10,
+            delta: float | None = 0.2, seed: int = 0, progress: bool = False):
+        """Search from V = 0 on (x, y) until every row reaches 1 - delta or ``max_passes``.
+
+        Returns (V [P,H,W,C] within the bound, exact final rate [P] on x, passes, history of
+        the per-pass running rates).
+        """
+        self.v.assign(tf.zeros_like(self.v))
+        train_iter, steps = self._iterator(x, y, max_passes, seed)
         active = np.ones(self.num, bool)
         bar = keras.utils.Progbar(max_passes, unit_name="pass") if progress else None
-        history, rate, passes = [], np.zeros(self.num), 0
+        history, passes = [], 0
+        lr = tf.constant(self.step_size, tf.float32)
         for passes in range(1, max_passes + 1):
-            self._run_pass(tf.constant(active), tf.constant(self.step_size, tf.float32))
-            rate = self._run_eval().numpy()
-            history.append(rate.tolist())
+            hits, total = self._run_pass(train_iter, steps, tf.constant(active), lr)
+            running = hits.numpy() / np.maximum(total.numpy(), 1.0)
+            history.append(running.tolist())
             if delta is not None:
-                active &= rate < 1.0 - delta
+                active &= running < 1.0 - delta
             if bar is not None:
-                bar.update(passes, [("success", float(rate.mean())),
+                bar.update(passes, [("success", float(running.mean())),
                                     ("active", float(active.sum()))])
-            logging.info("universal search pass %d: mean rate %.4f, %d rows active", passes,
-                         rate.mean(), active.sum())
+            logging.info("universal search pass %d: running rate %.4f, %d rows active", passes,
+                         running.mean(), active.sum())
             if not active.any():
                 break
+        eval_iter, eval_steps = self._iterator(x, y, 1, None)
+        rate = self._run_eval(eval_iter, eval_steps).numpy()
         return enforce_bound(self.v.numpy(), self.eps, self.norm), rate, passes, history
 
 
@@ -407,17 +451,20 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
                        delta: float = 0.2, max_passes: int = 10, step_size: float | None = None,
                        batch_size: int = 128, seed: int = 0,
                        strategy: tf.distribute.Strategy | None = None, progress: bool = False,
-                       inner_steps: int = 10, jit_compile: bool = False
-                       ) -> tuple[np.ndarray, dict]:
+                       inner_steps: int = 10, jit_compile: bool = False,
+                       cache: dict | None = None) -> tuple[np.ndarray, dict]:
     """Search targeted universal perturbations V [K,H,W,C] for all ``targets`` at once.
 
     Methods: ``sgd`` (default, fast: projected sign-SGD on the mean targeted CE, step
     ``step_size`` = eps/10 by default), ``batched`` (mean of per-image targeted FGSM increments,
     ``inner_steps`` steps of ``step_size`` = eps/5 stopping once the class is t, over the
     not-yet-fooled images of a batch) and ``reference`` (the same rule one image at a time, the
-    paper's loop; runs on one device). A target stops once its success on ``x`` reaches
-    1 - delta. Rows of targets not searched are zero. Returns (V float32 numpy, stats) with
-    stats ``success_rate`` (list[K], None where not searched), ``norm``, ``passes``, ...
+    paper's loop; runs on one device). A target stops once its success during a pass on ``x``
+    reaches 1 - delta. Rows of targets not searched are zero. Returns (V float32 numpy, stats)
+    with stats ``success_rate`` (list[K], exact on ``x`` at the end; None where not searched),
+    ``norm``, ``passes``, ... ``cache``: a dict owned by the caller in which the compiled
+    :class:`UniversalSearch` is kept and reused by later calls with the same settings (no
+    tracing again, e.g. when V is refreshed every epoch).
     """
     if method not in TU_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {TU_METHODS}")
@@ -449,9 +496,17 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
             raise ValueError("method 'reference' is sequential (one image at a time); call it "
                              "outside a multi-replica strategy scope, or use 'batched'")
     start = time.perf_counter()
-    search = _UniversalSearch(model_fn, x, y, targets, eps, norm, method, step_size, inner_steps,
-                              batch_size, seed, strategy, jit_compile, max_passes)
-    v, rate, passes, history = search.run(delta, progress)
+    key = (model_fn, tuple(x.shape[1:]), tuple(targets), float(eps), norm, method,
+           float(step_size), inner_steps, batch_size, strategy, jit_compile)
+    search = cache.get(key) if cache is not None else None
+    if search is None:
+        search = UniversalSearch(model_fn, x.shape[1:], targets, eps, norm, method, step_size,
+                                 inner_steps, batch_size, strategy, jit_compile)
+        if cache is not None:
+            cache.clear()  # keep one compiled search (and its model) alive, not every one
+            cache[key] = search
+    v, rate, passes, history = search.run(x, y, max_passes=max_passes, delta=delta, seed=seed,
+                                          progress=progress)
     full = np.zeros((num_classes,) + x.shape[1:], np.float32)
     full[targets] = v
     norms = np.asarray(ops.batch_norms(full, norm), np.float64)
@@ -494,9 +549,10 @@ def untargeted_universal(model_fn: ModelFn, x, y, eps: float, norm: str = "linf"
         y = _predict(model_fn, x, 500)
     strategy = strategy or tf.distribute.get_strategy()
     start = time.perf_counter()
-    search = _UniversalSearch(model_fn, x, y, None, eps, norm, "sgd", step_size, 1, batch_size,
-                              seed, strategy, False, max_passes)
-    v, _, passes, history = search.run(None, progress)
+    search = UniversalSearch(model_fn, x.shape[1:], None, eps, norm, "sgd", step_size, 1,
+                             batch_size, strategy)
+    v, _, passes, history = search.run(x, y, max_passes=max_passes, delta=None, seed=seed,
+                                       progress=progress)
     v = v[0]
     stats = {"fooling_rate": fooling_rate(model_fn, x, v), "norm":
              float(ops.batch_norms(v[None], norm)[0]), "passes": passes, "eps": float(eps),
@@ -599,6 +655,6 @@ def load_perturbations(path: str) -> tuple[np.ndarray, dict]:
         return f["perturbations"].astype(np.float32), meta
 
 
-__all__ = ["fgsm", "pgd", "targeted_universal", "untargeted_universal", "targeted_success_rate",
+__all__ = ["fgsm", "pgd", "UniversalSearch", "targeted_universal", "untargeted_universal", "targeted_success_rate",
            "fooling_rate", "save_perturbations", "load_perturbations", "enforce_bound",
            "TU_METHODS"]

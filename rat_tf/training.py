@@ -29,6 +29,7 @@ from rat_tf import data as data_lib
 
 METHODS = ("standard", "rat", "fgsm_at", "pgd_at")
 TARGET_MODES = ("one", "all")
+BATCH_MODES = ("append", "replace")
 LR_SCHEDULES = ("constant", "cosine", "step")
 OPTIMIZERS = ("adam", "sgd", "momentum")
 SEARCH_METHODS = ("sgd", "batched", "reference")
@@ -96,6 +97,24 @@ class StandardModel(keras.Model):
         with self.distribute_strategy.scope():
             self._symbolic_build(data_batch=batch)
 
+    def _global_draw(self, salt: int, shape: tf.Tensor,
+                     draw: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]) -> tf.Tensor:
+        """This replica's slice of ``draw(global_shape, seed)``, drawn for the whole global batch.
+
+        ``shape`` is the local batch shape. The stateless seed is (seed, step) folded with
+        ``salt``, so random choices depend neither on how a batch is split over replicas and
+        workers nor on global RNG state: runs match across strategies.
+        """
+        ctx = tf.distribute.get_replica_context()
+        replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+        n = shape[0]
+        seed = tf.stack([tf.constant(self.seed, tf.int64),
+                         tf.cast(self.optimizer.iterations, tf.int64)])
+        if salt:
+            seed = tf.random.experimental.stateless_fold_in(seed, salt)
+        full = draw(tf.concat([[n * _replicas()], shape[1:]], 0), seed)
+        return full[replica * n:(replica + 1) * n]
+
     def _fit_on(self, x: tf.Tensor, y: tf.Tensor, sample_weight: tf.Tensor | None = None
                 ) -> tf.Tensor:
         """One optimizer step on (x, y); returns the logits (training mode)."""
@@ -155,25 +174,33 @@ class RATModel(StandardModel):
     ``perturbations`` V [K,H,W,C] is a non-trainable variable (checkpointed, identical on all
     replicas). Each step every image gets one random target t != label
     (``targets_per_image="one"``) or all K-1 targets (``"all"``); perturbed copies keep the
-    TRUE label. The loss is ``(1 - perturbed_fraction) * CE(clean) + perturbed_fraction *
-    CE(perturbed)``. V stays fixed (static, the paper) unless a :class:`RefreshPerturbations`
-    callback searches it again.
+    TRUE label. ``batch_mode="append"`` trains on the clean batch plus its perturbed copies with
+    the loss ``(1 - perturbed_fraction) * CE(clean) + perturbed_fraction * CE(perturbed)``;
+    ``"replace"`` (one target per image) swaps each image for its perturbed copy with
+    probability ``perturbed_fraction``, so a step costs what a standard step costs. V stays
+    fixed (static, the paper) unless a :class:`RefreshPerturbations` callback searches it again.
     """
 
     method = "rat"
 
     def __init__(self, classifier: keras.Model, perturbations: np.ndarray | None = None, *,
                  targets_per_image: str = "one", perturbed_fraction: float = 0.5,
-                 seed: int = 0, name: str | None = None):
+                 batch_mode: str = "append", seed: int = 0, name: str | None = None):
         super().__init__(classifier, seed=seed, name=name)
         if targets_per_image not in TARGET_MODES:
             raise ValueError(f"targets_per_image must be one of {TARGET_MODES}, got "
                              f"{targets_per_image!r}")
+        if batch_mode not in BATCH_MODES:
+            raise ValueError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
+        if batch_mode == "replace" and targets_per_image != "one":
+            raise ValueError("batch_mode 'replace' swaps an image for ONE perturbed copy: use "
+                             "targets_per_image='one'")
         if not 0.0 <= float(perturbed_fraction) <= 1.0:
             raise ValueError(f"perturbed_fraction must be in [0, 1], got {perturbed_fraction}")
         if self.num_classes < 2:
             raise ValueError("RAT needs a classifier with at least 2 classes")
         self.targets_per_image = targets_per_image
+        self.batch_mode = batch_mode
         self.perturbed_fraction = float(perturbed_fraction)
         self.perturbations = self.add_weight(
             name="perturbations", shape=(self.num_classes, *self.image_shape),
@@ -202,16 +229,9 @@ class RATModel(StandardModel):
         k = self.num_classes
         v = tf.convert_to_tensor(self.perturbations)
         if self.targets_per_image == "one":
-            # Draw for the whole global batch and take this replica's slice, so the targets
-            # do not depend on how the batch is split over replicas and workers.
-            ctx = tf.distribute.get_replica_context()
-            replica = ctx.replica_id_in_sync_group if ctx is not None else 0
-            n = tf.shape(y)[0]
-            seed = tf.stack([tf.constant(self.seed, tf.int64),
-                             tf.cast(self.optimizer.iterations, tf.int64)])
-            offset = tf.random.stateless_uniform([n * _replicas()], seed, minval=1, maxval=k,
-                                                 dtype=tf.int32)
-            targets = (y + offset[replica * n:(replica + 1) * n]) % k
+            offset = self._global_draw(0, tf.shape(y), lambda shape, seed: (
+                tf.random.stateless_uniform(shape, seed, minval=1, maxval=k, dtype=tf.int32)))
+            targets = (y + offset) % k
             return ops.apply_perturbation(x, tf.gather(v, targets)), y
         targets = (y[:, None] + tf.range(1, k, dtype=y.dtype)[None, :]) % k  # [B, K-1]
         x_p = ops.apply_perturbation(x[:, None], tf.gather(v, targets))  # [B, K-1, H, W, C]
@@ -224,6 +244,15 @@ class RATModel(StandardModel):
         if f == 0.0:
             return super().train_step(data)
         x_p, y_p = self.perturbed_batch(x, y)
+        if self.batch_mode == "replace":
+            swap = self._global_draw(1, tf.shape(y), lambda shape, seed: (
+                tf.random.stateless_uniform(shape, seed))) < f
+            logits = self._fit_on(tf.where(swap[:, None, None, None], tf.cast(x_p, x.dtype), x),
+                                  y)
+            swapped = tf.cast(swap, tf.float32)
+            self.accuracy_metric.update_state(y, logits, sample_weight=1.0 - swapped)
+            self.perturbed_accuracy.update_state(y, logits, sample_weight=swapped)
+            return self._results(self.accuracy_metric, self.perturbed_accuracy)
         n_clean, n_pert = tf.shape(x)[0], tf.shape(x_p)[0]
         n_all = tf.cast(n_clean + n_pert, tf.float32)
         weights = tf.concat([
@@ -237,7 +266,7 @@ class RATModel(StandardModel):
 
     def settings(self) -> dict:
         return {**super().settings(), "targets_per_image": self.targets_per_image,
-                "perturbed_fraction": self.perturbed_fraction}
+                "perturbed_fraction": self.perturbed_fraction, "batch_mode": self.batch_mode}
 
 
 class AdversarialTrainingModel(StandardModel):
@@ -245,7 +274,9 @@ class AdversarialTrainingModel(StandardModel):
 
     Each step replaces the batch by adversarial examples computed against the current
     weights (``attacks.fgsm`` from a uniform random start with step 1.25 eps, or
-    ``attacks.pgd`` from a random start) and trains on them with their true labels.
+    ``attacks.pgd`` from a random start) and trains on them with their true labels. The random
+    starts are drawn per step from the seed for the global batch, so runs are reproducible and
+    match across strategies.
     """
 
     def __init__(self, classifier: keras.Model, method: str = "pgd_at", *, eps: float = 0.3,
@@ -275,12 +306,15 @@ class AdversarialTrainingModel(StandardModel):
     def adversarial_batch(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """Adversarial examples of (x, y) against the current weights (inference mode)."""
         model_fn = lambda z: self.classifier(z, training=False)  # noqa: E731
+        start = self._global_draw(2, tf.shape(x), lambda shape, seed: ops.random_in_ball(
+            shape, self.eps, self.norm, seed, x.dtype))
         if self.method == "fgsm_at":
             x_adv = attacks.fgsm(model_fn, x, y, self.eps, norm=self.norm, rand_init=True,
-                                 step_size=self.step_size)
+                                 step_size=self.step_size, init=start)
         else:
             x_adv = attacks.pgd(model_fn, x, y, self.eps, step_size=self.step_size,
-                                steps=self.steps, norm=self.norm, rand_init=True, restarts=1)
+                                steps=self.steps, norm=self.norm, rand_init=True, restarts=1,
+                                init=start)
         return tf.stop_gradient(tf.cast(x_adv, x.dtype))
 
     def train_step(self, data):
@@ -327,6 +361,7 @@ class RefreshPerturbations(keras.callbacks.Callback):
                            delta=delta, step_size=step_size, batch_size=batch_size)
         self.seed = seed
         self.history: list[dict] = []
+        self._cache: dict = {}  # the compiled search, traced once and reused every refresh
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if (epoch + 1) % self.every:
@@ -336,7 +371,8 @@ class RefreshPerturbations(keras.callbacks.Callback):
         start = time.time()
         v, stats = attacks.targeted_universal(
             self.model.classifier, self.x, self.y, self.model.num_classes,
-            seed=self.seed + epoch + 1, strategy=self.model.distribute_strategy, **self.kwargs)
+            seed=self.seed + epoch + 1, strategy=self.model.distribute_strategy,
+            cache=self._cache, **self.kwargs)
         self.model.set_perturbations(v)
         rate = _mean_rate(stats)
         self.history.append({"epoch": epoch + 1, "success_rate": rate,
@@ -470,6 +506,7 @@ class TrainConfig:
     refresh_every: int = 0  # 0: static V (the paper)
     targets_per_image: str = "one"
     perturbed_fraction: float = 0.5
+    batch_mode: str = "append"  # or "replace": the cost of a standard step
     # FGSM-AT / PGD-AT
     adv_eps: float | None = None  # attack radius; None: dataset default (MNIST 0.3)
     pgd_steps: int = 10
@@ -535,6 +572,10 @@ class TrainConfig:
              f"targets_per_image must be one of {TARGET_MODES}, got {self.targets_per_image!r}"),
             (0 <= self.perturbed_fraction <= 1,
              f"perturbed_fraction must be in [0, 1], got {self.perturbed_fraction}"),
+            (self.batch_mode in BATCH_MODES,
+             f"batch_mode must be one of {BATCH_MODES}, got {self.batch_mode!r}"),
+            (self.batch_mode == "append" or self.targets_per_image == "one",
+             "batch_mode 'replace' needs targets_per_image 'one'"),
             (int(self.pgd_steps) >= 1, f"pgd_steps must be >= 1, got {self.pgd_steps}"),
             (self.pgd_step_size is None or self.pgd_step_size > 0,
              f"pgd_step_size must be positive, got {self.pgd_step_size}"),
@@ -556,7 +597,8 @@ class TrainConfig:
         """The keyword settings of :func:`make_trainer` for this config."""
         if self.method == "rat":
             return {"targets_per_image": self.targets_per_image,
-                    "perturbed_fraction": self.perturbed_fraction, "seed": self.seed}
+                    "perturbed_fraction": self.perturbed_fraction,
+                    "batch_mode": self.batch_mode, "seed": self.seed}
         if self.method in ("fgsm_at", "pgd_at"):
             return {"eps": self.resolved_adv_eps(), "norm": self.norm, "steps": self.pgd_steps,
                     "step_size": self.pgd_step_size, "seed": self.seed}

@@ -10,9 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("RAT_DATA_DIR", os.path.join(_HERE, "..", "..", "shared", "data"))
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from rat_tf import distribute  # noqa: E402
 

@@ -60,6 +60,22 @@ def test_fgsm_lowers_accuracy_and_stays_in_ball(model_fn, test_slice):
     assert accuracy(model_fn, x_l2, y) < clean
 
 
+def test_attacks_start_from_a_given_random_start(model_fn, test_slice):
+    x = test_slice[0][:50]
+    y = test_slice[1][:50]
+    d = np.random.default_rng(0).uniform(-0.5, 0.5, x.shape).astype(np.float32)  # beyond eps
+    # a vanishing step stays at the start, projected to the ball
+    x_start = attacks.pgd(model_fn, x, y, 0.2, step_size=1e-12, steps=1, init=d).numpy()
+    np.testing.assert_allclose(x_start, np.clip(x + np.clip(d, -0.2, 0.2), 0, 1), atol=1e-6)
+    a = attacks.fgsm(model_fn, x, y, 0.2, rand_init=True, init=d).numpy()
+    b = attacks.fgsm(model_fn, x, y, 0.2, rand_init=True, init=-d).numpy()
+    np.testing.assert_array_equal(a, attacks.fgsm(model_fn, x, y, 0.2, rand_init=True,
+                                                  init=d).numpy())
+    assert np.abs(a - b).max() > 0.1 and linf(a, x).max() <= 0.2 + 1e-6
+    with pytest.raises(ValueError, match="init must have the shape"):
+        attacks.fgsm(model_fn, x, y, 0.2, rand_init=True, init=d[:10])
+
+
 def test_pgd_with_restarts_at_least_as_strong_as_fgsm(model_fn, test_slice):
     x, y = test_slice[0][:200], test_slice[1][:200]
     acc_fgsm = accuracy(model_fn, attacks.fgsm(model_fn, x, y, 0.2), y)
@@ -183,6 +199,21 @@ def test_mirrored_search_matches_default(model_fn, search_set):
     tf.keras.utils.set_random_seed(123)  # the search order does not depend on global seeds
     V3, _ = attacks.targeted_universal(model_fn, x, y, 10, EPS, **kw)
     np.testing.assert_array_equal(V1, V3)  # deterministic for a seed
+
+
+def test_cached_search_is_reused_without_retracing(model_fn, search_set):
+    x, y = search_set[0][:120], search_set[1][:120]
+    kw = dict(targets=[2, 3], max_passes=2, batch_size=40)
+    cache: dict = {}
+    V1, s1 = attacks.targeted_universal(model_fn, x, y, 10, EPS, seed=4, cache=cache, **kw)
+    (search,) = cache.values()
+    V2, s2 = attacks.targeted_universal(model_fn, x, y, 10, EPS, seed=5, cache=cache, **kw)
+    assert list(cache.values()) == [search] and s2["traces"] == 1  # reused, not traced again
+    V3, _ = attacks.targeted_universal(model_fn, x, y, 10, EPS, seed=5, **kw)
+    np.testing.assert_array_equal(V2, V3)  # a reused search starts afresh from V = 0
+    assert np.abs(V1 - V2).max() > 0  # another seed, another order
+    attacks.targeted_universal(model_fn, x, y, 10, 0.2, seed=5, cache=cache, **kw)
+    assert list(cache.values()) != [search]  # other settings: a new search replaces it
 
 
 def test_xla_compiled_search_matches(model_fn, search_set):

@@ -145,6 +145,43 @@ def test_rat_perturbed_batches_use_targets_other_than_the_label():
         training.make_trainer("rat", classifier, targets_per_image="some")
 
 
+
+def _two_class_step(trainer_kw: dict, x, y, v=None):
+    """Weights of a 2-class tiny_cnn after one SGD step of a trainer (same start every call)."""
+    keras.utils.set_random_seed(3)
+    classifier = models.build_model("tiny_cnn", (28, 28, 1), 2)
+    trainer = training.make_trainer(**trainer_kw, classifier=classifier)
+    if v is not None:
+        trainer.set_perturbations(v)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.5))
+    logs = trainer.train_on_batch(x, y, return_dict=True)
+    return [w.copy() for w in classifier.get_weights()], logs
+
+
+def test_rat_replace_mode_swaps_images_for_their_perturbed_copies():
+    # With 2 classes the target of an image is the other class: everything is deterministic.
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (32, 28, 28, 1)).astype(np.float32)
+    y = np.arange(32, dtype=np.int32) % 2
+    v = rng.uniform(-0.3, 0.3, (2, 28, 28, 1)).astype(np.float32)
+    x_pert = np.clip(x + v[1 - y], 0, 1)
+    rat = dict(method="rat", batch_mode="replace")
+    all_swapped, logs = _two_class_step({**rat, "perturbed_fraction": 1.0}, x, y, v)
+    on_perturbed, _ = _two_class_step({"method": "standard"}, x_pert, y)
+    none_swapped, _ = _two_class_step({**rat, "perturbed_fraction": 0.0}, x, y, v)
+    on_clean, _ = _two_class_step({"method": "standard"}, x, y)
+    half, _ = _two_class_step({**rat, "perturbed_fraction": 0.5}, x, y, v)
+    for a, b in zip(all_swapped, on_perturbed):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(none_swapped, on_clean):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(a - b).max() for a, b in zip(half, on_perturbed)) > 1e-4
+    assert max(np.abs(a - b).max() for a, b in zip(half, on_clean)) > 1e-4
+    assert "perturbed_accuracy" in logs
+    with pytest.raises(ValueError, match="replace"):
+        training.make_trainer("rat", models.build_model("tiny_cnn", (28, 28, 1), 2),
+                              batch_mode="replace", targets_per_image="all")
+
 def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnist_model,
                                                     mnist_model_path, tmp_path):
     x_train, y_train, x_test, y_test = mnist_arrays
@@ -279,6 +316,7 @@ def test_nan_loss_stops_with_a_clear_error(data_dir, tmp_path):
     ("train_subset", 995, "multiple"),
     ("targets_per_image", "two", "targets_per_image"),
     ("perturbed_fraction", 1.5, "perturbed_fraction"),
+    ("batch_mode", "interleave", "batch_mode"),
     ("precision", "float64", "precision"),
     ("init_from", "/nonexistent/model.keras", "init_from"),
     ("model", "vgg", "unknown model"),
