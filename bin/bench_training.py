@@ -2,8 +2,10 @@
 
     python bin/bench_training.py --out=results/bench_training.json
 
-1. Cost per example seen of rat (one / all targets), fgsm_at and pgd_at relative to standard
-   training: same model (mnist_cnn), batch size and data; images/s of the steady epoch.
+1. Cost per input image of rat (replace / one / all targets), fgsm_at and pgd_at relative to
+   standard training: same model (mnist_cnn), batch size and data; images/s of the steady
+   epoch. Also per example trained on (rat "one" trains on each image and one perturbed copy,
+   "all" on the image and its 9 copies, "replace" on one of the two).
 2. Time to robustness: from the same pretrained mnist_cnn, wall time until FGSM (L-inf
    ``--fgsm_eps``) accuracy on held-out test images reaches ``--target`` for rat and pgd_at
    (evaluated after every epoch, evaluation time excluded; RAT's V search included), capped
@@ -39,9 +41,14 @@ flags.DEFINE_integer("search_passes", 3, "RAT: passes of the V search.")
 flags.DEFINE_integer("rat_refresh_every", 1,
                      "RAT: search V again every N epochs (0: static V, the paper's mode).")
 
-_COST_METHODS = {"standard": {}, "rat_one": {"method": "rat", "targets_per_image": "one"},
-                 "rat_all": {"method": "rat", "targets_per_image": "all"},
-                 "fgsm_at": {"method": "fgsm_at"}, "pgd_at": {"method": "pgd_at"}}
+# name -> (TrainConfig fields, examples the model trains on per input image)
+_COST_METHODS = {
+    "standard": ({}, 1),
+    "rat_replace": ({"method": "rat", "batch_mode": "replace"}, 1),
+    "rat_one": ({"method": "rat", "targets_per_image": "one"}, 2),
+    "rat_all": ({"method": "rat", "targets_per_image": "all"}, 10),
+    "fgsm_at": ({"method": "fgsm_at"}, 1),
+    "pgd_at": ({"method": "pgd_at"}, 1)}
 
 
 def main(argv):
@@ -55,17 +62,20 @@ def main(argv):
     # 1. cost per example seen (V's values do not change the cost: zeros)
     zeros = attacks.save_perturbations(os.path.join(work, "zeros.npz"),
                                        np.zeros((10, 28, 28, 1), np.float32))
-    for name, kw in (_COST_METHODS.items() if FLAGS.cost_steps else ()):
+    for name, (kw, examples) in (_COST_METHODS.items() if FLAGS.cost_steps else ()):
         cfg = training.TrainConfig(**base, epochs=2, steps_per_epoch=FLAGS.cost_steps,
                                    train_subset=6000, model_dir=os.path.join(work, "cost_" + name),
                                    **kw)
         if cfg.method == "rat":
             cfg.perturbations_path = zeros
         m = training.train(cfg)
-        results["cost"][name] = {"images_per_sec": m["images_per_sec_steady"]}
+        results["cost"][name] = {"images_per_sec": m["images_per_sec_steady"],
+                                 "trained_examples_per_image": examples}
     ref = results["cost"].get("standard", {}).get("images_per_sec")
     for r in results["cost"].values():
         r["cost_vs_standard"] = ref / r["images_per_sec"]
+        r["cost_per_trained_example_vs_standard"] = (r["cost_vs_standard"]
+                                                     / r["trained_examples_per_image"])
 
     # 2. time to robustness from one pretrained model
     init_from = FLAGS.init_from
@@ -96,10 +106,13 @@ def main(argv):
             "final_fgsm_accuracy": monitor.records[-1]["fgsm_accuracy"],
             "clean_test_accuracy": m["test_accuracy"], "records": monitor.records}
 
-    rows = [("method", "images/s", "cost vs standard")]
+    rows = [("method", "images/s", "cost per image", "examples/image", "cost per example")]
     for name, r in results["cost"].items():
-        rows.append((name, f"{r['images_per_sec']:.0f}", f"{r['cost_vs_standard']:.2f}x"))
-    print("\n".join(f"{a:<10} {b:>9} {c:>17}" for a, b, c in rows))
+        rows.append((name, f"{r['images_per_sec']:.0f}", f"{r['cost_vs_standard']:.2f}x",
+                     str(r["trained_examples_per_image"]),
+                     f"{r['cost_per_trained_example_vs_standard']:.2f}x"))
+    print("cost relative to standard training (same model, batch size and data):")
+    print("\n".join(f"{a:<12} {b:>9} {c:>15} {d:>15} {e:>17}" for a, b, c, d, e in rows))
     print(f"\ntime to FGSM(eps {FLAGS.fgsm_eps}) accuracy >= {FLAGS.target:.0%} on "
           f"{FLAGS.eval_images} held-out test images (cap {FLAGS.time_cap:.0f}s):")
     for method, r in results["time_to_robustness"].items():

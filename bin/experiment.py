@@ -47,7 +47,11 @@ flags.DEFINE_integer("refresh_every", None,
 flags.DEFINE_enum("targets_per_image", None, ["one", "all"],
                   "(c) one random target per image, or all K-1 (default one).")
 flags.DEFINE_float("perturbed_fraction", None,
-                   "(c) weight of the perturbed examples in the RAT loss (default 0.5).")
+                   "(c) weight of the perturbed examples in the RAT loss (default 0.5); with "
+                   "--batch_mode=replace, the probability that an image is swapped.")
+flags.DEFINE_enum("batch_mode", None, ["append", "replace"],
+                  "(c) append the perturbed copies to the clean batch (default), or replace "
+                  "images by them (the cost of a standard step).")
 flags.DEFINE_float("adv_eps", None, "(d) FGSM-AT / PGD-AT radius (default per dataset).")
 flags.DEFINE_integer("train_pgd_steps", None, "(d) PGD-AT steps.")
 flags.DEFINE_integer("n_test", None, "(e) test images evaluated (0 = all).")
@@ -77,6 +81,7 @@ def main(argv):
         finetune_epochs=FLAGS.finetune_epochs, finetune_batch_size=FLAGS.finetune_batch_size,
         finetune_lr=FLAGS.finetune_lr, refresh_every=FLAGS.refresh_every,
         targets_per_image=FLAGS.targets_per_image, perturbed_fraction=FLAGS.perturbed_fraction,
+        batch_mode=FLAGS.batch_mode,
         adv_eps=FLAGS.adv_eps, train_pgd_steps=FLAGS.train_pgd_steps,
         eval_overrides=dict(n_test=FLAGS.n_test, pgd_steps=FLAGS.eval_pgd_steps,
                             pgd_restarts=FLAGS.eval_pgd_restarts, fgsm_eps=floats(FLAGS.fgsm_eps),

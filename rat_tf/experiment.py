@@ -150,6 +150,7 @@ class ExperimentConfig:
     refresh_every: int | None = None  # RAT: 0 = static V (the paper); default per preset
     targets_per_image: str | None = None  # RAT: "one" (default) or "all"
     perturbed_fraction: float | None = None  # RAT: weight of the perturbed examples (0.5)
+    batch_mode: str | None = None  # RAT: "append" (default) or "replace"
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: training.DEFAULT_ADV_EPS
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -162,7 +163,7 @@ class ExperimentConfig:
         eval_preset = preset.pop("eval")
         defaults = dict(pretrain_lr=1e-3, pretrain_optimizer="adam",
                         pretrain_lr_schedule="constant", finetune_lr=5e-4, refresh_every=0,
-                        targets_per_image="one", perturbed_fraction=0.5,
+                        targets_per_image="one", perturbed_fraction=0.5, batch_mode="append",
                         eps=training.DEFAULT_EPS.get(self.dataset, 0.1),
                         adv_eps=training.DEFAULT_ADV_EPS.get(self.dataset, 0.1))
         values = dataclasses.asdict(self)
@@ -202,12 +203,8 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if int(self.refresh_every) < 0:
             raise ValueError(f"refresh_every must be >= 0 (0: static V), got {self.refresh_every}")
-        if self.targets_per_image not in training.TARGET_MODES:
-            raise ValueError(f"targets_per_image must be one of {training.TARGET_MODES}, got "
-                             f"{self.targets_per_image!r}")
-        if not 0.0 <= float(self.perturbed_fraction) <= 1.0:
-            raise ValueError(f"perturbed_fraction must be in [0, 1], got "
-                             f"{self.perturbed_fraction}")
+        # the RAT stage's training settings, checked now rather than after pretraining
+        self.train_config("rat", self.output_dir, **self._rat_settings()).validate()
         if not float(self.finetune_lr) > 0:
             raise ValueError(f"finetune_lr must be positive, got {self.finetune_lr}")
         if self.finetune_batch_size > self.finetune_subset:
@@ -216,6 +213,11 @@ class ExperimentConfig:
         if not self.output_dir:
             raise ValueError("output_dir must be set")
         self.eval_settings()  # validates the evaluation overrides
+
+    def _rat_settings(self) -> dict:
+        """The RAT-only TrainConfig fields of stage (c)."""
+        return dict(refresh_every=self.refresh_every, targets_per_image=self.targets_per_image,
+                    perturbed_fraction=self.perturbed_fraction, batch_mode=self.batch_mode)
 
     def eval_settings(self) -> evaluation.EvalSettings:
         """The evaluation settings of a resolved config."""
@@ -371,9 +373,8 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
         name = "standard_ft" if method == "standard" else method
         model_dir = os.path.join(out, name)
         model_dirs[name] = model_dir
-        extra = dict(perturbations_path=v_path, refresh_every=config.refresh_every,
-                     targets_per_image=config.targets_per_image,
-                     perturbed_fraction=config.perturbed_fraction) if method == "rat" else {}
+        extra = (dict(perturbations_path=v_path, **config._rat_settings()) if method == "rat"
+                 else {})
         _stage(f"c_{name}", os.path.isfile(os.path.join(model_dir, "model.keras")), timings,
                training.train,
                config.train_config(method, model_dir, epochs=config.finetune_epochs,

@@ -106,3 +106,12 @@ def test_budget_presets_and_validation():
         experiment.ExperimentConfig(methods=("rat", "trades")).resolved()
     with pytest.raises(ValueError, match="finetune_subset"):
         experiment.ExperimentConfig(finetune_subset=1005).resolved()
+    # the RAT stage's settings are checked up front, before any training
+    with pytest.raises(ValueError, match="batch_mode"):
+        experiment.ExperimentConfig(batch_mode="interleave").resolved()
+    with pytest.raises(ValueError, match="perturbed_fraction"):
+        experiment.ExperimentConfig(perturbed_fraction=2.0).resolved()
+    with pytest.raises(ValueError, match="replace"):
+        experiment.ExperimentConfig(batch_mode="replace", targets_per_image="all").resolved()
+    replace = experiment.ExperimentConfig(batch_mode="replace").resolved()
+    assert replace._rat_settings()["batch_mode"] == "replace"
