@@ -29,7 +29,8 @@ flags.DEFINE_integer("cost_steps", 30, "Steps per epoch of the cost runs, 2 epoc
                      "(0: skip the cost part).")
 flags.DEFINE_integer("pgd_steps", 10, "PGD-AT steps.")
 flags.DEFINE_float("adv_eps", None, "FGSM-AT/PGD-AT radius (default: --fgsm_eps).")
-flags.DEFINE_list("robust_methods", ["rat", "pgd_at"], "Methods of the time-to-robustness part.")
+flags.DEFINE_list("robust_methods", ["rat", "rat_replace", "pgd_at"],
+                  "Methods of the time-to-robustness part (rat, rat_replace, pgd_at, fgsm_at).")
 flags.DEFINE_string("init_from", "", "Pretrained mnist_cnn (.keras); default: train one.")
 flags.DEFINE_integer("pretrain_images", 12000, "Images of the 1-epoch pretraining.")
 flags.DEFINE_float("fgsm_eps", 0.2, "FGSM radius of the robustness target.")
@@ -53,6 +54,14 @@ _COST_METHODS = {
 
 def main(argv):
     del argv
+    rat = {"method": "rat", "batch_size": 50, "search_passes": FLAGS.search_passes,
+           "refresh_every": FLAGS.rat_refresh_every}
+    settings = {"rat": rat, "rat_replace": {**rat, "batch_mode": "replace"},
+                "pgd_at": {"method": "pgd_at", "steps_per_epoch": 20},
+                "fgsm_at": {"method": "fgsm_at", "steps_per_epoch": 20}}
+    unknown = sorted(set(FLAGS.robust_methods) - set(settings))
+    if unknown:
+        raise app.UsageError(f"--robust_methods: unknown {unknown}; choose from {sorted(settings)}")
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_training_")
     base = dict(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn", verbose=2,
                 batch_size=FLAGS.batch_size, pgd_steps=FLAGS.pgd_steps,
@@ -87,14 +96,11 @@ def main(argv):
         results["pretrained_test_accuracy"] = pre["test_accuracy"]
     x_test, y_test = data.load_arrays("mnist", "test", data_dir=FLAGS.data_dir)
     x_eval, y_eval = x_test[-FLAGS.eval_images:], y_test[-FLAGS.eval_images:]
-    settings = {"rat": {"batch_size": 50, "search_passes": FLAGS.search_passes,
-                        "refresh_every": FLAGS.rat_refresh_every},
-                "pgd_at": {"steps_per_epoch": 20}, "fgsm_at": {"steps_per_epoch": 20}}
     for method in FLAGS.robust_methods:
         kw = settings[method]
         monitor = training.RobustnessMonitor(x_eval, y_eval, FLAGS.fgsm_eps, target=FLAGS.target,
                                              time_limit=FLAGS.time_cap)
-        cfg = training.TrainConfig(**{**base, **kw}, method=method, init_from=init_from,
+        cfg = training.TrainConfig(**{**base, **kw}, init_from=init_from,
                                    epochs=FLAGS.max_epochs, test_subset=FLAGS.eval_images,
                                    model_dir=os.path.join(work, "robust_" + method))
         m = training.train(cfg, callbacks=[monitor])
