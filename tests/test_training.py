@@ -251,6 +251,23 @@ def test_rat_refresh_searches_v_again(data_dir, tmp_path):
     assert "refresh_success_rate" in metrics["history"]
 
 
+def test_refresh_callback_reuses_one_compiled_search(mnist_arrays):
+    x, y = data_lib.balanced_subset(mnist_arrays[0], mnist_arrays[1], 10, seed=0)
+    keras.utils.set_random_seed(0)
+    trainer = training.make_trainer("rat", models.build_model("tiny_cnn", (28, 28, 1), 10))
+    trainer.compile(optimizer="adam")
+    refresh = training.RefreshPerturbations(x, y, 1, eps=0.2, max_passes=1, batch_size=50)
+    seen = []
+    keep = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append(trainer.get_perturbations()))
+    trainer.fit(x, y, batch_size=50, epochs=3, verbose=0, callbacks=[refresh, keep])
+    assert [h["epoch"] for h in refresh.history] == [1, 2, 3]
+    (search,) = refresh._cache.values()
+    assert search.traces() == 1  # traced at the first refresh, reused by the next two
+    assert np.abs(seen[0]).max() > 0 and np.abs(seen[2] - seen[0]).max() > 0
+    assert np.abs(seen[2]).max() <= 0.2 + 1e-6
+
+
 # --------------------------------------------------------------------------- FGSM-AT / PGD-AT
 @pytest.mark.parametrize("method", ["fgsm_at", "pgd_at"])
 def test_adversarial_training_raises_fgsm_accuracy(method, data_dir, mnist_arrays, mnist_model,
