@@ -8,9 +8,11 @@ on the test split, searches fresh universal perturbations on the training split;
 report.json, report.md and PNG figures to --output_dir and prints the table.
 """
 
+import dataclasses
+
 from absl import app, flags, logging
 
-from rat_tf import evaluation
+from rat_tf import attacks, evaluation, ops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", None, "name=path,... (.keras file, dir with model.keras, SavedModel)")
@@ -26,8 +28,8 @@ flags.DEFINE_integer("pgd_restarts", None, "PGD random restarts.")
 flags.DEFINE_float("pgd_step_size", None, "PGD step size (default 2.5 eps / steps).")
 flags.DEFINE_float("class_eps", None, "FGSM radius of the per-class breakdown.")
 flags.DEFINE_float("tup_eps", None, "Radius of the fresh targeted universal perturbations.")
-flags.DEFINE_enum("tup_norm", None, ["linf", "l2"], "Norm of the universal perturbations.")
-flags.DEFINE_enum("tup_method", None, ["sgd", "batched", "reference"], "TUP search method.")
+flags.DEFINE_enum("tup_norm", None, list(ops.NORMS), "Norm of the universal perturbations.")
+flags.DEFINE_enum("tup_method", None, list(attacks.TU_METHODS), "TUP search method.")
 flags.DEFINE_integer("tup_passes", None, "TUP search passes.")
 flags.DEFINE_integer("tup_n_per_class", None, "TUP search images per class.")
 flags.DEFINE_float("uap_eps", None, "Untargeted universal radius (default tup_eps).")
@@ -47,8 +49,8 @@ def main(argv):
         tup_norm=FLAGS.tup_norm, tup_method=FLAGS.tup_method, tup_passes=FLAGS.tup_passes,
         tup_n_per_class=FLAGS.tup_n_per_class, uap_eps=FLAGS.uap_eps,
         uap_passes=FLAGS.uap_passes, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
-    if FLAGS.n_test is not None:
-        settings.n_test = FLAGS.n_test or None
+    if FLAGS.n_test is not None:  # 0 = every test image; replace() validates again
+        settings = dataclasses.replace(settings, n_test=FLAGS.n_test or None)
     reports = evaluation.evaluate_models(
         evaluation.parse_models(FLAGS.models), dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
         data_source=FLAGS.data_source, settings=settings, perturbations=FLAGS.perturbations,

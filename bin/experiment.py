@@ -11,7 +11,7 @@ import os
 
 from absl import app, flags, logging
 
-from rat_tf import distribute, experiment
+from rat_tf import attacks, distribute, experiment, ops, training
 
 _D = experiment.ExperimentConfig()
 FLAGS = flags.FLAGS
@@ -32,8 +32,8 @@ flags.DEFINE_integer("pretrain_epochs", None, "(a) epochs.")
 flags.DEFINE_integer("pretrain_batch_size", None, "(a) global batch size.")
 flags.DEFINE_float("pretrain_lr", None, "(a) learning rate.")
 flags.DEFINE_float("eps", None, "(b) radius of V (default per dataset, MNIST 0.3).")
-flags.DEFINE_enum("norm", _D.norm, ["linf", "l2"], "(b) norm of V and of the AT attacks.")
-flags.DEFINE_enum("search_method", _D.search_method, ["sgd", "batched", "reference"],
+flags.DEFINE_enum("norm", _D.norm, list(ops.NORMS), "(b) norm of V and of the AT attacks.")
+flags.DEFINE_enum("search_method", _D.search_method, list(attacks.TU_METHODS),
                   "(b) V search method.")
 flags.DEFINE_integer("search_passes", None, "(b) max passes of the V search.")
 flags.DEFINE_float("search_delta", _D.search_delta, "(b) stop a target at 1-delta success.")
@@ -44,12 +44,12 @@ flags.DEFINE_float("finetune_lr", None, "(c,d) learning rate (Adam; default 5e-4
 flags.DEFINE_integer("refresh_every", None,
                      "(c) re-search V every N epochs (0: static V, the paper; default from "
                      "the budget preset: MNIST small/full refresh every epoch).")
-flags.DEFINE_enum("targets_per_image", None, ["one", "all"],
+flags.DEFINE_enum("targets_per_image", None, list(training.TARGET_MODES),
                   "(c) one random target per image, or all K-1 (default one).")
 flags.DEFINE_float("perturbed_fraction", None,
                    "(c) weight of the perturbed examples in the RAT loss (default 0.5); with "
                    "--batch_mode=replace, the probability that an image is swapped.")
-flags.DEFINE_enum("batch_mode", None, ["append", "replace"],
+flags.DEFINE_enum("batch_mode", None, list(training.BATCH_MODES),
                   "(c) append the perturbed copies to the clean batch (default), or replace "
                   "images by them (the cost of a standard step).")
 flags.DEFINE_float("adv_eps", None, "(d) FGSM-AT / PGD-AT radius (default per dataset).")
@@ -69,7 +69,6 @@ flags.mark_flag_as_required("output_dir")
 def main(argv):
     del argv
     strategy = distribute.get_strategy(FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices)
-    floats = lambda v: None if v is None else [float(e) for e in v]  # noqa: E731
     config = experiment.ExperimentConfig(
         dataset=FLAGS.dataset, budget=FLAGS.budget, output_dir=FLAGS.output_dir,
         data_dir=FLAGS.data_dir, data_source=FLAGS.data_source, model=FLAGS.model,
@@ -84,8 +83,8 @@ def main(argv):
         batch_mode=FLAGS.batch_mode,
         adv_eps=FLAGS.adv_eps, train_pgd_steps=FLAGS.train_pgd_steps,
         eval_overrides=dict(n_test=FLAGS.n_test, pgd_steps=FLAGS.eval_pgd_steps,
-                            pgd_restarts=FLAGS.eval_pgd_restarts, fgsm_eps=floats(FLAGS.fgsm_eps),
-                            pgd_eps=floats(FLAGS.pgd_eps), tup_passes=FLAGS.tup_passes,
+                            pgd_restarts=FLAGS.eval_pgd_restarts, fgsm_eps=FLAGS.fgsm_eps,
+                            pgd_eps=FLAGS.pgd_eps, tup_passes=FLAGS.tup_passes,
                             tup_n_per_class=FLAGS.tup_n_per_class))
     summary = experiment.run(config, strategy)
     with open(os.path.join(summary["output_dir"], summary["files"]["markdown"])) as f:

@@ -13,7 +13,7 @@ import json
 
 from absl import app, flags, logging
 
-from rat_tf import distribute, training
+from rat_tf import distribute, ops, training
 
 _D = training.TrainConfig()
 FLAGS = flags.FLAGS
@@ -38,7 +38,7 @@ flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 # RAT
 flags.DEFINE_string("perturbations_path", "", "RAT: V from bin/perturb.py (.npz); empty: search.")
 flags.DEFINE_float("eps", None, "RAT: radius of V (default per dataset, MNIST 0.3).")
-flags.DEFINE_enum("norm", _D.norm, ["linf", "l2"], "Norm of V and of the AT attacks.")
+flags.DEFINE_enum("norm", _D.norm, list(ops.NORMS), "Norm of V and of the AT attacks.")
 flags.DEFINE_enum("search_method", _D.search_method, training.SEARCH_METHODS, "RAT: V search.")
 flags.DEFINE_integer("search_passes", _D.search_passes, "RAT: max passes of the V search.")
 flags.DEFINE_float("search_delta", _D.search_delta, "RAT: stop a target at 1-delta success.")
@@ -79,7 +79,8 @@ def main(argv):
         search_method=FLAGS.search_method, search_passes=FLAGS.search_passes,
         search_delta=FLAGS.search_delta, refresh_every=FLAGS.refresh_every,
         targets_per_image=FLAGS.targets_per_image, perturbed_fraction=FLAGS.perturbed_fraction,
-        batch_mode=FLAGS.batch_mode, adv_eps=FLAGS.adv_eps, pgd_steps=FLAGS.pgd_steps, pgd_step_size=FLAGS.pgd_step_size,
+        batch_mode=FLAGS.batch_mode, adv_eps=FLAGS.adv_eps, pgd_steps=FLAGS.pgd_steps,
+        pgd_step_size=FLAGS.pgd_step_size,
         precision=FLAGS.precision, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose)
     metrics = training.train(config, strategy)
     summary = {k: metrics[k] for k in ("test_accuracy", "images_per_sec", "wall_seconds",

@@ -179,6 +179,13 @@ class ExperimentConfig:
                                     "tup_norm": self.norm,
                                     **{k: v for k, v in self.eval_overrides.items()
                                        if v is not None}}
+        for key in ("fgsm_eps", "pgd_eps"):  # radii given as strings (flags) become floats
+            radii = values["eval_overrides"].get(key)
+            if radii is not None:
+                try:
+                    values["eval_overrides"][key] = [float(e) for e in radii]
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{key} must be a list of numbers, got {radii!r}") from e
         if values["eval_overrides"].get("n_test") == 0:  # 0 = every test image
             values["eval_overrides"]["n_test"] = None
         out = ExperimentConfig(**values)
