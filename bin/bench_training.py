@@ -26,7 +26,7 @@ flags.DEFINE_string("out", "results/bench_training.json", "Output JSON.")
 flags.DEFINE_string("work_dir", "", "Where runs are written (default: a temporary directory).")
 flags.DEFINE_integer("batch_size", 128, "Batch size of every method.")
 flags.DEFINE_integer("cost_steps", 30, "Steps per epoch of the cost runs, 2 epochs each "
-                     "(0: skip the cost part).")
+                     "(0: skip the cost part).", lower_bound=0)
 flags.DEFINE_integer("pgd_steps", 10, "PGD-AT steps.")
 flags.DEFINE_float("adv_eps", None, "FGSM-AT/PGD-AT radius (default: --fgsm_eps).")
 flags.DEFINE_list("robust_methods", ["rat", "rat_replace", "pgd_at"],
@@ -34,9 +34,11 @@ flags.DEFINE_list("robust_methods", ["rat", "rat_replace", "pgd_at"],
 flags.DEFINE_string("init_from", "", "Pretrained mnist_cnn (.keras); default: train one.")
 flags.DEFINE_integer("pretrain_images", 12000, "Images of the 1-epoch pretraining.")
 flags.DEFINE_float("fgsm_eps", 0.2, "FGSM radius of the robustness target.")
-flags.DEFINE_float("target", 0.8, "FGSM accuracy to reach.")
-flags.DEFINE_integer("eval_images", 1000, "Held-out test images for the FGSM accuracy.")
-flags.DEFINE_float("time_cap", 300.0, "Max training seconds per method (time to robustness).")
+flags.DEFINE_float("target", 0.8, "FGSM accuracy to reach.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("eval_images", 1000, "Held-out test images for the FGSM accuracy.",
+                     lower_bound=1, upper_bound=10000)
+flags.DEFINE_float("time_cap", 300.0, "Max training seconds per method (time to robustness).",
+                   lower_bound=1.0)
 flags.DEFINE_integer("max_epochs", 100, "Max epochs per method (time to robustness).")
 flags.DEFINE_integer("search_passes", 3, "RAT: passes of the V search.")
 flags.DEFINE_integer("rat_refresh_every", 1,

@@ -19,7 +19,8 @@ flags.DEFINE_list("saved_model", None, "name=path,... of SavedModels from bin/ex
 flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "cifar10"], "Dataset.")
 flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
 flags.DEFINE_enum("data_source", "auto", ["auto", "files", "tfds"], "Where to read data.")
-flags.DEFINE_integer("n_test", 1000, "Number of test images (the first n of the test split).")
+flags.DEFINE_integer("n_test", 1000, "Number of test images (the first n of the test split).",
+                     lower_bound=1)
 flags.DEFINE_list("fgsm_eps", None, "FGSM radii (default: the report's, per dataset).")
 flags.DEFINE_list("pgd_eps", None, "PGD radii (default: the report's, per dataset).")
 flags.DEFINE_integer("pgd_steps", None, "PGD steps (default: the report's).")

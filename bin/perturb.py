@@ -9,14 +9,13 @@ Example:
       --output_dir=runs/std/tup --eps=0.3 --n_per_class=100
 """
 
-import json
 import os
 import time
 
 import keras
 from absl import app, flags, logging
 
-from rat_tf import attacks, data, distribute, ops, plots
+from rat_tf import attacks, data, distribute, evaluation, files, ops, plots
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "mnist", "Dataset name (mnist, fashion_mnist, cifar10).")
@@ -34,7 +33,8 @@ flags.DEFINE_integer("inner_steps", 10, "Inner FGSM steps per image (batched, re
 flags.DEFINE_integer("n_per_class", 100, "Search images per class (balanced training subset).")
 flags.DEFINE_list("targets", None, "Targets to search (default: all classes).")
 flags.DEFINE_integer("batch_size", 128, "Global batch of search images per step.")
-flags.DEFINE_integer("test_limit", 0, "Evaluate on the first N test images (0: all).")
+flags.DEFINE_integer("test_limit", 0, "Evaluate on the first N test images (0: all).",
+                     lower_bound=0)
 flags.DEFINE_integer("seed", 0, "Seed of the subset and of the search order.")
 flags.DEFINE_enum("strategy", "default", list(distribute.STRATEGIES), "Distribution strategy.")
 flags.DEFINE_integer("num_cpu_devices", 0, "Split the CPU into N devices (mirrored on CPU).")
@@ -87,14 +87,15 @@ def main(argv):
     }
     if distribute.is_chief(strategy):
         os.makedirs(FLAGS.output_dir, exist_ok=True)
-        attacks.save_perturbations(os.path.join(FLAGS.output_dir, "perturbations.npz"), V,
-                                   **settings, success_test=report["success_test"])
+        attacks.save_perturbations(  # fingerprints: evaluation refuses these search images
+            os.path.join(FLAGS.output_dir, "perturbations.npz"), V, **settings,
+            success_test=report["success_test"],
+            **{evaluation.FINGERPRINT_KEY: evaluation.fingerprints(x)})
         titles = [f"{n}\n{'-' if r is None else f'{100 * r:.0f}%'}"
                   for n, r in zip(info.class_names, report["success_test"])]
         plots.perturbation_grid(V, os.path.join(FLAGS.output_dir, "perturbations.png"),
                                 titles=titles)
-        with open(os.path.join(FLAGS.output_dir, "perturbation.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        files.write_json(os.path.join(FLAGS.output_dir, "perturbation.json"), report)
     logging.info("mean held-out success %.4f (passes %d, %.1fs); wrote %s",
                  report["mean_success_test"], stats["passes"], seconds, FLAGS.output_dir)
 

@@ -655,6 +655,7 @@ def load_perturbations(path: str) -> tuple[np.ndarray, dict]:
         return f["perturbations"].astype(np.float32), meta
 
 
-__all__ = ["fgsm", "pgd", "UniversalSearch", "targeted_universal", "untargeted_universal", "targeted_success_rate",
+__all__ = ["fgsm", "pgd", "UniversalSearch", "targeted_universal", "untargeted_universal",
+           "targeted_success_rate",
            "fooling_rate", "save_perturbations", "load_perturbations", "enforce_bound",
            "TU_METHODS"]

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import attacks, evaluation
+from rat_tf import attacks, data, evaluation
 
 SIGNATURE = "serving_default"
 DEFAULT_FGSM_TOL = 0.01  # deterministic attack: 1 point (10 of 1000 images)
@@ -92,6 +92,9 @@ def art_correct(path: str, x: np.ndarray, y: np.ndarray, *, fgsm_eps: Sequence[f
     """
     _, fgsm_cls, pgd_cls = _import_art()
     classifier = art_classifier(path)
+    if np.min(y) < 0 or np.max(y) >= classifier.nb_classes:
+        raise ValueError(f"labels must be in [0, {classifier.nb_classes}), got range "
+                         f"[{np.min(y)}, {np.max(y)}]")
     onehot = np.eye(classifier.nb_classes, dtype=np.float32)[y]
     out = {"clean": _art_correct(classifier, x, y, batch_size), "fgsm": {}, "pgd": {}}
     for eps in fgsm_eps:
@@ -149,11 +152,13 @@ def crosscheck_with_art(path: str, x: np.ndarray, y: np.ndarray, *,
                                                                                 np.integer):
         raise ValueError(f"expected images [N,H,W,C] and integer labels [N], got {x.shape} "
                          f"and {y.dtype} {y.shape}")
-    if x.min() < 0 or x.max() > 1:
-        raise ValueError(f"images must be in [0, 1], got values in [{x.min()}, {x.max()}]")
+    data.check_pixels(x, "images")
+    if y.min() < 0:
+        raise ValueError(f"labels must be class ids >= 0, got {y.min()}")
     fgsm_eps = [float(e) for e in np.atleast_1d(fgsm_eps)]
     pgd_eps = [float(e) for e in np.atleast_1d(pgd_eps)]
-    if min(fgsm_eps + pgd_eps, default=0.0) <= 0 or not fgsm_eps + pgd_eps:
+    radii = fgsm_eps + pgd_eps
+    if not radii or not all(np.isfinite(e) and e > 0 for e in radii):
         raise ValueError(f"radii must be positive, got fgsm_eps={fgsm_eps}, pgd_eps={pgd_eps}")
     if not (fgsm_tol >= 0 and pgd_tol >= 0):
         raise ValueError(f"tolerances must be >= 0, got {fgsm_tol}, {pgd_tol}")

@@ -359,6 +359,18 @@ def load_arrays(name: str, split: str, source: str = "auto", data_dir: str | Non
 
 
 # --------------------------------------------------------------------------- subsets & pipelines
+def check_pixels(images: np.ndarray, what: str = "images") -> None:
+    """Raise ValueError unless every value of ``images`` is finite and in [0, 1]."""
+    images = np.asarray(images)
+    finite = np.isfinite(images)
+    if not finite.all():
+        raise ValueError(f"{what} must be finite pixel values in [0, 1], got "
+                         f"{int(images.size - finite.sum())} NaN or infinite values")
+    if images.size and (images.min() < 0 or images.max() > 1):
+        raise ValueError(f"{what} must be finite pixel values in [0, 1], got range "
+                         f"[{images.min()}, {images.max()}]")
+
+
 def balanced_subset(images: np.ndarray, labels: np.ndarray, n_per_class: int,
                     seed: int = 0, num_classes: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -421,10 +433,14 @@ def load(name: str, split: str, batch_size: int, *, source: str = "auto",
     ``n_per_class`` takes a deterministic balanced subset; ``limit`` keeps the first examples.
     Shuffling defaults to on for train, off for test.
     """
+    for what, value in (("n_per_class", n_per_class), ("limit", limit)):
+        if value is not None and (isinstance(value, bool) or int(value) < 1):
+            raise ValueError(f"{what} must be a positive number of examples (or None), got "
+                             f"{value!r}")
     images, labels = load_arrays(name, split, source, data_dir, verify_checksums)
-    if n_per_class:
+    if n_per_class is not None:
         images, labels = balanced_subset(images, labels, n_per_class, seed)
-    if limit:
+    if limit is not None:
         images, labels = images[:limit], labels[:limit]
     if shuffle is None:
         shuffle = split == "train"

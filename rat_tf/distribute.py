@@ -39,6 +39,10 @@ def get_strategy(name: str = "default", *, num_cpu_devices: int = 0, device: str
         raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
     if num_cpu_devices < 0:
         raise ValueError(f"num_cpu_devices must be >= 0, got {num_cpu_devices}")
+    if num_cpu_devices and name != "mirrored":
+        raise ValueError(f"num_cpu_devices splits the CPU for strategy 'mirrored', not {name!r}")
+    if tpu and name != "tpu":
+        raise ValueError(f"a tpu address is for strategy 'tpu', not {name!r}")
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "one_device":

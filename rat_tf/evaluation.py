@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -75,21 +76,21 @@ class EvalSettings:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown evaluation settings {sorted(unknown)}")
-        base = dict(_DEFAULTS.get(dataset, _DEFAULTS["mnist"]), dataset=dataset)
+        base = dict(_DEFAULTS[dataset], dataset=dataset)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
     def __post_init__(self) -> None:
         for name in ("fgsm_eps", "pgd_eps"):
             radii = tuple(float(e) for e in np.atleast_1d(getattr(self, name)))
-            if not radii or min(radii) <= 0:
+            if not radii or not all(math.isfinite(e) and e > 0 for e in radii):
                 raise ValueError(f"{name} must be a non-empty list of positive radii, got "
                                  f"{getattr(self, name)}")
             setattr(self, name, radii)
         for name in ("class_eps", "tup_eps", "uap_eps", "pgd_step_size", "tup_step_size"):
             value = getattr(self, name)
-            if value is not None and not float(value) > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+            if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
         for name in ("pgd_steps", "pgd_restarts", "tup_passes", "tup_n_per_class",
                      "uap_passes", "batch_size", "tup_batch_size"):
             if int(getattr(self, name)) < 1:
@@ -248,6 +249,12 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
     if x_search.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"x_search images {x_search.shape[1:]} differ from x_test images "
                          f"{x_test.shape[1:]}")
+    info = data.get_info(settings.dataset)
+    if x_test.shape[1:] != tuple(info.image_shape):
+        raise ValueError(f"images of shape {x_test.shape[1:]} are not {settings.dataset} images "
+                         f"{tuple(info.image_shape)}: pass settings for their dataset")
+    data.check_pixels(x_test, "x_test")
+    data.check_pixels(x_search, "x_search")
     if settings.n_test is not None:
         x_test, y_test = x_test[:settings.n_test], y_test[:settings.n_test]
 
@@ -262,15 +269,26 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
         raise ValueError(f"perturbations of shape {given_v.shape} do not fit images of shape "
                          f"{x_test.shape[1:]}")
 
-    num_classes = int(max(y_test.max(), y_search.max())) + 1
-    if given_v is not None:
-        num_classes = max(num_classes, given_v.shape[0])
+    num_classes = info.num_classes
+    for what, labels in (("y_test", y_test), ("y_search", y_search)):
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"{what} labels must be in [0, {num_classes}), got range "
+                             f"[{labels.min()}, {labels.max()}]")
+    if given_v is not None and given_v.shape[0] != num_classes:
+        raise ValueError(f"perturbations hold {given_v.shape[0]} targets, {settings.dataset} "
+                         f"has {num_classes} classes")
     class_names = list(class_names) if class_names is not None else [
         str(c) for c in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
 
     # Search on a balanced subset of x_search; refuse if any test image is among x_search.
     check_disjoint(x_test, x_search, search_fingerprints)
-    n_per_class = min(settings.tup_n_per_class, int(np.bincount(y_search).min()))
+    counts = np.bincount(y_search, minlength=num_classes)
+    if counts.min() == 0:
+        raise ValueError(f"x_search holds no image of classes "
+                         f"{np.flatnonzero(counts == 0).tolist()}: the search needs every class")
+    n_per_class = min(settings.tup_n_per_class, int(counts.min()))
     xs, ys = data.balanced_subset(x_search, y_search, n_per_class, seed=settings.seed,
                                   num_classes=num_classes)
 
@@ -414,6 +432,9 @@ def evaluate_models(models: Mapping[str, Any], *, dataset: str, data_dir: str | 
     """
     info = data.get_info(dataset)
     settings = settings or EvalSettings.for_dataset(dataset)
+    if settings.dataset != dataset:
+        raise ValueError(f"evaluation settings are for {settings.dataset!r}, the data is "
+                         f"{dataset!r}: use EvalSettings.for_dataset({dataset!r}, ...)")
     x_test, y_test = data.load_arrays(dataset, "test", data_source, data_dir)
     x_train, y_train = data.load_arrays(dataset, "train", data_source, data_dir)
     reports: dict[str, Report] = {}

@@ -23,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from rat_tf import data
+
 SIGNATURES = ("serving_default", "serving_uint8")
 INPUT_NAME = "images"
 OUTPUT_KEYS = ("logits", "probabilities", "classes")
@@ -148,8 +150,7 @@ def verify_export(path: str, classifier: keras.Model, x: np.ndarray | None = Non
     x = np.asarray(x, np.float32)
     if x.ndim != 4 or x.shape[1:] != (h, w, c) or len(x) == 0:
         raise ValueError(f"x must be a non-empty batch [N, {h}, {w}, {c}], got {x.shape}")
-    if x.min() < 0 or x.max() > 1:
-        raise ValueError(f"x must be images in [0, 1], got values in [{x.min()}, {x.max()}]")
+    data.check_pixels(x, "x")
     loaded = tf.saved_model.load(path)
     x_u8 = np.round(x * 255.0).astype(np.uint8)
     worst = 0.0
@@ -167,7 +168,11 @@ def verify_export(path: str, classifier: keras.Model, x: np.ndarray | None = Non
             if logits.shape != ref.shape or out["logits"].dtype != tf.float32:
                 raise ExportError(f"{path}: {signature} logits {out['logits'].dtype.name} "
                                   f"{logits.shape}, classifier gives float32 {ref.shape}")
-            worst = max(worst, float(np.max(np.abs(logits - ref))))
+            diff = float(np.max(np.abs(logits - ref)))
+            worst = diff if not np.isfinite(diff) else max(worst, diff)  # NaN/inf: never hidden
+            if not np.isfinite(worst):
+                raise ExportError(f"{path}: {signature} gives non-finite logits (or the "
+                                  f"classifier does)")
             if not np.array_equal(out["classes"].numpy(), np.argmax(logits, -1)):
                 raise ExportError(f"{path}: {signature} classes are not argmax(logits)")
             probs = out["probabilities"].numpy()

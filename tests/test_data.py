@@ -450,6 +450,9 @@ def test_make_dataset_batches_and_dtypes():
 
 
 def test_load_real_subset(data_dir):
+    for bad in ({"limit": -5}, {"limit": 0}, {"n_per_class": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            data.load("mnist", "test", batch_size=30, data_dir=data_dir, **bad)
     ds = data.load("mnist", "test", batch_size=30, data_dir=data_dir, n_per_class=10, seed=0)
     xs, ys = zip(*ds.as_numpy_iterator())
     x, y = np.concatenate(xs), np.concatenate(ys)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rat_tf import attacks, models, training
+from rat_tf import attacks, distribute, models, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,3 +240,12 @@ def test_multi_worker_lost_worker_fails_clearly_then_resumes(data_dir, tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["history"]["epoch"] == list(range(epochs))
     assert metrics["resumed"] and metrics["epochs_run_this_session"] == epochs - done
+
+
+def test_get_strategy_refuses_settings_it_would_ignore():
+    with pytest.raises(ValueError, match="num_cpu_devices splits the CPU for strategy 'mirrored'"):
+        distribute.get_strategy("default", num_cpu_devices=2)
+    with pytest.raises(ValueError, match="tpu address"):
+        distribute.get_strategy("mirrored", tpu="grpc://10.0.0.1:8470")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        distribute.get_strategy("horovod")

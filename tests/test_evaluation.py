@@ -128,13 +128,38 @@ def test_refuses_to_measure_on_search_images(mnist_model, split, settings, given
                                      progress=False)
 
 
+def test_bad_images_labels_and_settings_are_refused(mnist_model, split, settings):
+    x_test, y_test, xs, ys = split
+    kw = dict(x_search=xs, y_search=ys, settings=settings, progress=False)
+    with pytest.raises(ValueError, match=r"x_test must be finite pixel values in \[0, 1\], got range"):
+        evaluation.robustness_report(mnist_model, x_test * 255.0, y_test, **kw)
+    with pytest.raises(ValueError, match="x_test must be finite .* NaN or infinite"):
+        evaluation.robustness_report(mnist_model, np.where(x_test > 0.5, np.nan, x_test),
+                                     y_test, **kw)
+    with pytest.raises(ValueError, match="y_test labels must be in"):
+        evaluation.robustness_report(mnist_model, x_test, y_test + 10, **kw)
+    with pytest.raises(ValueError, match="no image of classes"):
+        keep = ys != 3
+        evaluation.robustness_report(mnist_model, x_test, y_test, x_search=xs[keep],
+                                     y_search=ys[keep], settings=settings, progress=False)
+    cifar = evaluation.EvalSettings.for_dataset("cifar10")
+    with pytest.raises(ValueError, match="not cifar10 images"):
+        evaluation.robustness_report(mnist_model, x_test, y_test, x_search=xs, y_search=ys,
+                                     settings=cifar, progress=False)
+    with pytest.raises(ValueError, match="settings are for 'cifar10'"):
+        evaluation.evaluate_models({}, dataset="mnist", settings=cifar)
+
+
 def test_settings_defaults_and_validation():
     c = evaluation.EvalSettings.for_dataset("cifar10")
     assert c.fgsm_eps == pytest.approx((2 / 255, 4 / 255, 8 / 255))
     m = evaluation.EvalSettings.for_dataset("mnist", pgd_steps=7)
     assert m.fgsm_eps == (0.05, 0.1, 0.2, 0.3) and m.pgd_steps == 7
-    with pytest.raises(ValueError, match="fgsm_eps"):
-        evaluation.EvalSettings.for_dataset("mnist", fgsm_eps=(0.1, -0.1))
+    for bad in ((0.1, -0.1), (float("nan"),), (float("inf"),)):
+        with pytest.raises(ValueError, match="fgsm_eps"):
+            evaluation.EvalSettings.for_dataset("mnist", fgsm_eps=bad)
+    with pytest.raises(ValueError, match="tup_eps"):
+        evaluation.EvalSettings.for_dataset("mnist", tup_eps=float("nan"))
     with pytest.raises(ValueError, match="pgd_restarts"):
         evaluation.EvalSettings.for_dataset("mnist", pgd_restarts=0)
     with pytest.raises(ValueError, match="unknown evaluation settings"):

@@ -163,8 +163,14 @@ def test_verify_detects_a_different_model(exported, mnist_model, x_test):
     assert export.verify_export(exported, mnist_model) <= 1e-5  # default: random images
     with pytest.raises(ValueError, match=r"x must be a non-empty batch \[N, 28, 28, 1\]"):
         export.verify_export(exported, mnist_model, np.zeros((4, 32, 32, 3)))
-    with pytest.raises(ValueError, match=r"images in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"pixel values in \[0, 1\]"):
         export.verify_export(exported, mnist_model, np.full((4, 28, 28, 1), 255.0))
+    with pytest.raises(ValueError, match="finite"):
+        export.verify_export(exported, mnist_model, np.full((4, 28, 28, 1), np.nan))
+    broken = keras.models.clone_model(mnist_model)
+    broken.set_weights([np.full_like(w, np.nan) for w in mnist_model.get_weights()])
+    with pytest.raises(export.ExportError, match="non-finite"):  # NaN is never "close enough"
+        export.verify_export(exported, broken, x_test[0][:8])
 
 
 def test_atomic_write_and_overwrite(mnist_model, tmp_path, monkeypatch):
