@@ -265,6 +265,9 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
         given_v = np.asarray(perturbations, np.float32)
     if search_fingerprints is None and FINGERPRINT_KEY in given_meta:
         search_fingerprints = given_meta[FINGERPRINT_KEY]
+    if given_v is not None and search_fingerprints is None:
+        logging.warning("the given perturbations carry no fingerprints of the images they were "
+                        "searched on: cannot check that the test images are not among them")
     if given_v is not None and given_v.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"perturbations of shape {given_v.shape} do not fit images of shape "
                          f"{x_test.shape[1:]}")

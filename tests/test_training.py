@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rat_tf import attacks, models, training
+from rat_tf import attacks, evaluation, models, training
 from rat_tf import data as data_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,10 +214,11 @@ def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnis
 
     before, after = measure(mnist_model), measure(rat_model)
     print("before", before, "after", after)
-    # Measured when written: TUP success 0.14 -> 0.02, FGSM(0.2) accuracy 0.53 -> 0.67.
+    # Measured (2026-11-26): TUP success 0.133 -> 0.020, FGSM(0.2) accuracy 0.532 -> 0.678,
+    # clean 0.982 -> 0.981. Thresholds: about half of each effect; clean may drop 2 points.
     assert after["tup"] <= before["tup"] - 0.06
     assert after["fgsm"] >= before["fgsm"] + 0.07
-    assert after["clean"] >= before["clean"] - 0.01
+    assert after["clean"] >= before["clean"] - 0.02
 
 
 def test_resumed_rat_run_keeps_v_and_epoch_count(data_dir, tmp_path):
@@ -246,8 +247,11 @@ def test_rat_refresh_searches_v_again(data_dir, tmp_path):
                   train_subset=200, perturbations_path=v0_path, refresh_every=1,
                   search_passes=1)
     metrics = training.train(cfg)
-    stored, _ = attacks.load_perturbations(str(tmp_path / "refresh" / "perturbations.npz"))
+    stored, meta = attacks.load_perturbations(str(tmp_path / "refresh" / "perturbations.npz"))
     assert np.abs(stored).max() > 0  # searched again against the trained weights
+    x_train, y_train = data_lib.load_arrays("mnist", "train", data_dir=data_dir)
+    subset, _ = data_lib.balanced_subset(x_train, y_train, 20, seed=0)  # train()'s subset
+    assert meta[evaluation.FINGERPRINT_KEY] == evaluation.fingerprints(subset).tolist()
     assert np.abs(stored).max() <= 0.2 + 1e-6
     assert "refresh_success_rate" in metrics["history"]
 
