@@ -132,6 +132,10 @@ def _read_bytes(path: str, dataset: str, verify: bool) -> bytes:
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e})") from e
     base = os.path.basename(path)
+    plain = base[:-3] if base.endswith(".gz") else base
+    if verify and base not in OFFICIAL_GZ_MD5.get(dataset, {}) and plain not in OFFICIAL_MD5.get(
+            dataset, {}):
+        logging.warning("%s: no official checksum is known for this file: not verified", path)
     if verify and base in OFFICIAL_GZ_MD5.get(dataset, {}):
         got = hashlib.md5(raw).hexdigest()
         if got != OFFICIAL_GZ_MD5[dataset][base]:
@@ -144,7 +148,6 @@ def _read_bytes(path: str, dataset: str, verify: bool) -> bytes:
             raise DataError(f"{path}: corrupted or truncated gzip stream ({e})") from e
     else:
         data = raw
-    plain = base[:-3] if base.endswith(".gz") else base
     if verify and plain in OFFICIAL_MD5.get(dataset, {}):
         got = hashlib.md5(data).hexdigest()
         if got != OFFICIAL_MD5[dataset][plain]:
@@ -232,7 +235,9 @@ def read_cifar10_py(path: str) -> tuple[np.ndarray, np.ndarray]:
     batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
         raise DataError(f"{path}: missing 'data' or 'labels' entry")
-    arr = np.asarray(batch["data"], np.uint8)
+    arr = np.asarray(batch["data"])
+    if arr.dtype != np.uint8:  # a cast would silently wrap or truncate other pixel values
+        raise DataError(f"{path}: 'data' holds {arr.dtype} pixels, CIFAR-10 stores uint8")
     labels = np.asarray(batch["labels"], np.int32)
     if arr.ndim != 2 or arr.shape[1] != 3072 or arr.shape[0] != labels.shape[0]:
         raise DataError(f"{path}: data shape {arr.shape} / {labels.shape} labels do not match "
@@ -351,6 +356,9 @@ def load_arrays(name: str, split: str, source: str = "auto", data_dir: str | Non
     if source == "auto":
         source = "files" if files_available(name, data_dir) else "tfds"
         logging.info("data source for %s: %s", name, source)
+        if source == "tfds" and verify_checksums:
+            logging.warning("%s: no files found, loading with tensorflow_datasets (which checks "
+                            "its own downloads); --verify_checksums applies to files only", name)
     if source == "files":
         images, labels = load_files(name, split, data_dir, verify_checksums)
     else:

@@ -345,6 +345,10 @@ def test_cifar_python_version_bad_content(tmp_path):
     path.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(data.DataError, match="expected a dict"):
         data.read_cifar10_py(str(path))
+    # pixels rescaled to [0, 1] would become all zeros in a silent uint8 cast
+    path.write_bytes(pickle.dumps({b"data": np.full((2, 3072), 0.5), b"labels": [1, 2]}))
+    with pytest.raises(data.DataError, match="float64 pixels"):
+        data.read_cifar10_py(str(path))
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
