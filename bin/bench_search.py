@@ -99,8 +99,24 @@ def _art_search(model, x, y, target):
     return np.asarray(attack.noise[0], np.float32), time.perf_counter() - start
 
 
+def _int_list(name: str, low: int, high: int | None = None) -> list[int]:
+    """The values of list flag ``name`` as ints in [low, high), or a usage error naming it."""
+    try:
+        values = [int(v) for v in FLAGS[name].value]
+    except ValueError as e:
+        raise app.UsageError(f"--{name}: {e}") from e
+    if any(v < low or (high is not None and v >= high) for v in values):
+        raise app.UsageError(f"--{name} values must be in [{low}, {high or 'inf'}), got {values}")
+    return values
+
+
 def main(argv):
     del argv
+    bad = sorted(set(FLAGS.methods) - set(attacks.TU_METHODS))
+    if bad:
+        raise app.UsageError(f"--methods: unknown {bad}; choose from {attacks.TU_METHODS}")
+    passes = _int_list("max_passes", 1)
+    art_targets = _int_list("art_targets", 0, 10)
     x_train, y_train = data.load_arrays("mnist", "train", "files", FLAGS.data_dir)
     x_test, y_test = data.load_arrays("mnist", "test", "files", FLAGS.data_dir)
     if FLAGS.model_path:
@@ -110,7 +126,6 @@ def main(argv):
     model_fn = lambda images: model(images, training=False)  # noqa: E731
     clean_acc = float(np.mean(np.argmax(model.predict(x_test, 1000, verbose=0), -1) == y_test))
     x, y = data.balanced_subset(x_train, y_train, FLAGS.n_per_class, FLAGS.seed)
-    art_targets = [int(t) for t in FLAGS.art_targets]
     result = {"clean_test_accuracy": clean_acc, "num_search_images": len(x),
               "num_test_images": len(x_test), "eps": FLAGS.eps, "delta": FLAGS.delta,
               "rat_tf": {}, "art": {}}
@@ -121,7 +136,7 @@ def main(argv):
     attacks.targeted_universal(model_fn, x[::10], y[::10], 10, FLAGS.eps, max_passes=1,
                                batch_size=FLAGS.batch_size)
     result["warmup_seconds"] = time.perf_counter() - start
-    runs = [(m, int(p)) for m in FLAGS.methods for p in FLAGS.max_passes]
+    runs = [(m, p) for m in FLAGS.methods for p in passes]
     for method, max_passes in runs:
         # The machine may be shared: measure clean training right before and after the search.
         before = _train_throughput(model, 10 * FLAGS.batch_size)

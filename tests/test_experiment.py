@@ -44,7 +44,7 @@ def test_writes_every_promised_file(run_dir):
     assert "| rat |" in stdout and "| pgd_at |" in stdout  # the table is printed
 
 
-def test_report_compares_all_models_on_held_out_images(run_dir):
+def test_report_compares_all_models_on_held_out_images(run_dir, mnist_arrays):
     out, _ = run_dir
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
@@ -54,6 +54,9 @@ def test_report_compares_all_models_on_held_out_images(run_dir):
         assert 0.0 <= r["clean_accuracy"] <= 1.0 and r["model"].startswith("saved_model:")
         assert set(r["fgsm_accuracy"]) == {"0.05", "0.1", "0.2", "0.3"}
         assert r["tup_given"] is not None and len(r["tup_fresh"]["success_rate"]) == 10
+        assert r["clean_accuracy"] > 0.5  # trained (chance is 0.1), even at the tiny budget
+    start = report["start"]
+    assert start["fgsm_accuracy"]["0.3"] < start["clean_accuracy"]  # the attack bites
     with open(os.path.join(out, "report.md")) as f:
         md = f.read()
     for name in MODELS:
@@ -63,6 +66,8 @@ def test_report_compares_all_models_on_held_out_images(run_dir):
     v, meta = attacks.load_perturbations(os.path.join(out, "search", "perturbations.npz"))
     assert v.shape == (10, 28, 28, 1) and np.max(np.abs(v)) <= 0.3 + 1e-6
     assert len(meta[evaluation.FINGERPRINT_KEY]) == 200 and meta["eps"] == 0.3
+    test_prints = set(evaluation.fingerprints(mnist_arrays[2][:200]).tolist())
+    assert not test_prints & set(meta[evaluation.FINGERPRINT_KEY])
 
 
 def test_finetuning_shares_start_model_subset_and_epochs(run_dir):
