@@ -265,7 +265,8 @@ class UniversalSearch:
     rules: ``sgd`` (projected sign/normalized gradient step on the summed CE) and ``batched``
     (mean of the per-image targeted inner attacks of the not-yet-fooled images; with batch 1
     this is the reference). Build it once and call :meth:`run` many times (RAT's refresh mode
-    does): the pass is traced once per search set size, never again between passes or calls.
+    does): the pass is traced once (the data iterator and the step count are its arguments),
+    never again between passes or calls, whatever the size of the search set.
     Success counts for the stop rule come from the forward pass the update already makes (the
     rate of each batch at the V it saw), so a pass costs no extra evaluation; the returned rate
     is measured exactly once at the end.
@@ -412,7 +413,8 @@ class UniversalSearch:
         return int(self._run_pass.experimental_get_tracing_count())
 
     def run(self, x: np.ndarray, y: np.ndarray, *, max_passes: int = 10,
-            delta: float | None = 0.2, seed: int = 0, progress: bool = False):
+            delta: float | None = 0.2, seed: int = 0, progress: bool = False
+            ) -> tuple[np.ndarray, np.ndarray, int, list[list[float]]]:
         """Search from V = 0 on (x, y) until every row reaches 1 - delta or ``max_passes``.
 
         Returns (V [P,H,W,C] within the bound, exact final rate [P] on x, passes, history of
