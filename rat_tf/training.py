@@ -772,8 +772,10 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
     timer = _EpochTimer()
     cbs += extra_callbacks + [
         timer,
-        ClusterBackupAndRestore(backup_dir, restore_dir=chief_backup),
+        # History before backup: a kill between the two re-runs the epoch (its row is written
+        # again; read_history keeps the last) instead of losing the row of a backed-up epoch.
         keras.callbacks.CSVLogger(history_path, append=True),
+        ClusterBackupAndRestore(backup_dir, restore_dir=chief_backup),
     ]
     if importlib.util.find_spec("tensorboard") is not None:
         cbs.append(keras.callbacks.TensorBoard(os.path.join(work_dir, "logs")))
@@ -855,7 +857,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
 
 
 class ClusterBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` where every worker restores from the chief's backup.
+    """``BackupAndRestore`` where every worker restores from the chief's backup, saved atomically.
 
     Each worker saves to its own ``backup_dir`` (no two processes write one file) but all
     restore ``restore_dir`` (the chief's), so a restarted cluster resumes at one epoch even if
@@ -865,6 +867,16 @@ class ClusterBackupAndRestore(keras.callbacks.BackupAndRestore):
     def __init__(self, backup_dir: str, restore_dir: str | None = None):
         super().__init__(backup_dir)
         self.restore_dir = restore_dir or backup_dir
+
+    def _save_model(self) -> None:
+        """Save weights, then the epoch, each atomically: a kill never leaves half a file.
+
+        A kill between the two re-runs the last epoch on resume; nothing is lost.
+        """
+        files.atomic_write(self._weights_path,
+                           lambda p: self.model.save_weights(p, overwrite=True), ".weights.h5")
+        files.write_json(self._training_metadata_path,
+                         {"epoch": self._current_epoch, "batch": self._last_batch_seen})
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         own = (self._weights_path, self._training_metadata_path)

@@ -86,6 +86,33 @@ def test_interrupted_training_resumes_without_losing_epochs(data_dir, tmp_path):
     assert resumed["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=0.004)
 
 
+def test_backup_is_written_atomically(tmp_path, monkeypatch):
+    trainer = training.make_trainer("standard", models.build_model("tiny_cnn", (28, 28, 1), 10))
+    trainer.build((None, 28, 28, 1))
+    trainer.compile(optimizer="adam")
+    backup = training.ClusterBackupAndRestore(str(tmp_path / "backup"))
+    backup.set_model(trainer)
+    backup._current_epoch, backup._last_batch_seen = 3, 0
+    backup._save_model()
+    weights = tmp_path / "backup" / "latest.weights.h5"
+    meta = tmp_path / "backup" / "training_metadata.json"
+    saved = weights.read_bytes()
+    assert json.loads(meta.read_text())["epoch"] == 3
+
+    def killed_mid_write(path, overwrite=True):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt  # the process dies while writing
+
+    monkeypatch.setattr(trainer, "save_weights", killed_mid_write)
+    backup._current_epoch = 4
+    with pytest.raises(KeyboardInterrupt):
+        backup._save_model()
+    assert weights.read_bytes() == saved  # the last complete backup is intact
+    assert json.loads(meta.read_text())["epoch"] == 3
+    assert sorted(p.name for p in weights.parent.iterdir()) == sorted([meta.name, weights.name])
+
+
 def test_killed_train_binary_resumes_from_backup(data_dir, tmp_path):
     out = tmp_path / "killed"
     epochs = 20  # many short epochs: the kill always lands after the first backup, mid-run
