@@ -15,7 +15,7 @@ import time
 import keras
 from absl import app, flags, logging
 
-from rat_tf import attacks, data, distribute, evaluation, files, ops, plots
+from rat_tf import attacks, data, distribute, files, ops, plots
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "mnist", "Dataset name (mnist, fashion_mnist, cifar10).")
@@ -88,9 +88,8 @@ def main(argv):
     if distribute.is_chief(strategy):
         os.makedirs(FLAGS.output_dir, exist_ok=True)
         attacks.save_perturbations(  # fingerprints: evaluation refuses these search images
-            os.path.join(FLAGS.output_dir, "perturbations.npz"), V, **settings,
-            success_test=report["success_test"],
-            **{evaluation.FINGERPRINT_KEY: evaluation.fingerprints(x)})
+            os.path.join(FLAGS.output_dir, "perturbations.npz"), V, search_images=x,
+            **settings, success_test=report["success_test"])
         titles = [f"{n}\n{'-' if r is None else f'{100 * r:.0f}%'}"
                   for n, r in zip(info.class_names, report["success_test"])]
         plots.perturbation_grid(V, os.path.join(FLAGS.output_dir, "perturbations.png"),

@@ -28,10 +28,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import files, ops
+from rat_tf import data, files, ops
 
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
 TU_METHODS = ("reference", "batched", "sgd")
+FINGERPRINT_KEY = "search_fingerprints"  # metadata of a perturbation file: its search images
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -638,9 +639,15 @@ def fooling_rate(model_fn: ModelFn, x, v, batch_size: int = 500) -> float:
 
 
 # ----------------------------------------------------------------------------- files
-def save_perturbations(path: str, V, **meta) -> str:
-    """Save perturbations and JSON metadata in one .npz (readable with allow_pickle=False)."""
+def save_perturbations(path: str, V, search_images: np.ndarray | None = None, **meta) -> str:
+    """Save perturbations and JSON metadata in one .npz (readable with allow_pickle=False).
+
+    ``search_images``: the images V was searched on; their fingerprints are stored so that an
+    evaluation can refuse to measure V on them.
+    """
     V = np.asarray(V, np.float32)
+    if search_images is not None:
+        meta[FINGERPRINT_KEY] = data.fingerprints(search_images).tolist()
     if V.ndim not in (3, 4):
         raise ValueError(f"perturbations must be [H,W,C] or [K,H,W,C], got shape {V.shape}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

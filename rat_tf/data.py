@@ -367,6 +367,15 @@ def load_arrays(name: str, split: str, source: str = "auto", data_dir: str | Non
 
 
 # --------------------------------------------------------------------------- subsets & pipelines
+def fingerprints(x: np.ndarray) -> np.ndarray:
+    """One 16-hex-digit fingerprint per image (sha1 of the image quantized to 8 bits)."""
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"expected a batch of images, got shape {x.shape}")
+    q = np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8) if x.dtype != np.uint8 else x
+    return np.array([hashlib.sha1(row.tobytes()).hexdigest()[:16] for row in q], dtype="<U16")
+
+
 def check_pixels(images: np.ndarray, what: str = "images") -> None:
     """Raise ValueError unless every value of ``images`` is finite and in [0, 1]."""
     images = np.asarray(images)

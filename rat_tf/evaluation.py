@@ -25,7 +25,6 @@ from absl import logging
 from rat_tf import attacks, data, files, ops, plots
 
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
-FINGERPRINT_KEY = "search_fingerprints"  # meta key of a perturbation file (see fingerprints)
 
 # Per-dataset defaults: FGSM sweep, PGD radii, per-class FGSM radius, TUP radius (the RAT
 # radius of rat_tf.training.DEFAULT_EPS, so "given" and "fresh" perturbations are comparable).
@@ -120,21 +119,12 @@ class Report(dict):
         self.arrays: dict[str, np.ndarray] = {}
 
 
-# --------------------------------------------------------------------------- fingerprints
-def fingerprints(x: np.ndarray) -> np.ndarray:
-    """One 16-hex-digit fingerprint per image (sha1 of the image quantized to 8 bits)."""
-    x = np.asarray(x)
-    if x.ndim < 2:
-        raise ValueError(f"expected a batch of images, got shape {x.shape}")
-    q = np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8) if x.dtype != np.uint8 else x
-    return np.array([hashlib.sha1(row.tobytes()).hexdigest()[:16] for row in q], dtype="<U16")
-
-
+# --------------------------------------------------------------------------- held-out check
 def check_disjoint(x_test: np.ndarray, x_search: np.ndarray | None = None,
                    search_fingerprints: np.ndarray | Sequence[str] | None = None) -> None:
     """Raise ValueError if a test image is also one of the search images (or fingerprints)."""
-    test = set(fingerprints(x_test).tolist())
-    for what, prints in (("x_search", None if x_search is None else fingerprints(x_search)),
+    test = set(data.fingerprints(x_test).tolist())
+    for what, prints in (("x_search", None if x_search is None else data.fingerprints(x_search)),
                          ("the perturbation's search images", search_fingerprints)):
         if prints is None:
             continue
@@ -263,8 +253,8 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
         given_v, given_meta = attacks.load_perturbations(os.fspath(perturbations))
     elif perturbations is not None:
         given_v = np.asarray(perturbations, np.float32)
-    if search_fingerprints is None and FINGERPRINT_KEY in given_meta:
-        search_fingerprints = given_meta[FINGERPRINT_KEY]
+    if search_fingerprints is None and attacks.FINGERPRINT_KEY in given_meta:
+        search_fingerprints = given_meta[attacks.FINGERPRINT_KEY]
     if given_v is not None and search_fingerprints is None:
         logging.warning("the given perturbations carry no fingerprints of the images they were "
                         "searched on: cannot check that the test images are not among them")
@@ -303,7 +293,7 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
     seconds: dict[str, float] = {}
     report = Report(name=name or description, model=description, dataset=s.dataset,
                     num_test=int(len(x_test)), num_search=int(len(xs)),
-                    test_fingerprint=hashlib.sha1("".join(fingerprints(x_test)).encode()
+                    test_fingerprint=hashlib.sha1("".join(data.fingerprints(x_test)).encode()
                                                   ).hexdigest()[:16],
                     settings=s.to_dict(), class_names=class_names)
 
@@ -399,7 +389,7 @@ def _floats(values: Sequence | np.ndarray) -> list[float | None]:
 
 def _jsonable_meta(meta: Mapping) -> dict:
     """The small, JSON-ready part of a perturbation file's metadata (no fingerprint lists)."""
-    return {k: v for k, v in meta.items() if k != FINGERPRINT_KEY
+    return {k: v for k, v in meta.items() if k != attacks.FINGERPRINT_KEY
             and isinstance(v, (str, int, float, bool, type(None)))}
 
 

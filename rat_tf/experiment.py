@@ -315,7 +315,7 @@ def _search(config: ExperimentConfig, classifier_path: str, out_dir: str,
     attacks.save_perturbations(
         os.path.join(out_dir, "perturbations.npz"), v, eps=float(config.eps), norm=config.norm,
         method=config.search_method, mean_success_rate=float(np.mean(rates)),
-        **{evaluation.FINGERPRINT_KEY: evaluation.fingerprints(xs)})
+        search_images=xs)
 
 
 def _export(model_path: str, saved_dir: str, x_check: np.ndarray) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import attacks, distribute, evaluation, files, models, ops
+from rat_tf import attacks, distribute, files, models, ops
 from rat_tf import data as data_lib
 
 METHODS = ("standard", "rat", "fgsm_at", "pgd_at")
@@ -840,16 +840,14 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
         if config.method == "rat":
             v = trainer.get_perturbations()
             # Fingerprints of the images V was searched on, so evaluation refuses them.
-            if config.perturbations_path and not config.refresh_every:
+            meta = {"search_images": x_train}
+            if config.perturbations_path and not config.refresh_every:  # V searched elsewhere
                 _, given = attacks.load_perturbations(config.perturbations_path)
-                searched_on = given.get(evaluation.FINGERPRINT_KEY, [])
-            else:
-                searched_on = evaluation.fingerprints(x_train)
+                meta = {attacks.FINGERPRINT_KEY: given.get(attacks.FINGERPRINT_KEY, [])}
             files.atomic_write(
                 os.path.join(model_dir, "perturbations.npz"),
-                lambda p: attacks.save_perturbations(
-                    p, v, eps=eps, norm=config.norm,
-                    **{evaluation.FINGERPRINT_KEY: searched_on}), ".npz")
+                lambda p: attacks.save_perturbations(p, v, eps=eps, norm=config.norm, **meta),
+                ".npz")
         files.write_json(os.path.join(model_dir, "metrics.json"), metrics)
     else:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from rat_tf import attacks, evaluation, export
+from rat_tf import attacks, data, evaluation, export
 
 N_TEST = 300
 
@@ -32,8 +32,9 @@ def given(split, tmp_path_factory):
     _, _, xs, _ = split
     v = np.random.default_rng(0).uniform(-0.2, 0.2, (10, 28, 28, 1)).astype(np.float32)
     path = str(tmp_path_factory.mktemp("given") / "v.npz")
-    attacks.save_perturbations(path, v, eps=0.2, norm="linf",
-                               **{evaluation.FINGERPRINT_KEY: evaluation.fingerprints(xs[:100])})
+    attacks.save_perturbations(path, v, search_images=xs[:100], eps=0.2, norm="linf")
+    _, meta = attacks.load_perturbations(path)
+    assert meta[attacks.FINGERPRINT_KEY] == data.fingerprints(xs[:100]).tolist()
     return path
 
 
@@ -131,7 +132,7 @@ def test_refuses_to_measure_on_search_images(mnist_model, split, settings, given
 def test_bad_images_labels_and_settings_are_refused(mnist_model, split, settings):
     x_test, y_test, xs, ys = split
     kw = dict(x_search=xs, y_search=ys, settings=settings, progress=False)
-    with pytest.raises(ValueError, match=r"x_test must be finite pixel values in \[0, 1\], got range"):
+    with pytest.raises(ValueError, match=r"x_test must be finite pixel values in \[0, 1\], got"):
         evaluation.robustness_report(mnist_model, x_test * 255.0, y_test, **kw)
     with pytest.raises(ValueError, match="x_test must be finite .* NaN or infinite"):
         evaluation.robustness_report(mnist_model, np.where(x_test > 0.5, np.nan, x_test),

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from rat_tf import attacks, evaluation, experiment
+from rat_tf import attacks, data, experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("start", "rat", "fgsm_at", "pgd_at")
@@ -65,9 +65,9 @@ def test_report_compares_all_models_on_held_out_images(run_dir, mnist_arrays):
     # V carries the fingerprints of its search images: none of them is a test image
     v, meta = attacks.load_perturbations(os.path.join(out, "search", "perturbations.npz"))
     assert v.shape == (10, 28, 28, 1) and np.max(np.abs(v)) <= 0.3 + 1e-6
-    assert len(meta[evaluation.FINGERPRINT_KEY]) == 200 and meta["eps"] == 0.3
-    test_prints = set(evaluation.fingerprints(mnist_arrays[2][:200]).tolist())
-    assert not test_prints & set(meta[evaluation.FINGERPRINT_KEY])
+    assert len(meta[attacks.FINGERPRINT_KEY]) == 200 and meta["eps"] == 0.3
+    test_prints = set(data.fingerprints(mnist_arrays[2][:200]).tolist())
+    assert not test_prints & set(meta[attacks.FINGERPRINT_KEY])
 
 
 def test_finetuning_shares_start_model_subset_and_epochs(run_dir):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rat_tf import attacks, evaluation, models, training
+from rat_tf import attacks, models, training
 from rat_tf import data as data_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,7 +278,7 @@ def test_rat_refresh_searches_v_again(data_dir, tmp_path):
     assert np.abs(stored).max() > 0  # searched again against the trained weights
     x_train, y_train = data_lib.load_arrays("mnist", "train", data_dir=data_dir)
     subset, _ = data_lib.balanced_subset(x_train, y_train, 20, seed=0)  # train()'s subset
-    assert meta[evaluation.FINGERPRINT_KEY] == evaluation.fingerprints(subset).tolist()
+    assert meta[attacks.FINGERPRINT_KEY] == data_lib.fingerprints(subset).tolist()
     assert np.abs(stored).max() <= 0.2 + 1e-6
     assert "refresh_success_rate" in metrics["history"]
 
