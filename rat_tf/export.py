@@ -169,10 +169,10 @@ def verify_export(path: str, classifier: keras.Model, x: np.ndarray | None = Non
                 raise ExportError(f"{path}: {signature} logits {out['logits'].dtype.name} "
                                   f"{logits.shape}, classifier gives float32 {ref.shape}")
             diff = float(np.max(np.abs(logits - ref)))
-            worst = diff if not np.isfinite(diff) else max(worst, diff)  # NaN/inf: never hidden
-            if not np.isfinite(worst):
+            if not np.isfinite(diff):  # max() would drop a NaN and call the export verified
                 raise ExportError(f"{path}: {signature} gives non-finite logits (or the "
                                   f"classifier does)")
+            worst = max(worst, diff)
             if not np.array_equal(out["classes"].numpy(), np.argmax(logits, -1)):
                 raise ExportError(f"{path}: {signature} classes are not argmax(logits)")
             probs = out["probabilities"].numpy()
