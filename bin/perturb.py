@@ -1,21 +1,19 @@
 """Search targeted universal perturbations against a trained model and write them out.
 
 Searches V on a balanced subset of TRAINING images, measures per-target success on held-out
-TEST images, and writes to --output_dir: perturbations.npz, perturbations.png and
-perturbation.json (settings, success on search and test images, norms, wall time).
+TEST images, and writes to --output_dir (:func:`rat_tf.attacks.write_search`):
+perturbations.npz, perturbations.png and search.json (settings, success on search and test
+images, norms, wall time).
 
 Example:
   python bin/perturb.py --dataset=mnist --model_path=runs/std/model.keras \
       --output_dir=runs/std/tup --eps=0.3 --n_per_class=100
 """
 
-import os
-import time
-
 import keras
 from absl import app, flags, logging
 
-from rat_tf import attacks, data, distribute, files, ops, plots
+from rat_tf import attacks, data, distribute, ops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "mnist", "Dataset name (mnist, fashion_mnist, cifar10).")
@@ -57,46 +55,25 @@ def main(argv):
     model_fn = lambda images: model(images, training=False)  # noqa: E731
     targets = [int(t) for t in FLAGS.targets] if FLAGS.targets else None
     logging.info("searching %s on %d %s training images", FLAGS.method, len(x), FLAGS.dataset)
-    start = time.perf_counter()
     V, stats = attacks.targeted_universal(
         model_fn, x, y, info.num_classes, FLAGS.eps, norm=FLAGS.norm, method=FLAGS.method,
         targets=targets, delta=FLAGS.delta, max_passes=FLAGS.max_passes,
         step_size=FLAGS.step_size, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
         strategy=strategy, progress=FLAGS.progress, inner_steps=FLAGS.inner_steps,
         jit_compile=FLAGS.jit_compile)
-    seconds = time.perf_counter() - start
     test_rate = attacks.targeted_success_rate(model_fn, x_test, y_test, V, targets=targets)
-    searched = stats["targets"]
+    success_test = [float(test_rate[t]) if stats["success_rate"][t] is not None else None
+                    for t in range(info.num_classes)]
     settings = {k: FLAGS[k].value for k in (
-        "dataset", "model_path", "method", "norm", "eps", "delta", "max_passes", "inner_steps",
-        "n_per_class", "batch_size", "seed", "strategy", "num_cpu_devices", "jit_compile")}
-    settings.update(step_size=stats["step_size"], targets=searched)
-    report = {
-        "settings": settings,
-        "success_test": [None if t not in searched else float(test_rate[t])
-                         for t in range(info.num_classes)],
-        "success_search": stats["success_rate"],
-        "mean_success_test": float(sum(test_rate[t] for t in searched) / len(searched)),
-        "norm": stats["norm"],
-        "passes": stats["passes"],
-        "converged": stats["converged"],
-        "num_search_images": int(len(x)),
-        "num_test_images": int(len(x_test)),
-        "num_replicas": stats["num_replicas"],
-        "wall_seconds": seconds,
-    }
+        "dataset", "model_path", "inner_steps", "n_per_class", "batch_size", "seed", "strategy",
+        "num_cpu_devices", "jit_compile")}
     if distribute.is_chief(strategy):
-        os.makedirs(FLAGS.output_dir, exist_ok=True)
-        attacks.save_perturbations(  # fingerprints: evaluation refuses these search images
-            os.path.join(FLAGS.output_dir, "perturbations.npz"), V, search_images=x,
-            **settings, success_test=report["success_test"])
-        titles = [f"{n}\n{'-' if r is None else f'{100 * r:.0f}%'}"
-                  for n, r in zip(info.class_names, report["success_test"])]
-        plots.perturbation_grid(V, os.path.join(FLAGS.output_dir, "perturbations.png"),
-                                titles=titles)
-        files.write_json(os.path.join(FLAGS.output_dir, "perturbation.json"), report)
-    logging.info("mean held-out success %.4f (passes %d, %.1fs); wrote %s",
-                 report["mean_success_test"], stats["passes"], seconds, FLAGS.output_dir)
+        report = attacks.write_search(FLAGS.output_dir, V, stats, x, class_names=info.class_names,
+                                      settings=settings, success_test=success_test,
+                                      num_test_images=len(x_test))
+        logging.info("mean held-out success %.4f (passes %d, %.1fs); wrote %s",
+                     report["mean_success_test"], stats["passes"], stats["seconds"],
+                     FLAGS.output_dir)
 
 
 if __name__ == "__main__":

@@ -655,6 +655,46 @@ def save_perturbations(path: str, V, search_images: np.ndarray | None = None, **
     return path if path.endswith(".npz") else path + ".npz"
 
 
+def write_search(out_dir: str, V, stats: dict, search_images: np.ndarray, *,
+                 class_names: Sequence[str], settings: dict | None = None,
+                 success_test: Sequence[float | None] | None = None,
+                 num_test_images: int = 0) -> dict:
+    """Write a search's outputs to ``out_dir``: search.json, perturbations.png, then the npz.
+
+    ``stats`` is what :func:`targeted_universal` returned; ``success_test`` the per-target
+    success on held-out images, if measured. The npz (with the search images' fingerprints,
+    so evaluation refuses them) is written last: its presence marks the search as done.
+    Returns the JSON report.
+    """
+    from rat_tf import plots  # matplotlib only where figures are written
+
+    searched = [t for t, r in enumerate(stats["success_rate"]) if r is not None]
+    settings = {**(settings or {}), **{k: stats[k] for k in (
+        "method", "eps", "norm_type", "delta", "step_size", "targets")}}
+    report = {
+        "settings": settings,
+        "success_search": stats["success_rate"],
+        "mean_success_search": float(np.mean([stats["success_rate"][t] for t in searched])),
+        "success_test": None if success_test is None else list(success_test),
+        "mean_success_test": None if success_test is None else float(
+            np.mean([success_test[t] for t in searched])),
+        "norm": stats["norm"], "passes": stats["passes"], "converged": stats["converged"],
+        "num_search_images": int(len(search_images)), "num_test_images": int(num_test_images),
+        "num_replicas": stats["num_replicas"], "wall_seconds": stats["seconds"],
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    files.write_json(os.path.join(out_dir, "search.json"), report)
+    shown = success_test if success_test is not None else stats["success_rate"]
+    titles = [f"{n}\n{'-' if r is None else f'{100 * r:.0f}%'}" for n, r in zip(class_names, shown)]
+    plots.perturbation_grid(V, os.path.join(out_dir, "perturbations.png"), titles=titles,
+                            row_labels=["V"])
+    save_perturbations(os.path.join(out_dir, "perturbations.npz"), V,
+                       search_images=search_images, **settings,
+                       mean_success_rate=report["mean_success_search"],
+                       success_test=report["success_test"])
+    return report
+
+
 def load_perturbations(path: str) -> tuple[np.ndarray, dict]:
     """Load (V, metadata) saved by :func:`save_perturbations` (no pickle)."""
     with np.load(path, allow_pickle=False) as f:
@@ -666,5 +706,5 @@ def load_perturbations(path: str) -> tuple[np.ndarray, dict]:
 
 __all__ = ["fgsm", "pgd", "UniversalSearch", "targeted_universal", "untargeted_universal",
            "targeted_success_rate",
-           "fooling_rate", "save_perturbations", "load_perturbations", "enforce_bound",
+           "fooling_rate", "save_perturbations", "load_perturbations", "write_search", "enforce_bound",
            "TU_METHODS"]

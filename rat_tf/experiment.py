@@ -42,8 +42,9 @@ Result directory layout (``output_dir``)::
     accuracy_vs_radius.png       FGSM accuracy against radius, one line per model
     perturbations.png            V used in training, then V searched afresh against each model
     start/                       (a) model.keras, metrics.json, history.csv, logs/
-    search/perturbations.npz     (b) V [K,H,W,C] + metadata (incl. fingerprints of its images)
-    search/perturbations.png     (b) V as images; search/search.json: its statistics
+    search/                      (b) perturbations.npz: V [K,H,W,C] + metadata (incl. the
+                                 fingerprints of its images); perturbations.png; search.json
+                                 (:func:`rat_tf.attacks.write_search`)
     rat/ fgsm_at/ pgd_at/        (c)(d) model.keras, metrics.json, history.csv (rat: V used)
     saved_models/<model>/        (e) SavedModel of every classifier (serving_default, _uint8)
     evaluation/<model>.json|npz  (e) per-model report and the perturbations its evaluation
@@ -63,7 +64,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import attacks, data, evaluation, export, files, plots, training
+from rat_tf import attacks, data, evaluation, export, files, training
 
 BUDGETS = ("tiny", "small", "full")
 FINETUNE_METHODS = ("rat", "fgsm_at", "pgd_at", "standard")
@@ -303,19 +304,10 @@ def _search(config: ExperimentConfig, classifier_path: str, out_dir: str,
         classifier, xs, ys, info.num_classes, config.eps, norm=config.norm,
         method=config.search_method, delta=config.search_delta, max_passes=config.search_passes,
         batch_size=min(128, len(xs)), seed=config.seed, strategy=strategy, progress=True)
-    os.makedirs(out_dir, exist_ok=True)
-    rates = [r for r in stats["success_rate"] if r is not None]
+    report = attacks.write_search(out_dir, v, stats, xs, class_names=info.class_names,
+                                  settings={"dataset": config.dataset, "seed": config.seed})
     logging.info("V: mean targeted success %.3f on the %d search images after %d passes",
-                 float(np.mean(rates)), len(xs), stats["passes"])
-    files.write_json(os.path.join(out_dir, "search.json"),
-                {k: v for k, v in stats.items() if k != "history"} | {"images": len(xs)})
-    plots.perturbation_grid(v, os.path.join(out_dir, "perturbations.png"),
-                            titles=info.class_names, row_labels=["V"])
-    # npz last: its presence marks the stage as done.
-    attacks.save_perturbations(
-        os.path.join(out_dir, "perturbations.npz"), v, eps=float(config.eps), norm=config.norm,
-        method=config.search_method, mean_success_rate=float(np.mean(rates)),
-        search_images=xs)
+                 report["mean_success_search"], len(xs), stats["passes"])
 
 
 def _export(model_path: str, saved_dir: str, x_check: np.ndarray) -> None:

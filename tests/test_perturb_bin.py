@@ -25,7 +25,8 @@ def test_perturb_binary_writes_npz_png_json(mnist_model_path, data_dir, tmp_path
     assert V.shape == (10, 28, 28, 1) and np.abs(V).max() <= 0.3
     assert np.abs(V[2]).max() > 0 and not V[0].any()
     assert meta["targets"] == [2, 8] and meta["method"] == "sgd"
-    report = json.loads((out / "perturbation.json").read_text())
+    report = json.loads((out / "search.json").read_text())
+    assert report["settings"]["targets"] == [2, 8] and report["settings"]["eps"] == 0.3
     assert report["num_search_images"] == 40 and report["num_test_images"] == 300
     assert report["success_test"][0] is None and 0 <= report["success_test"][2] <= 1
     assert report["success_search"][8] is not None and report["wall_seconds"] > 0
