@@ -52,6 +52,9 @@ flags.DEFINE_float("perturbed_fraction", None,
 flags.DEFINE_enum("batch_mode", None, list(training.BATCH_MODES),
                   "(c) append the perturbed copies to the clean batch (default), or replace "
                   "images by them (the cost of a standard step).")
+flags.DEFINE_bool("per_source", None,
+                  "(c) one V per (source class, target) instead of one per target (default "
+                  "from the budget preset).")
 flags.DEFINE_float("adv_eps", None, "(d) FGSM-AT / PGD-AT radius (default per dataset).")
 flags.DEFINE_integer("train_pgd_steps", None, "(d) PGD-AT steps.")
 flags.DEFINE_integer("n_test", None, "(e) test images evaluated (0 = all).")
@@ -80,7 +83,7 @@ def main(argv):
         finetune_epochs=FLAGS.finetune_epochs, finetune_batch_size=FLAGS.finetune_batch_size,
         finetune_lr=FLAGS.finetune_lr, refresh_every=FLAGS.refresh_every,
         targets_per_image=FLAGS.targets_per_image, perturbed_fraction=FLAGS.perturbed_fraction,
-        batch_mode=FLAGS.batch_mode,
+        batch_mode=FLAGS.batch_mode, per_source=FLAGS.per_source,
         adv_eps=FLAGS.adv_eps, train_pgd_steps=FLAGS.train_pgd_steps,
         eval_overrides=dict(n_test=FLAGS.n_test, pgd_steps=FLAGS.eval_pgd_steps,
                             pgd_restarts=FLAGS.eval_pgd_restarts, fgsm_eps=FLAGS.fgsm_eps,

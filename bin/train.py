@@ -51,6 +51,8 @@ flags.DEFINE_float("perturbed_fraction", _D.perturbed_fraction,
 flags.DEFINE_enum("batch_mode", _D.batch_mode, training.BATCH_MODES,
                   "RAT: append the perturbed copies to the clean batch, or replace images by "
                   "them (the cost of a standard step).")
+flags.DEFINE_bool("per_source", _D.per_source,
+                  "RAT: one V per (source class, target) instead of one per target.")
 # FGSM-AT / PGD-AT
 flags.DEFINE_float("adv_eps", None, "FGSM-AT/PGD-AT radius (default per dataset, MNIST 0.3).")
 flags.DEFINE_integer("pgd_steps", _D.pgd_steps, "PGD-AT steps.")
@@ -79,7 +81,7 @@ def main(argv):
         search_method=FLAGS.search_method, search_passes=FLAGS.search_passes,
         search_delta=FLAGS.search_delta, refresh_every=FLAGS.refresh_every,
         targets_per_image=FLAGS.targets_per_image, perturbed_fraction=FLAGS.perturbed_fraction,
-        batch_mode=FLAGS.batch_mode, adv_eps=FLAGS.adv_eps, pgd_steps=FLAGS.pgd_steps,
+        batch_mode=FLAGS.batch_mode, per_source=FLAGS.per_source, adv_eps=FLAGS.adv_eps, pgd_steps=FLAGS.pgd_steps,
         pgd_step_size=FLAGS.pgd_step_size,
         precision=FLAGS.precision, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose)
     metrics = training.train(config, strategy)

@@ -262,7 +262,9 @@ class UniversalSearch:
     """A compiled, reusable universal-perturbation search for P perturbations at once.
 
     ``labels[p]`` is the class perturbation p pushes toward (targeted) or, with ``labels=None``,
-    the single row (P == 1) pushes every image away from its own label (untargeted). Update
+    the single row (P == 1) pushes every image away from its own label (untargeted). With
+    ``sources`` = K (targeted only) there is one row per (source class s, target): an image
+    of label s is only perturbed by the rows of its own class, rows ``s * P + p``. Update
     rules: ``sgd`` (projected sign/normalized gradient step on the summed CE) and ``batched``
     (mean of the per-image targeted inner attacks of the not-yet-fooled images; with batch 1
     this is the reference). Build it once and call :meth:`run` many times (RAT's refresh mode
@@ -276,11 +278,16 @@ class UniversalSearch:
     def __init__(self, model_fn: ModelFn, image_shape: Sequence[int], labels: list[int] | None,
                  eps: float, norm: str = "linf", method: str = "sgd",
                  step_size: float | None = None, inner_steps: int = 10, batch_size: int = 128,
-                 strategy: tf.distribute.Strategy | None = None, jit_compile: bool = False):
+                 strategy: tf.distribute.Strategy | None = None, jit_compile: bool = False,
+                 sources: int = 1):
         self.model_fn, self.eps, self.norm, self.method = model_fn, eps, norm, method
         self.strategy = strategy = strategy or tf.distribute.get_strategy()
         self.targeted = labels is not None
-        self.num = len(labels) if self.targeted else 1
+        self.num = len(labels) if self.targeted else 1  # rows an image is perturbed with
+        if sources > 1 and not self.targeted:
+            raise ValueError("per-source perturbations are targeted: pass labels")
+        self.sources = int(sources)
+        self.rows = self.sources * self.num  # rows of V
         self.shape = tuple(int(d) for d in image_shape)
         self.labels = tf.constant(labels if self.targeted else [0], tf.int32)
         self.step_size = float(_default_step(eps, norm, method) if step_size is None
@@ -289,7 +296,7 @@ class UniversalSearch:
         replicas = strategy.num_replicas_in_sync
         self.global_batch = -(-batch_size // replicas) * replicas
         with strategy.scope():
-            self.v = tf.Variable(tf.zeros((self.num,) + self.shape), trainable=False,
+            self.v = tf.Variable(tf.zeros((self.rows,) + self.shape), trainable=False,
                                  name="universal_perturbations",
                                  synchronization=tf.VariableSynchronization.ON_WRITE,
                                  aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
@@ -299,10 +306,23 @@ class UniversalSearch:
         self._run_eval = tf.function(self._eval)
 
     # -- per-replica pieces -------------------------------------------------------------
-    def _tiled(self, v, xb):
+    def _row_ids(self, yb):
+        """[P,B] the row of V that perturbs image b toward labels[p]."""
+        return yb[None] * self.num + tf.range(self.num)[:, None]
+
+    def _tiled(self, v, xb, yb):
         """Perturbed copies clip(x_b + v_p) as [P*B,H,W,C]."""
-        xt = ops.apply_perturbation(xb[None], v[:, None])
+        vb = v[:, None] if self.sources == 1 else tf.gather(v, self._row_ids(yb))
+        xt = ops.apply_perturbation(xb[None], vb)
         return tf.reshape(xt, (-1,) + self.shape)
+
+    def _per_row(self, values, yb):
+        """Sum [P,B,...] per-image values into the rows of V they belong to: [rows,...]."""
+        if self.sources == 1:
+            return tf.reduce_sum(values, axis=1)
+        flat = tf.reshape(values, tf.concat([[-1], tf.shape(values)[2:]], 0))
+        return tf.math.unsorted_segment_sum(flat, tf.reshape(self._row_ids(yb), [-1]),
+                                            self.rows)
 
     def _weights(self, yb, mb):
         """[P,B] weights: valid images, minus those whose label is the target (targeted)."""
@@ -317,34 +337,36 @@ class UniversalSearch:
         return yb[None]
 
     def _hits(self, logits, yb, w):
-        """[P] weighted count of images whose perturbed copy succeeds (hits the target / flips)."""
+        """[rows] weighted count of images whose perturbed copy succeeds (hits the target /
+        flips)."""
         pred = tf.reshape(tf.argmax(logits, -1, output_type=tf.int32), tf.shape(w))
         hit = tf.equal(pred, self._row_labels(yb))
         if not self.targeted:
             hit = ~hit
-        return tf.reduce_sum(w * tf.cast(hit, tf.float32), 1)
+        return self._per_row(w * tf.cast(hit, tf.float32), yb)
 
     def _local_sgd(self, v, xb, yb, mb):
         """Summed gradient of the weighted CE w.r.t. V, its weight per row and the hits at V."""
         w = self._weights(yb, mb)
         with tf.GradientTape() as tape:
             tape.watch(v)
-            logits = self.model_fn(self._tiled(v, xb))
+            logits = self.model_fn(self._tiled(v, xb, yb))
             ce = tf.reshape(_xent(tf.reshape(self._row_labels(yb), [-1]), logits), tf.shape(w))
             loss = tf.reduce_sum(w * ce)
-        return (tape.gradient(loss, v), tf.reduce_sum(w, axis=1),
-                self._hits(logits, yb, w), tf.reduce_sum(w, axis=1))
+        weight = self._per_row(w, yb)
+        return (tf.convert_to_tensor(tape.gradient(loss, v)), weight, self._hits(logits, yb, w),
+                weight)
 
     def _local_batched(self, v, xb, yb, mb):
         """Summed inner-attack increments of the not-yet-fooled images, their count, the hits
         at V and the weight per row."""
         rows = tf.reshape(self._row_labels(yb), [-1])
-        x0 = self._tiled(v, xb)
+        x0 = self._tiled(v, xb, yb)
         w = self._weights(yb, mb)
         pred = tf.argmax(self.model_fn(x0), -1, output_type=tf.int32)
         fooled = tf.cast(pred == rows, tf.float32)
         need = tf.reshape(w, [-1]) * (1.0 - fooled)
-        hits = tf.reduce_sum(w * tf.reshape(fooled, tf.shape(w)), 1)
+        hits = self._per_row(w * tf.reshape(fooled, tf.shape(w)), yb)
         alpha = tf.constant(self.step_size, tf.float32)
         rank = len(self.shape) + 1
 
@@ -360,8 +382,8 @@ class UniversalSearch:
 
         _, xa, _ = tf.while_loop(cond, body, [tf.constant(0), x0, need])
         d = tf.reshape((xa - x0) * _bcast(need, rank), (self.num, -1) + self.shape)
-        return (tf.reduce_sum(d, axis=1), tf.reduce_sum(tf.reshape(need, [self.num, -1]), 1),
-                hits, tf.reduce_sum(w, axis=1))
+        return (self._per_row(d, yb), self._per_row(tf.reshape(need, [self.num, -1]), yb),
+                hits, self._per_row(w, yb))
 
     def _replica_step(self, batch, active, lr):
         xb, yb, mb = batch
@@ -383,7 +405,7 @@ class UniversalSearch:
 
     def _pass(self, iterator, steps, active, lr):
         """One pass of updates; returns the [P] hits and weights seen along the way."""
-        hits, total = tf.zeros([self.num]), tf.zeros([self.num])
+        hits, total = tf.zeros([self.rows]), tf.zeros([self.rows])
         for _ in tf.range(steps):
             h, n = self.strategy.run(self._replica_step, args=(next(iterator), active, lr))
             hits += self._sum(h)
@@ -393,11 +415,11 @@ class UniversalSearch:
     def _replica_eval(self, batch):
         xb, yb, mb = batch
         w = self._weights(yb, mb)
-        return self._hits(self.model_fn(self._tiled(tf.convert_to_tensor(self.v), xb)), yb, w), \
-            tf.reduce_sum(w, 1)
+        return (self._hits(self.model_fn(self._tiled(tf.convert_to_tensor(self.v), xb, yb)), yb,
+                           w), self._per_row(w, yb))
 
     def _eval(self, iterator, steps):
-        hits, total = tf.zeros([self.num]), tf.zeros([self.num])
+        hits, total = tf.zeros([self.rows]), tf.zeros([self.rows])
         for _ in tf.range(steps):
             h, n = self.strategy.run(self._replica_eval, args=(next(iterator),))
             hits += self._sum(h)
@@ -418,30 +440,33 @@ class UniversalSearch:
             ) -> tuple[np.ndarray, np.ndarray, int, list[list[float]]]:
         """Search from V = 0 on (x, y) until every row reaches 1 - delta or ``max_passes``.
 
-        Returns (V [P,H,W,C] within the bound, exact final rate [P] on x, passes, history of
-        the per-pass running rates).
+        Returns (V [rows,H,W,C] within the bound, exact final rate [rows] on x (NaN for rows
+        no image of x can be pushed by, e.g. source == target), passes, history of the
+        per-pass running rates).
         """
         self.v.assign(tf.zeros_like(self.v))
         train_iter, steps = self._iterator(x, y, max_passes, seed)
-        active = np.ones(self.num, bool)
+        active = np.ones(self.rows, bool)
         bar = keras.utils.Progbar(max_passes, unit_name="pass") if progress else None
         history, passes = [], 0
         lr = tf.constant(self.step_size, tf.float32)
         for passes in range(1, max_passes + 1):
             hits, total = self._run_pass(train_iter, steps, tf.constant(active), lr)
+            reachable = total.numpy() > 0  # a pass sees every image: same in every pass
             running = hits.numpy() / np.maximum(total.numpy(), 1.0)
             history.append(running.tolist())
+            active &= reachable
             if delta is not None:
                 active &= running < 1.0 - delta
+            mean = float(running[reachable].mean()) if reachable.any() else 0.0
             if bar is not None:
-                bar.update(passes, [("success", float(running.mean())),
-                                    ("active", float(active.sum()))])
+                bar.update(passes, [("success", mean), ("active", float(active.sum()))])
             logging.info("universal search pass %d: running rate %.4f, %d rows active", passes,
-                         running.mean(), active.sum())
+                         mean, active.sum())
             if not active.any():
                 break
         eval_iter, eval_steps = self._iterator(x, y, 1, None)
-        rate = self._run_eval(eval_iter, eval_steps).numpy()
+        rate = np.where(reachable, self._run_eval(eval_iter, eval_steps).numpy(), np.nan)
         return enforce_bound(self.v.numpy(), self.eps, self.norm), rate, passes, history
 
 
@@ -455,8 +480,13 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
                        batch_size: int = 128, seed: int = 0,
                        strategy: tf.distribute.Strategy | None = None, progress: bool = False,
                        inner_steps: int = 10, jit_compile: bool = False,
-                       cache: dict | None = None) -> tuple[np.ndarray, dict]:
+                       cache: dict | None = None, per_source: bool = False
+                       ) -> tuple[np.ndarray, dict]:
     """Search targeted universal perturbations V [K,H,W,C] for all ``targets`` at once.
+
+    ``per_source=True`` searches one perturbation per (source class s, target t), universal
+    over the images of class s: V [K,K,H,W,C] with V[s, t] (zero where s == t), at the cost
+    of the per-target search (each image is perturbed by its own class's K rows only).
 
     Methods: ``sgd`` (default, fast: projected sign-SGD on the mean targeted CE, step
     ``step_size`` = eps/10 by default), ``batched`` (mean of per-image targeted FGSM increments,
@@ -465,7 +495,8 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
     paper's loop; runs on one device). A target stops once its success during a pass on ``x``
     reaches 1 - delta. Rows of targets not searched are zero. Returns (V float32 numpy, stats)
     with stats ``success_rate`` (list[K], exact on ``x`` at the end; None where not searched),
-    ``norm``, ``passes``, ... ``cache``: a dict owned by the caller in which the compiled
+    ``norm``, ``passes``, ... (per source: ``success_rate`` and ``norm`` per target over all
+    sources, ``success_rate_pairs`` and ``norm_pairs`` [K][K]). ``cache``: a dict owned by the caller in which the compiled
     :class:`UniversalSearch` is kept and reused by later calls with the same settings (no
     tracing again, e.g. when V is refreshed every epoch).
     """
@@ -499,30 +530,53 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
             raise ValueError("method 'reference' is sequential (one image at a time); call it "
                              "outside a multi-replica strategy scope, or use 'batched'")
     start = time.perf_counter()
+    sources = num_classes if per_source else 1
     key = (model_fn, tuple(x.shape[1:]), tuple(targets), float(eps), norm, method,
-           float(step_size), inner_steps, batch_size, strategy, jit_compile)
+           float(step_size), inner_steps, batch_size, strategy, jit_compile, sources)
     search = cache.get(key) if cache is not None else None
     if search is None:
         search = UniversalSearch(model_fn, x.shape[1:], targets, eps, norm, method, step_size,
-                                 inner_steps, batch_size, strategy, jit_compile)
+                                 inner_steps, batch_size, strategy, jit_compile, sources)
         if cache is not None:
             cache.clear()  # keep one compiled search (and its model) alive, not every one
             cache[key] = search
     v, rate, passes, history = search.run(x, y, max_passes=max_passes, delta=delta, seed=seed,
                                           progress=progress)
-    full = np.zeros((num_classes,) + x.shape[1:], np.float32)
-    full[targets] = v
-    norms = np.asarray(ops.batch_norms(full, norm), np.float64)
-    success: list = [None] * num_classes
-    for t, r in zip(targets, rate):
-        success[t] = float(r)
-    stats = {"success_rate": success, "norm": norms.tolist(), "passes": passes,
-             "method": method, "targets": targets, "eps": float(eps), "norm_type": norm,
-             "delta": float(delta), "step_size": float(step_size),
-             "converged": bool(np.all(rate >= 1.0 - delta)), "history": history,
+    reached = rate[np.isfinite(rate)]
+    stats = {"passes": passes, "method": method, "targets": targets, "eps": float(eps),
+             "norm_type": norm, "delta": float(delta), "step_size": float(step_size),
+             "converged": bool(reached.size and np.all(reached >= 1.0 - delta)),
+             "per_source": bool(per_source), "history": history,
              "seconds": time.perf_counter() - start,
              "num_replicas": strategy.num_replicas_in_sync,
              "traces": search.traces()}
+    if per_source:
+        full = np.zeros((num_classes, num_classes) + x.shape[1:], np.float32)
+        full[:, targets] = v.reshape((num_classes, len(targets)) + x.shape[1:])
+        pairs = np.full((num_classes, num_classes), np.nan)
+        pairs[:, targets] = rate.reshape(num_classes, len(targets))
+        # Per target over all sources: each rate weighted by its number of images.
+        counts = np.bincount(y, minlength=num_classes).astype(np.float64)[:, None]
+        seen = np.isfinite(pairs)
+        weight = np.where(seen, counts, 0.0).sum(0)
+        norms_pairs = np.asarray(ops.batch_norms(full.reshape((-1,) + x.shape[1:]), norm),
+                                 np.float64).reshape(num_classes, num_classes)
+        stats["success_rate_pairs"] = [[None if not np.isfinite(r) else float(r) for r in row]
+                                       for row in pairs]
+        stats["norm_pairs"] = norms_pairs.tolist()
+        stats["norm"] = norms_pairs.max(0).tolist()
+        rate_t = np.where(weight > 0, np.where(seen, pairs * counts, 0.0).sum(0)
+                          / np.maximum(weight, 1.0), np.nan)
+        stats["success_rate"] = [None if t not in targets or not np.isfinite(rate_t[t])
+                                 else float(rate_t[t]) for t in range(num_classes)]
+        return full, stats
+    full = np.zeros((num_classes,) + x.shape[1:], np.float32)
+    full[targets] = v
+    success: list = [None] * num_classes
+    for t, r in zip(targets, rate):
+        success[t] = None if not np.isfinite(r) else float(r)
+    stats["success_rate"] = success
+    stats["norm"] = np.asarray(ops.batch_norms(full, norm), np.float64).tolist()
     return full, stats
 
 
@@ -587,27 +641,35 @@ def targeted_success_rate(model_fn: ModelFn, x, y, V, targets: Sequence[int] | N
                           batch_size: int = 500) -> np.ndarray:
     """Per target t: fraction of images with label != t classified t after clip(x + V[t]).
 
-    ``batch_size`` counts images per forward pass (a batch is tiled against the targets).
-    Returns float64 [K]; NaN for targets not evaluated.
+    Per-source V [K,K,H,W,C] (see :func:`targeted_universal`): an image of label s gets
+    V[s, t]. ``batch_size`` counts images per forward pass (a batch is tiled against the
+    targets). Returns float64 [K]; NaN for targets not evaluated.
     """
     x, y = _check_images(x, y)
     if y is None:
         raise ValueError("targeted_success_rate needs the labels y")
     V = np.asarray(V, np.float32)
-    if V.ndim != 4 or V.shape[1:] != x.shape[1:]:
-        raise ValueError(f"perturbations must be [K,{','.join(map(str, x.shape[1:]))}], got "
+    k = V.shape[0] if V.ndim else 0
+    per_source = V.ndim == 5 and V.shape[1] == k
+    if V.ndim not in (4, 5) or V.shape[1 + per_source:] != x.shape[1:] or (
+            V.ndim == 5 and not per_source):
+        shape = ",".join(map(str, x.shape[1:]))
+        raise ValueError(f"perturbations must be [K,{shape}] or per source [K,K,{shape}], got "
                          f"shape {V.shape}")
-    k = V.shape[0]
     targets = _check_targets(targets, k)
     _check_model(model_fn, x, k)
     batch_size = _check_positive_int(batch_size, "batch_size")
-    vt = tf.constant(V[targets])
+    if y.min() < 0 or y.max() >= k:
+        raise ValueError(f"labels must be in [0, {k}), got range [{y.min()}, {y.max()}]")
+    vt = tf.constant(V[:, targets] if per_source else V[targets])
     tt = tf.constant(targets, tf.int32)
     b = max(1, batch_size // len(targets))
 
     @tf.function
     def counts(xb, yb, mb):
-        xt = ops.apply_perturbation(xb[None], vt[:, None])
+        # [T,B,H,W,C] per source (V[y_b, t]) or [T,1,H,W,C]
+        vb = tf.transpose(tf.gather(vt, yb), [1, 0, 2, 3, 4]) if per_source else vt[:, None]
+        xt = ops.apply_perturbation(xb[None], vb)
         pred = tf.argmax(model_fn(tf.reshape(xt, (-1,) + x.shape[1:])), -1, output_type=tf.int32)
         pred = tf.reshape(pred, [len(targets), -1])
         w = mb[None] * tf.cast(tf.not_equal(yb[None], tt[:, None]), tf.float32)
@@ -648,8 +710,9 @@ def save_perturbations(path: str, V, search_images: np.ndarray | None = None, **
     V = np.asarray(V, np.float32)
     if search_images is not None:
         meta[FINGERPRINT_KEY] = data.fingerprints(search_images).tolist()
-    if V.ndim not in (3, 4):
-        raise ValueError(f"perturbations must be [H,W,C] or [K,H,W,C], got shape {V.shape}")
+    if V.ndim not in (3, 4, 5):
+        raise ValueError(f"perturbations must be [H,W,C], [K,H,W,C] or per source [K,K,H,W,C], "
+                         f"got shape {V.shape}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez(path, perturbations=V, meta=np.array(json.dumps(meta, default=files.jsonable)))
     return path if path.endswith(".npz") else path + ".npz"
@@ -686,8 +749,11 @@ def write_search(out_dir: str, V, stats: dict, search_images: np.ndarray, *,
     files.write_json(os.path.join(out_dir, "search.json"), report)
     shown = success_test if success_test is not None else stats["success_rate"]
     titles = [f"{n}\n{'-' if r is None else f'{100 * r:.0f}%'}" for n, r in zip(class_names, shown)]
-    plots.perturbation_grid(V, os.path.join(out_dir, "perturbations.png"), titles=titles,
-                            row_labels=["V"])
+    per_source = np.ndim(V) == 5  # rows: source classes, columns: targets
+    plots.perturbation_grid(list(V) if per_source else V,
+                            os.path.join(out_dir, "perturbations.png"), titles=titles,
+                            row_labels=[f"from {n}" for n in class_names] if per_source else ["V"],
+                            dpi=64 if per_source else 80)
     save_perturbations(os.path.join(out_dir, "perturbations.npz"), V,
                        search_images=search_images, **settings,
                        mean_success_rate=report["mean_success_search"],

@@ -199,14 +199,23 @@ def _per_class(correct: np.ndarray, y: np.ndarray, k: int) -> list[float | None]
     return [float(correct[y == c].mean()) if np.any(y == c) else None for c in range(k)]
 
 
+def _by_target(V: np.ndarray) -> np.ndarray:
+    """[K, ...] with every perturbation toward target t in row t (per-source V [K,K,...]:
+    its column t)."""
+    return np.swapaxes(V, 0, 1) if V.ndim == 5 else V
+
+
 def _mean_over_targets(rates: np.ndarray, V: np.ndarray) -> float:
     """Mean success over the targets that have a perturbation (all-zero rows are skipped)."""
+    V = _by_target(V)
     searched = np.any(np.reshape(V, (V.shape[0], -1)) != 0, axis=1)
     rates = rates[searched & np.isfinite(rates)]
     return float(np.mean(rates)) if rates.size else 0.0
 
 
 def _linf(V: np.ndarray) -> list[float]:
+    """Per target: the largest L-inf norm of a perturbation toward it."""
+    V = _by_target(V)
     return np.max(np.abs(np.reshape(V, (V.shape[0], -1))), axis=1).astype(float).tolist()
 
 
@@ -258,18 +267,19 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
     if given_v is not None and search_fingerprints is None:
         logging.warning("the given perturbations carry no fingerprints of the images they were "
                         "searched on: cannot check that the test images are not among them")
-    if given_v is not None and given_v.shape[1:] != x_test.shape[1:]:
+    lead = 0 if given_v is None else given_v.ndim - x_test.ndim + 1  # 1: per target, 2: source
+    if given_v is not None and (lead not in (1, 2) or given_v.shape[lead:] != x_test.shape[1:]):
         raise ValueError(f"perturbations of shape {given_v.shape} do not fit images of shape "
-                         f"{x_test.shape[1:]}")
+                         f"{x_test.shape[1:]} ([K,...] per target or [K,K,...] per source)")
 
     num_classes = info.num_classes
     for what, labels in (("y_test", y_test), ("y_search", y_search)):
         if labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"{what} labels must be in [0, {num_classes}), got range "
                              f"[{labels.min()}, {labels.max()}]")
-    if given_v is not None and given_v.shape[0] != num_classes:
-        raise ValueError(f"perturbations hold {given_v.shape[0]} targets, {settings.dataset} "
-                         f"has {num_classes} classes")
+    if given_v is not None and given_v.shape[:lead] != (num_classes,) * lead:
+        raise ValueError(f"perturbations of shape {given_v.shape} do not hold one per class "
+                         f"of {settings.dataset} ({num_classes} classes)")
     class_names = list(class_names) if class_names is not None else [
         str(c) for c in range(num_classes)]
     if len(class_names) != num_classes:
@@ -546,6 +556,8 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str,
     for name, r in reports.items():
         arrays = getattr(r, "arrays", {})
         given = arrays.get("tup_given")
+        if given is not None and given.ndim == 5:  # per source: show the mean over sources
+            given = _by_target(given).sum(1) / max(1, given.shape[0] - 1)
         if given is not None and not any(np.array_equal(given, x) for x in rows):
             rows.append(given)
             labels.append("V of training" if len(reports) > 1 else f"{name}: given")

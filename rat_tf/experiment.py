@@ -156,6 +156,7 @@ class ExperimentConfig:
     targets_per_image: str | None = None  # RAT: "one" (default) or "all"
     perturbed_fraction: float | None = None  # RAT: weight of the perturbed examples (0.5)
     batch_mode: str | None = None  # RAT: "append" (default) or "replace"
+    per_source: bool | None = None  # RAT: one V per (source class, target); default per preset
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: training.DEFAULT_ADV_EPS
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -169,6 +170,7 @@ class ExperimentConfig:
         defaults = dict(pretrain_lr=1e-3, pretrain_optimizer="adam",
                         pretrain_lr_schedule="constant", finetune_lr=5e-4, refresh_every=0,
                         targets_per_image="one", perturbed_fraction=0.5, batch_mode="append",
+                        per_source=False,
                         eps=training.DEFAULT_EPS.get(self.dataset, 0.1),
                         adv_eps=training.DEFAULT_ADV_EPS.get(self.dataset, 0.1))
         values = dataclasses.asdict(self)
@@ -229,7 +231,8 @@ class ExperimentConfig:
     def _rat_settings(self) -> dict:
         """The RAT-only TrainConfig fields of stage (c)."""
         return dict(refresh_every=self.refresh_every, targets_per_image=self.targets_per_image,
-                    perturbed_fraction=self.perturbed_fraction, batch_mode=self.batch_mode)
+                    perturbed_fraction=self.perturbed_fraction, batch_mode=self.batch_mode,
+                    per_source=bool(self.per_source))
 
     def eval_settings(self) -> evaluation.EvalSettings:
         """The evaluation settings of a resolved config."""
@@ -303,7 +306,8 @@ def _search(config: ExperimentConfig, classifier_path: str, out_dir: str,
     v, stats = attacks.targeted_universal(
         classifier, xs, ys, info.num_classes, config.eps, norm=config.norm,
         method=config.search_method, delta=config.search_delta, max_passes=config.search_passes,
-        batch_size=min(128, len(xs)), seed=config.seed, strategy=strategy, progress=True)
+        batch_size=min(128, len(xs)), seed=config.seed, strategy=strategy, progress=True,
+        per_source=bool(config.per_source))
     report = attacks.write_search(out_dir, v, stats, xs, class_names=info.class_names,
                                   settings={"dataset": config.dataset, "seed": config.seed})
     logging.info("V: mean targeted success %.3f on the %d search images after %d passes",

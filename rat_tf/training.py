@@ -179,13 +179,16 @@ class RATModel(StandardModel):
     ``"replace"`` (one target per image) swaps each image for its perturbed copy with
     probability ``perturbed_fraction``, so a step costs what a standard step costs. V stays
     fixed (static, the paper) unless a :class:`RefreshPerturbations` callback searches it again.
+    ``per_source=True`` (beyond the paper) holds one perturbation per (source class, target),
+    V [K,K,H,W,C]: an image of label s gets V[s, t] (see :func:`attacks.targeted_universal`).
     """
 
     method = "rat"
 
     def __init__(self, classifier: keras.Model, perturbations: np.ndarray | None = None, *,
                  targets_per_image: str = "one", perturbed_fraction: float = 0.5,
-                 batch_mode: str = "append", seed: int = 0, name: str | None = None):
+                 batch_mode: str = "append", per_source: bool = False, seed: int = 0,
+                 name: str | None = None):
         super().__init__(classifier, seed=seed, name=name)
         if targets_per_image not in TARGET_MODES:
             raise ValueError(f"targets_per_image must be one of {TARGET_MODES}, got "
@@ -202,8 +205,10 @@ class RATModel(StandardModel):
         self.targets_per_image = targets_per_image
         self.batch_mode = batch_mode
         self.perturbed_fraction = float(perturbed_fraction)
+        self.per_source = bool(per_source)
+        rows = (self.num_classes,) * (2 if self.per_source else 1)
         self.perturbations = self.add_weight(
-            name="perturbations", shape=(self.num_classes, *self.image_shape),
+            name="perturbations", shape=(*rows, *self.image_shape),
             initializer="zeros", trainable=False, aggregation="only_first_replica")
         self.perturbed_accuracy = keras.metrics.SparseCategoricalAccuracy(
             name="perturbed_accuracy")
@@ -215,7 +220,8 @@ class RATModel(StandardModel):
         v = np.asarray(perturbations, np.float32)
         if v.shape != tuple(self.perturbations.shape):
             raise ValueError(f"perturbations have shape {v.shape}, the model needs "
-                             f"{tuple(self.perturbations.shape)} (num_classes, H, W, C)")
+                             f"{tuple(self.perturbations.shape)} ("
+                             f"{'source, target' if self.per_source else 'num_classes'}, H, W, C)")
         if not np.all(np.isfinite(v)):
             raise ValueError("perturbations contain NaN or infinite values")
         self.perturbations.assign(v)
@@ -232,9 +238,13 @@ class RATModel(StandardModel):
             offset = self._global_draw(0, tf.shape(y), lambda shape, seed: (
                 tf.random.stateless_uniform(shape, seed, minval=1, maxval=k, dtype=tf.int32)))
             targets = (y + offset) % k
+            if self.per_source:
+                return ops.apply_perturbation(x, tf.gather_nd(v, tf.stack([y, targets], 1))), y
             return ops.apply_perturbation(x, tf.gather(v, targets)), y
         targets = (y[:, None] + tf.range(1, k, dtype=y.dtype)[None, :]) % k  # [B, K-1]
-        x_p = ops.apply_perturbation(x[:, None], tf.gather(v, targets))  # [B, K-1, H, W, C]
+        vt = (tf.gather(tf.gather(v, y), targets, batch_dims=1) if self.per_source
+              else tf.gather(v, targets))
+        x_p = ops.apply_perturbation(x[:, None], vt)  # [B, K-1, H, W, C]
         x_p = tf.reshape(x_p, tf.concat([[-1], tf.shape(x)[1:]], 0))
         return x_p, tf.repeat(y, k - 1)
 
@@ -266,7 +276,8 @@ class RATModel(StandardModel):
 
     def settings(self) -> dict:
         return {**super().settings(), "targets_per_image": self.targets_per_image,
-                "perturbed_fraction": self.perturbed_fraction, "batch_mode": self.batch_mode}
+                "perturbed_fraction": self.perturbed_fraction, "batch_mode": self.batch_mode,
+                "per_source": self.per_source}
 
 
 class AdversarialTrainingModel(StandardModel):
@@ -372,7 +383,7 @@ class RefreshPerturbations(keras.callbacks.Callback):
         v, stats = attacks.targeted_universal(
             self.model.classifier, self.x, self.y, self.model.num_classes,
             seed=self.seed + epoch + 1, strategy=self.model.distribute_strategy,
-            cache=self._cache, **self.kwargs)
+            cache=self._cache, per_source=self.model.per_source, **self.kwargs)
         self.model.set_perturbations(v)
         rate = _mean_rate(stats)
         self.history.append({"epoch": epoch + 1, "success_rate": rate,
@@ -507,6 +518,7 @@ class TrainConfig:
     targets_per_image: str = "one"
     perturbed_fraction: float = 0.5
     batch_mode: str = "append"  # or "replace": the cost of a standard step
+    per_source: bool = False  # one V per (source class, target) instead of per target
     # FGSM-AT / PGD-AT
     adv_eps: float | None = None  # attack radius; None: dataset default (MNIST 0.3)
     pgd_steps: int = 10
@@ -586,8 +598,9 @@ class TrainConfig:
              f"init_from {self.init_from!r}: no such file"),
             (not self.perturbations_path or os.path.isfile(self.perturbations_path),
              f"perturbations_path {self.perturbations_path!r}: no such file"),
-            (self.method == "rat" or not (self.perturbations_path or self.refresh_every),
-             "perturbations_path and refresh_every are RAT settings (method=rat)"),
+            (self.method == "rat" or not (self.perturbations_path or self.refresh_every
+                                          or self.per_source),
+             "perturbations_path, refresh_every and per_source are RAT settings (method=rat)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -598,7 +611,8 @@ class TrainConfig:
         if self.method == "rat":
             return {"targets_per_image": self.targets_per_image,
                     "perturbed_fraction": self.perturbed_fraction,
-                    "batch_mode": self.batch_mode, "seed": self.seed}
+                    "batch_mode": self.batch_mode, "per_source": bool(self.per_source),
+                    "seed": self.seed}
         if self.method in ("fgsm_at", "pgd_at"):
             return {"eps": self.resolved_adv_eps(), "norm": self.norm, "steps": self.pgd_steps,
                     "step_size": self.pgd_step_size, "seed": self.seed}
@@ -759,7 +773,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
                          config.norm, eps, config.search_method)
             v, search_stats = attacks.targeted_universal(
                 classifier, x_train, y_train, info.num_classes, seed=config.seed,
-                strategy=strategy, **search_kwargs)
+                strategy=strategy, per_source=config.per_source, **search_kwargs)
             logging.info("V found in %.1fs: mean targeted success %.3f on the training subset",
                          time.time() - t, _mean_rate(search_stats))
         trainer.set_perturbations(v)

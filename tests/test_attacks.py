@@ -15,6 +15,13 @@ def model_fn(mnist_model):
 
 
 @pytest.fixture(scope="module")
+def mirrored():
+    """One 2-CPU MirroredStrategy for the module: strategies created one after another in a
+    process can collide on collective instance keys when their reductions differ in shape."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="module")
 def test_slice(mnist_arrays):
     _, _, x_test, y_test = mnist_arrays
     return x_test[:500], y_test[:500]
@@ -105,13 +112,13 @@ def test_targeted_pgd_reaches_target(model_fn, test_slice):
     assert np.mean(np.argmax(model_fn(x_adv).numpy(), -1) == t) > 0.8
 
 
-def test_fgsm_pgd_trace_in_tf_function_and_replica_context(model_fn, test_slice):
+def test_fgsm_pgd_trace_in_tf_function_and_replica_context(model_fn, test_slice, mirrored):
     x, y = test_slice[0][:64], test_slice[1][:64]
     eager = attacks.fgsm(model_fn, x, y, 0.1).numpy()
     compiled = tf.function(lambda a, b: attacks.fgsm(model_fn, a, b, 0.1))(x, y).numpy()
     np.testing.assert_allclose(compiled, eager, atol=1e-6)
     # as called from a train_step under MirroredStrategy (per-replica, inside tf.function)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored
     ds = strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices((x, y)).batch(64, drop_remainder=True))
 
@@ -186,13 +193,14 @@ def test_batched_and_reference_search(model_fn, search_set, held_out):
     assert rate[2] > 0.25, rate
 
 
-def test_mirrored_search_matches_default(model_fn, search_set):
+@pytest.mark.parametrize("per_source", [False, True])
+def test_mirrored_search_matches_default(model_fn, search_set, per_source, mirrored):
     x, y = search_set[0][:120], search_set[1][:120]
-    kw = dict(targets=[2, 3], max_passes=2, batch_size=40, seed=5)
+    kw = dict(targets=[2, 3], max_passes=2, batch_size=40, seed=5, per_source=per_source)
     V1, s1 = attacks.targeted_universal(model_fn, x, y, 10, EPS, **kw)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    V2, s2 = attacks.targeted_universal(model_fn, x, y, 10, EPS, strategy=strategy, **kw)
-    assert s2["num_replicas"] == 2 and np.abs(V1[2]).max() > 0.1
+    V2, s2 = attacks.targeted_universal(model_fn, x, y, 10, EPS, strategy=mirrored, **kw)
+    assert s2["num_replicas"] == 2 and np.abs(V1[..., 2, :, :, :] if per_source else V1[2]
+                                              ).max() > 0.1
     diff = np.abs(V1 - V2)
     assert diff.mean() < 0.01 * EPS, diff.mean()
     np.testing.assert_allclose(s1["success_rate"][2], s2["success_rate"][2], atol=0.03)
@@ -216,6 +224,37 @@ def test_cached_search_is_reused_without_retracing(model_fn, search_set):
     assert list(cache.values()) != [search]  # other settings: a new search replaces it
 
 
+def test_per_source_search_holds_one_perturbation_per_class_pair(model_fn, search_set):
+    x, y = search_set
+    V, stats = attacks.targeted_universal(model_fn, x, y, 10, EPS, targets=[2, 3, 8],
+                                          max_passes=3, batch_size=50, seed=0, per_source=True)
+    assert V.shape == (10, 10, 28, 28, 1) and np.abs(V).max() <= EPS
+    assert stats["per_source"] and stats["traces"] == 1
+    for t in (2, 3, 8):
+        assert not V[t, t].any() and stats["success_rate_pairs"][t][t] is None  # s == t
+        assert all(np.abs(V[s, t]).max() > 0.1 for s in range(10) if s != t)
+    np.testing.assert_array_equal(V[:, [0, 1, 4, 5, 6, 7, 9]], 0.0)  # targets not searched
+    # V[s, t] differ between sources: they are not one perturbation per target repeated
+    assert np.abs(V[0, 8] - V[1, 8]).mean() > 0.05
+    # The per-target rate of the search equals an independent count on the search images
+    # where each image of label s gets V[s, t]; each pair's rate is its own count.
+    rate = attacks.targeted_success_rate(model_fn, x, y, V, targets=[2, 3, 8])
+    for t in (2, 3, 8):
+        assert stats["success_rate"][t] == pytest.approx(rate[t], abs=1e-6)
+        assert stats["success_rate"][t] > 0.5
+        for s in (0, 5):
+            pred = np.argmax(model_fn(ops.apply_perturbation(x[y == s], V[s, t])).numpy(), -1)
+            assert stats["success_rate_pairs"][s][t] == pytest.approx(np.mean(pred == t),
+                                                                       abs=1e-6)
+    # A source class absent from the search images gets no perturbation and no rate.
+    keep = y != 4
+    V4, s4 = attacks.targeted_universal(model_fn, x[keep], y[keep], 10, EPS, targets=[8],
+                                        max_passes=1, batch_size=50, per_source=True)
+    assert not V4[4].any() and s4["success_rate_pairs"][4][8] is None and V4[3, 8].any()
+    with pytest.raises(ValueError, match="per source"):
+        attacks.targeted_success_rate(model_fn, x, y, V[:, :9])
+
+
 def test_xla_compiled_search_matches(model_fn, search_set):
     x, y = search_set[0][:80], search_set[1][:80]
     kw = dict(targets=[3], max_passes=1, batch_size=40, seed=2)
@@ -235,7 +274,7 @@ def test_untargeted_universal_fools(model_fn, search_set, held_out):
 
 
 # ----------------------------------------------------------------------------- errors & files
-def test_bad_inputs_raise_clear_errors(model_fn, search_set):
+def test_bad_inputs_raise_clear_errors(model_fn, search_set, mirrored):
     x, y = search_set[0][:20], search_set[1][:20]
     tu = attacks.targeted_universal
     with pytest.raises(ValueError, match="eps"):
@@ -252,7 +291,7 @@ def test_bad_inputs_raise_clear_errors(model_fn, search_set):
         tu(model_fn, x, y, 10, 0.1, delta=1.5)
     with pytest.raises(ValueError, match="shape"):
         tu(model_fn, np.zeros((4, 32, 32, 3), np.float32), np.zeros(4, np.int32), 10, 0.1)
-    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    with mirrored.scope():
         with pytest.raises(ValueError, match="sequential"):
             tu(model_fn, x, y, 10, 0.1, method="reference")
     with pytest.raises(ValueError, match="perturbations must be"):

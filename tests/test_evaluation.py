@@ -170,3 +170,26 @@ def test_settings_defaults_and_validation():
     assert evaluation.parse_models("a=x.keras, b=dir") == {"a": "x.keras", "b": "dir"}
     with pytest.raises(ValueError, match="name=path"):
         evaluation.parse_models("a=x,b")
+
+
+def test_per_source_perturbations_are_measured_and_drawn(mnist_model, split, settings, tmp_path):
+    """A per-source V [K,K,...]: each test image of label s is measured with V[s, t]."""
+    import dataclasses
+
+    x_test, y_test, xs, ys = split
+    fast = dataclasses.replace(settings, n_test=100, pgd_eps=(0.1,), pgd_steps=2)
+    v = np.random.default_rng(1).uniform(-0.3, 0.3, (10, 10, 28, 28, 1)).astype(np.float32)
+    v[np.arange(10), np.arange(10)] = 0.0
+    report = evaluation.robustness_report(mnist_model, x_test, y_test, x_search=xs, y_search=ys,
+                                          perturbations=v, settings=fast, progress=False)
+    fn = lambda a: mnist_model(a, training=False)  # noqa: E731
+    expected = attacks.targeted_success_rate(fn, x_test[:100], y_test[:100], v)
+    np.testing.assert_allclose(report["tup_given"]["success_rate"], expected, atol=1e-9)
+    per_target = attacks.targeted_success_rate(fn, x_test[:100], y_test[:100], v[0])
+    assert not np.allclose(expected, per_target)  # not just the perturbations of source 0
+    assert report["tup_given"]["linf"] == pytest.approx([0.3] * 10, abs=1e-3)
+    paths = evaluation.write_report({"m": report}, str(tmp_path))
+    assert os.path.getsize(paths["perturbations"]) < 200_000
+    with pytest.raises(ValueError, match="one per class"):
+        evaluation.robustness_report(mnist_model, x_test, y_test, x_search=xs, y_search=ys,
+                                     perturbations=v[:, :9], settings=fast, progress=False)

@@ -206,6 +206,20 @@ def test_rat_replace_mode_swaps_images_for_their_perturbed_copies():
     assert max(np.abs(a - b).max() for a, b in zip(half, on_perturbed)) > 1e-4
     assert max(np.abs(a - b).max() for a, b in zip(half, on_clean)) > 1e-4
     assert "perturbed_accuracy" in logs
+    # Per source: an image of label s gets V[s, 1 - s].
+    v_pairs = rng.uniform(-0.3, 0.3, (2, 2, 28, 28, 1)).astype(np.float32)
+    pairs, _ = _two_class_step({**rat, "perturbed_fraction": 1.0, "per_source": True}, x, y,
+                               v_pairs)
+    on_pairs, _ = _two_class_step({"method": "standard"}, np.clip(x + v_pairs[y, 1 - y], 0, 1), y)
+    for a, b in zip(pairs, on_pairs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    every, _ = _two_class_step({"method": "rat", "perturbed_fraction": 1.0, "per_source": True,
+                                "targets_per_image": "all"}, x, y, v_pairs)
+    for a, b in zip(every, on_pairs):  # all K-1 = 1 targets, clean weight 0: the same step
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="source, target"):
+        training.make_trainer("rat", models.build_model("tiny_cnn", (28, 28, 1), 2),
+                              perturbations=v, per_source=True)
     with pytest.raises(ValueError, match="replace"):
         training.make_trainer("rat", models.build_model("tiny_cnn", (28, 28, 1), 2),
                               batch_mode="replace", targets_per_image="all")
@@ -281,6 +295,21 @@ def test_rat_refresh_searches_v_again(data_dir, tmp_path):
     assert meta[attacks.FINGERPRINT_KEY] == data_lib.fingerprints(subset).tolist()
     assert np.abs(stored).max() <= 0.2 + 1e-6
     assert "refresh_success_rate" in metrics["history"]
+
+
+def test_per_source_rat_searches_and_refreshes_one_v_per_class_pair(data_dir, tmp_path):
+    cfg = _config(tmp_path, "pairs", method="rat", epochs=1, data_dir=data_dir, eps=0.2,
+                  train_subset=200, refresh_every=1, search_passes=1, per_source=True)
+    metrics = training.train(cfg)
+    stored, meta = attacks.load_perturbations(str(tmp_path / "pairs" / "perturbations.npz"))
+    assert stored.shape == (10, 10, 28, 28, 1) and np.abs(stored).max() <= 0.2 + 1e-6
+    assert not stored[np.arange(10), np.arange(10)].any()  # no V[s, s]
+    off = ~np.eye(10, dtype=bool)
+    assert np.all(np.abs(stored[off]).reshape(90, -1).max(1) > 0)  # every pair searched
+    assert len(metrics["search_success_rate"]) == 10  # per target, over all sources
+    assert metrics["settings"]["per_source"] is True
+    with pytest.raises(ValueError, match="per_source"):
+        _config(tmp_path, "bad", method="standard", per_source=True).validate()
 
 
 def test_refresh_callback_reuses_one_compiled_search(mnist_arrays):
