@@ -224,7 +224,7 @@ def test_cached_search_is_reused_without_retracing(model_fn, search_set):
     assert list(cache.values()) != [search]  # other settings: a new search replaces it
 
 
-def test_per_source_search_holds_one_perturbation_per_class_pair(model_fn, search_set):
+def test_per_source_search_holds_one_perturbation_per_class_pair(model_fn, search_set, tmp_path):
     x, y = search_set
     V, stats = attacks.targeted_universal(model_fn, x, y, 10, EPS, targets=[2, 3, 8],
                                           max_passes=3, batch_size=50, seed=0, per_source=True)
@@ -253,6 +253,14 @@ def test_per_source_search_holds_one_perturbation_per_class_pair(model_fn, searc
     assert not V4[4].any() and s4["success_rate_pairs"][4][8] is None and V4[3, 8].any()
     with pytest.raises(ValueError, match="per source"):
         attacks.targeted_success_rate(model_fn, x, y, V[:, :9])
+    out = tmp_path / "pairs"  # written as a grid: one row per source class
+    report = attacks.write_search(str(out), V, stats, x, class_names=[str(c) for c in range(10)])
+    assert report["mean_success_search"] == pytest.approx(
+        np.mean([stats["success_rate"][t] for t in (2, 3, 8)]))
+    stored, meta = attacks.load_perturbations(str(out / "perturbations.npz"))
+    np.testing.assert_array_equal(stored, V)
+    assert meta[attacks.FINGERPRINT_KEY] == data.fingerprints(x).tolist()
+    assert 1000 < (out / "perturbations.png").stat().st_size < 200_000
 
 
 def test_xla_compiled_search_matches(model_fn, search_set):
