@@ -34,6 +34,8 @@ flags.DEFINE_float("delta", 0.2, "Stop a target once its success reaches 1 - del
 flags.DEFINE_list("methods", ["sgd"], "rat_tf methods to time (sgd, batched, reference).")
 flags.DEFINE_list("max_passes", ["3", "5"], "rat_tf maximum passes; one row per value (5 = ART's "
                   "default --art_max_iter: the same number of passes over the search images).")
+flags.DEFINE_bool("per_source", False, "Also time each search with one V per (source class, "
+                  "target) (RAT per source), on the same images and settings.")
 flags.DEFINE_integer("batch_size", 50, "rat_tf search batch (images; x10 targets per step).")
 flags.DEFINE_list("art_targets", ["0", "1"], "Targets searched with ART (slow).")
 flags.DEFINE_integer("art_max_iter", 5, "ART max_iter (passes over the search images).")
@@ -136,21 +138,23 @@ def main(argv):
     attacks.targeted_universal(model_fn, x[::10], y[::10], 10, FLAGS.eps, max_passes=1,
                                batch_size=FLAGS.batch_size)
     result["warmup_seconds"] = time.perf_counter() - start
-    runs = [(m, p) for m in FLAGS.methods for p in passes]
-    for method, max_passes in runs:
+    runs = [(m, p, ps) for m in FLAGS.methods for p in passes
+            for ps in ((False, True) if FLAGS.per_source else (False,))]
+    for method, max_passes, per_source in runs:
         # The machine may be shared: measure clean training right before and after the search.
         before = _train_throughput(model, 10 * FLAGS.batch_size)
         start = time.perf_counter()
         V, stats = attacks.targeted_universal(
             model_fn, x, y, 10, FLAGS.eps, method=method, delta=FLAGS.delta,
             max_passes=max_passes, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-            progress=True)
+            progress=True, per_source=per_source)
         seconds = time.perf_counter() - start
         train_ips = 0.5 * (before + _train_throughput(model, 10 * FLAGS.batch_size))
         rate = attacks.targeted_success_rate(model_fn, x_test, y_test, V)
         work = sum(int(np.sum(y != t)) for t in range(10)) * stats["passes"]
-        result["rat_tf"][f"{method}/{max_passes}"] = {
-            "method": method, "max_passes": max_passes, "clean_train_images_per_s": train_ips,
+        name = f"{method}/{max_passes}" + ("/per_source" if per_source else "")
+        result["rat_tf"][name] = {
+            "method": method, "max_passes": max_passes, "per_source": per_source, "clean_train_images_per_s": train_ips,
             "seconds_all_targets": seconds, "seconds_per_target": seconds / 10,
             "passes": stats["passes"], "success_test": rate.tolist(),
             "mean_success_test": float(rate.mean()), "success_search": stats["success_rate"],
@@ -169,15 +173,15 @@ def main(argv):
     lines = [f"clean test accuracy {clean_acc:.4f}; {len(x)} search images; L-inf eps "
              f"{FLAGS.eps}; search batch {FLAGS.batch_size} images x 10 targets; untimed "
              f"rat_tf warm-up search {result['warmup_seconds']:.1f}s",
-             f"{'search/passes':<18}{'target':>7}{'seconds':>10}{'test success':>14}{'speedup':>9}"]
+             f"{'search/passes':<30}{'target':>7}{'seconds':>10}{'test success':>14}{'speedup':>9}"]
     for t in art_targets:
         r = result["art"][str(t)]
-        lines.append(f"{'ART fgsm':<18}{t:>7}{r['seconds']:>10.1f}{r['success_test']:>14.4f}"
+        lines.append(f"{'ART fgsm':<30}{t:>7}{r['seconds']:>10.1f}{r['success_test']:>14.4f}"
                      f"{'1.0':>9}")
         for method, m in result["rat_tf"].items():
             speed = r["seconds"] / m["seconds_per_target"]
             m.setdefault("speedup_vs_art", {})[str(t)] = speed
-            lines.append(f"{'rat_tf ' + method:<18}{t:>7}{m['seconds_per_target']:>10.2f}"
+            lines.append(f"{'rat_tf ' + method:<30}{t:>7}{m['seconds_per_target']:>10.2f}"
                          f"{m['success_test'][t]:>14.4f}{speed:>9.1f}")
     for method, m in result["rat_tf"].items():
         lines.append(f"rat_tf {method}: all 10 targets in {m['seconds_all_targets']:.1f}s "

@@ -569,22 +569,11 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str,
                                 **{k: v for k, v in arrays.items()})
     if rows:
         first = next(iter(reports.values()))
-        paths["perturbations"] = _shrink_png(plots.perturbation_grid(
+        paths["perturbations"] = plots.perturbation_grid(
             rows, os.path.join(out_dir, "perturbations.png"), titles=first["class_names"],
-            row_labels=labels, dpi=80 if len(rows) <= 2 else 64))
+            row_labels=labels, dpi=80 if len(rows) <= 2 else 64)
     logging.info("wrote report to %s", out_dir)
     return paths
-
-
-def _shrink_png(path: str, limit: int = 200_000) -> str:
-    """Re-save a PNG with an adaptive 128-colour palette if it is larger than ``limit`` bytes."""
-    if os.path.getsize(path) > limit:
-        from PIL import Image  # a matplotlib dependency
-
-        with Image.open(path) as img:
-            small = img.convert("RGB").quantize(colors=128)
-        small.save(path, optimize=True)
-    return path
 
 
 def _safe(name: str) -> str:

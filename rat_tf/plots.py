@@ -19,12 +19,16 @@ def _visible(v: np.ndarray) -> np.ndarray:
     return img[..., 0] if img.shape[-1] == 1 else img
 
 
+MAX_PNG_BYTES = 200_000  # figures stay small enough to keep in a repository
+
+
 def perturbation_grid(perturbations: np.ndarray | Sequence[np.ndarray], path: str,
                       titles: Sequence[str] | None = None, row_labels: Sequence[str] | None = None,
-                      dpi: int = 80) -> str:
+                      dpi: int = 80, max_bytes: int = MAX_PNG_BYTES) -> str:
     """Write a PNG grid of perturbations [K,H,W,C] (or several rows of them), scaled to be seen.
 
-    Several rows (e.g. before and after RAT) are passed as a list of [K,H,W,C] arrays.
+    Several rows (e.g. before and after RAT) are passed as a list of [K,H,W,C] arrays. A file
+    over ``max_bytes`` is re-saved with fewer colours (see :func:`fit_png`).
     """
     rows = [np.asarray(perturbations)] if np.ndim(perturbations[0]) == 3 else [
         np.asarray(p) for p in perturbations]
@@ -34,7 +38,7 @@ def perturbation_grid(perturbations: np.ndarray | Sequence[np.ndarray], path: st
         for c in range(k):
             ax = axes[r][c]
             ax.imshow(_visible(row[c]), cmap="gray" if row.shape[-1] == 1 else None, vmin=0,
-                      vmax=1)
+                      vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0 and titles is not None:
@@ -45,6 +49,21 @@ def perturbation_grid(perturbations: np.ndarray | Sequence[np.ndarray], path: st
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+    return fit_png(path, max_bytes)
+
+
+def fit_png(path: str, max_bytes: int = MAX_PNG_BYTES) -> str:
+    """Re-save a PNG larger than ``max_bytes`` with ever fewer palette colours until it fits."""
+    if os.path.getsize(path) <= max_bytes:
+        return path
+    from PIL import Image  # a matplotlib dependency
+
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    for colors in (128, 64, 32, 16):
+        rgb.quantize(colors=colors).save(path, optimize=True)
+        if os.path.getsize(path) <= max_bytes:
+            break
     return path
 
 

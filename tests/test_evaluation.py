@@ -193,3 +193,17 @@ def test_per_source_perturbations_are_measured_and_drawn(mnist_model, split, set
     with pytest.raises(ValueError, match="one per class"):
         evaluation.robustness_report(mnist_model, x_test, y_test, x_search=xs, y_search=ys,
                                      perturbations=v[:, :9], settings=fast, progress=False)
+
+
+def test_fit_png_shrinks_a_large_figure(tmp_path):
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from rat_tf import plots
+
+    path = str(tmp_path / "noise.png")
+    plt.imsave(path, np.random.default_rng(0).uniform(size=(400, 400, 3)))
+    assert os.path.getsize(path) > plots.MAX_PNG_BYTES
+    assert plots.fit_png(path) == path and os.path.getsize(path) <= plots.MAX_PNG_BYTES
+    with Image.open(path) as img:
+        assert img.size == (400, 400)
