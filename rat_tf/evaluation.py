@@ -556,11 +556,13 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str,
     for name, r in reports.items():
         arrays = getattr(r, "arrays", {})
         given = arrays.get("tup_given")
+        label = "V of training" if len(reports) > 1 else f"{name}: given"
         if given is not None and given.ndim == 5:  # per source: show the mean over sources
             given = _by_target(given).sum(1) / max(1, given.shape[0] - 1)
+            label += " (mean over sources)"
         if given is not None and not any(np.array_equal(given, x) for x in rows):
             rows.append(given)
-            labels.append("V of training" if len(reports) > 1 else f"{name}: given")
+            labels.append(label)
         if arrays.get("tup_fresh") is not None:
             rows.append(arrays["tup_fresh"])
             labels.append(f"{name}: fresh")

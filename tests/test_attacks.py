@@ -246,6 +246,14 @@ def test_per_source_search_holds_one_perturbation_per_class_pair(model_fn, searc
             pred = np.argmax(model_fn(ops.apply_perturbation(x[y == s], V[s, t])).numpy(), -1)
             assert stats["success_rate_pairs"][s][t] == pytest.approx(np.mean(pred == t),
                                                                        abs=1e-6)
+    # The batched (paper-style) update per source: bounded, and it fools on the search images.
+    Vb, sb = attacks.targeted_universal(model_fn, x, y, 10, EPS, method="batched", targets=[8],
+                                        max_passes=2, batch_size=50, inner_steps=3, seed=0,
+                                        per_source=True)
+    assert np.abs(Vb).max() <= EPS and not Vb[8, 8].any() and np.abs(Vb[3, 8]).max() > 0
+    assert sb["success_rate"][8] == pytest.approx(
+        attacks.targeted_success_rate(model_fn, x, y, Vb, targets=[8])[8], abs=1e-6)
+    assert sb["success_rate"][8] > 0.2
     # A source class absent from the search images gets no perturbation and no rate.
     keep = y != 4
     V4, s4 = attacks.targeted_universal(model_fn, x[keep], y[keep], 10, EPS, targets=[8],
