@@ -154,7 +154,8 @@ def main(argv):
         work = sum(int(np.sum(y != t)) for t in range(10)) * stats["passes"]
         name = f"{method}/{max_passes}" + ("/per_source" if per_source else "")
         result["rat_tf"][name] = {
-            "method": method, "max_passes": max_passes, "per_source": per_source, "clean_train_images_per_s": train_ips,
+            "method": method, "max_passes": max_passes, "per_source": per_source,
+            "clean_train_images_per_s": train_ips,
             "seconds_all_targets": seconds, "seconds_per_target": seconds / 10,
             "passes": stats["passes"], "success_test": rate.tolist(),
             "mean_success_test": float(rate.mean()), "success_search": stats["success_rate"],

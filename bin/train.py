@@ -81,7 +81,8 @@ def main(argv):
         search_method=FLAGS.search_method, search_passes=FLAGS.search_passes,
         search_delta=FLAGS.search_delta, refresh_every=FLAGS.refresh_every,
         targets_per_image=FLAGS.targets_per_image, perturbed_fraction=FLAGS.perturbed_fraction,
-        batch_mode=FLAGS.batch_mode, per_source=FLAGS.per_source, adv_eps=FLAGS.adv_eps, pgd_steps=FLAGS.pgd_steps,
+        batch_mode=FLAGS.batch_mode, per_source=FLAGS.per_source, adv_eps=FLAGS.adv_eps,
+        pgd_steps=FLAGS.pgd_steps,
         pgd_step_size=FLAGS.pgd_step_size,
         precision=FLAGS.precision, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose)
     metrics = training.train(config, strategy)

@@ -496,9 +496,9 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
     reaches 1 - delta. Rows of targets not searched are zero. Returns (V float32 numpy, stats)
     with stats ``success_rate`` (list[K], exact on ``x`` at the end; None where not searched),
     ``norm``, ``passes``, ... (per source: ``success_rate`` and ``norm`` per target over all
-    sources, ``success_rate_pairs`` and ``norm_pairs`` [K][K]). ``cache``: a dict owned by the caller in which the compiled
-    :class:`UniversalSearch` is kept and reused by later calls with the same settings (no
-    tracing again, e.g. when V is refreshed every epoch).
+    sources, ``success_rate_pairs`` and ``norm_pairs`` [K][K]). ``cache``: a dict owned by the
+    caller in which the compiled :class:`UniversalSearch` is kept and reused by later calls
+    with the same settings (no tracing again, e.g. when V is refreshed every epoch).
     """
     if method not in TU_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {TU_METHODS}")
@@ -772,5 +772,6 @@ def load_perturbations(path: str) -> tuple[np.ndarray, dict]:
 
 __all__ = ["fgsm", "pgd", "UniversalSearch", "targeted_universal", "untargeted_universal",
            "targeted_success_rate",
-           "fooling_rate", "save_perturbations", "load_perturbations", "write_search", "enforce_bound",
+           "fooling_rate", "save_perturbations", "load_perturbations", "write_search",
+           "enforce_bound",
            "TU_METHODS"]
