@@ -16,9 +16,17 @@ def model_fn(mnist_model):
 
 @pytest.fixture(scope="module")
 def mirrored():
-    """One 2-CPU MirroredStrategy for the module: strategies created one after another in a
-    process can collide on collective instance keys when their reductions differ in shape."""
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    """One 2-CPU MirroredStrategy for the module, with its own collective key base.
+
+    Strategies created one after another in a process start their collective keys at the
+    same base and collide when their reductions differ in shape (as test_distributed.py
+    explains); TensorFlow's own tests set ``_collective_key_base`` per strategy, so do we.
+    """
+    tf.distribute.MirroredStrategy._collective_key_base = 2_000_000
+    try:
+        return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    finally:
+        tf.distribute.MirroredStrategy._collective_key_base = 0
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ from rat_tf import attacks, distribute, models, training
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # method -> (relative tolerance on the per-epoch training loss, absolute on test accuracy)
-TOLERANCE = {"standard": (1e-3, 0.005), "rat": (1e-3, 0.005), "pgd_at": (1e-3, 0.005)}
+TOLERANCE = {"standard": (1e-3, 0.005), "rat": (1e-3, 0.005), "rat_per_source": (1e-3, 0.005),
+             "pgd_at": (1e-3, 0.005)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,17 +67,24 @@ def v_path(mnist_model, mnist_arrays, tmp_path_factory):
     """Targeted universal perturbations of the pretrained model (a quick, small search)."""
     x, y = mnist_arrays[0][:300], mnist_arrays[1][:300]
     v, _ = attacks.targeted_universal(mnist_model, x, y, 10, 0.3, max_passes=1, seed=0)
-    return attacks.save_perturbations(str(tmp_path_factory.mktemp("v") / "v.npz"), v)
+    path = attacks.save_perturbations(str(tmp_path_factory.mktemp("v") / "v.npz"), v)
+    v, _ = attacks.targeted_universal(mnist_model, x, y, 10, 0.3, max_passes=1, seed=0,
+                                      per_source=True)  # [K,K,...] for rat_per_source
+    attacks.save_perturbations(path.replace(".npz", "_per_source.npz"), v)
+    return path
 
 
 def _method_config(method: str, model_dir, data_dir, init_from, v_path) -> training.TrainConfig:
+    per_source = method == "rat_per_source"
+    method = "rat" if per_source else method
     kw = dict(dataset="mnist", data_dir=data_dir, model="mnist_cnn", method=method, epochs=2,
               batch_size=64, steps_per_epoch=6, train_subset=1000, test_subset=500,
               model_dir=str(model_dir), verbose=0, init_from=init_from, lr=1e-3)
     if method == "standard":
         kw["init_from"] = ""
     if method == "rat":
-        kw.update(perturbations_path=v_path, eps=0.3)
+        kw.update(perturbations_path=v_path.replace(".npz", "_per_source.npz") if per_source
+                  else v_path, eps=0.3, per_source=per_source)
     if method == "pgd_at":
         kw.update(adv_eps=0.2, pgd_steps=3)
     return training.TrainConfig(**kw)
@@ -101,7 +109,7 @@ def _default_result(method, data_dir, init_from, v_path, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- mirrored
-@combinations(strategy=["mirrored_2cpu"], method=["standard", "rat", "pgd_at"])
+@combinations(strategy=["mirrored_2cpu"], method=["standard", "rat", "rat_per_source", "pgd_at"])
 def test_mirrored_matches_default(combo, data_dir, mnist_model_path, v_path, tmp_path,
                                   tmp_path_factory):
     method = combo["method"]
@@ -112,9 +120,11 @@ def test_mirrored_matches_default(combo, data_dir, mnist_model_path, v_path, tmp
     want = _default_result(method, data_dir, mnist_model_path, v_path, tmp_path_factory)
     assert got["num_replicas"] == 2 and got["strategy"] == "MirroredStrategy"
     _assert_close(method, got, want)
-    if method == "rat":
+    if method.startswith("rat"):
         v_got, _ = attacks.load_perturbations(str(tmp_path / "run" / "perturbations.npz"))
-        v_want, _ = attacks.load_perturbations(v_path)
+        v_want, _ = attacks.load_perturbations(
+            v_path.replace(".npz", "_per_source.npz") if method == "rat_per_source" else v_path)
+        assert v_got.ndim == (5 if method == "rat_per_source" else 4)
         np.testing.assert_array_equal(v_got, v_want)
 
 
