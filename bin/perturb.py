@@ -30,6 +30,8 @@ flags.DEFINE_float("step_size", None, "Step size (default eps/10 for sgd, eps/5 
 flags.DEFINE_integer("inner_steps", 10, "Inner FGSM steps per image (batched, reference).")
 flags.DEFINE_integer("n_per_class", 100, "Search images per class (balanced training subset).")
 flags.DEFINE_list("targets", None, "Targets to search (default: all classes).")
+flags.DEFINE_bool("per_source", False, "One V per (source class, target): V [K,K,H,W,C], for "
+                  "bin/train.py --per_source.")
 flags.DEFINE_integer("batch_size", 128, "Global batch of search images per step.")
 flags.DEFINE_integer("test_limit", 0, "Evaluate on the first N test images (0: all).",
                      lower_bound=0)
@@ -60,13 +62,13 @@ def main(argv):
         targets=targets, delta=FLAGS.delta, max_passes=FLAGS.max_passes,
         step_size=FLAGS.step_size, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
         strategy=strategy, progress=FLAGS.progress, inner_steps=FLAGS.inner_steps,
-        jit_compile=FLAGS.jit_compile)
+        jit_compile=FLAGS.jit_compile, per_source=FLAGS.per_source)
     test_rate = attacks.targeted_success_rate(model_fn, x_test, y_test, V, targets=targets)
     success_test = [float(test_rate[t]) if stats["success_rate"][t] is not None else None
                     for t in range(info.num_classes)]
     settings = {k: FLAGS[k].value for k in (
         "dataset", "model_path", "inner_steps", "n_per_class", "batch_size", "seed", "strategy",
-        "num_cpu_devices", "jit_compile")}
+        "num_cpu_devices", "jit_compile", "per_source")}
     if distribute.is_chief(strategy):
         report = attacks.write_search(FLAGS.output_dir, V, stats, x, class_names=info.class_names,
                                       settings=settings, success_test=success_test,

@@ -6,22 +6,28 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from rat_tf import attacks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_perturb_binary_writes_npz_png_json(mnist_model_path, data_dir, tmp_path):
+@pytest.mark.parametrize("per_source", [False, True])
+def test_perturb_binary_writes_npz_png_json(mnist_model_path, data_dir, tmp_path, per_source):
     out = tmp_path / "tup"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, os.path.join(ROOT, "bin", "perturb.py"), "--dataset=mnist",
            f"--data_dir={data_dir}", "--source=files", f"--model_path={mnist_model_path}",
            f"--output_dir={out}", "--n_per_class=4", "--max_passes=2", "--batch_size=20",
-           "--targets=2,8", "--test_limit=300", "--eps=0.3", "--noprogress"]
+           "--targets=2,8", "--test_limit=300", "--eps=0.3", "--noprogress",
+           f"--per_source={per_source}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     V, meta = attacks.load_perturbations(str(out / "perturbations.npz"))
+    if per_source:  # V[s, t]: one per (source, target)
+        assert V.shape == (10, 10, 28, 28, 1) and meta["per_source"] is True
+        V = V[5]  # the perturbations of source class 5
     assert V.shape == (10, 28, 28, 1) and np.abs(V).max() <= 0.3
     assert np.abs(V[2]).max() > 0 and not V[0].any()
     assert meta["targets"] == [2, 8] and meta["method"] == "sgd"
