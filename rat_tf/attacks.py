@@ -550,33 +550,23 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
              "seconds": time.perf_counter() - start,
              "num_replicas": strategy.num_replicas_in_sync,
              "traces": search.traces()}
+    # Row s * T + i of the search is (source s, targets[i]); one source when not per source.
+    full = np.zeros((sources, num_classes) + x.shape[1:], np.float32)
+    full[:, targets] = v.reshape((sources, len(targets)) + x.shape[1:])
+    success = np.full((sources, num_classes), np.nan)
+    success[:, targets] = rate.reshape(sources, len(targets))
+    norms = np.asarray(ops.batch_norms(full.reshape((-1,) + x.shape[1:]), norm),
+                       np.float64).reshape(sources, num_classes)
     if per_source:
-        full = np.zeros((num_classes, num_classes) + x.shape[1:], np.float32)
-        full[:, targets] = v.reshape((num_classes, len(targets)) + x.shape[1:])
-        pairs = np.full((num_classes, num_classes), np.nan)
-        pairs[:, targets] = rate.reshape(num_classes, len(targets))
-        # Per target over all sources: each rate weighted by its number of images.
-        counts = np.bincount(y, minlength=num_classes).astype(np.float64)[:, None]
-        seen = np.isfinite(pairs)
-        weight = np.where(seen, counts, 0.0).sum(0)
-        norms_pairs = np.asarray(ops.batch_norms(full.reshape((-1,) + x.shape[1:]), norm),
-                                 np.float64).reshape(num_classes, num_classes)
-        stats["success_rate_pairs"] = [[None if not np.isfinite(r) else float(r) for r in row]
-                                       for row in pairs]
-        stats["norm_pairs"] = norms_pairs.tolist()
-        stats["norm"] = norms_pairs.max(0).tolist()
-        rate_t = np.where(weight > 0, np.where(seen, pairs * counts, 0.0).sum(0)
-                          / np.maximum(weight, 1.0), np.nan)
-        stats["success_rate"] = [None if t not in targets or not np.isfinite(rate_t[t])
-                                 else float(rate_t[t]) for t in range(num_classes)]
-        return full, stats
-    full = np.zeros((num_classes,) + x.shape[1:], np.float32)
-    full[targets] = v
-    success: list = [None] * num_classes
-    for t, r in zip(targets, rate):
-        success[t] = None if not np.isfinite(r) else float(r)
-    stats["success_rate"] = success
-    stats["norm"] = np.asarray(ops.batch_norms(full, norm), np.float64).tolist()
+        stats["success_rate_pairs"], stats["norm_pairs"] = files.floats(success), norms.tolist()
+        # Per target over all sources: each pair's rate weighted by its number of images.
+        counts = np.where(np.isfinite(success), np.bincount(y, minlength=num_classes)[:, None], 0)
+        with np.errstate(invalid="ignore"):
+            success = np.nansum(success * counts, 0, keepdims=True) / counts.sum(0)
+        norms = norms.max(0, keepdims=True)
+    else:
+        full = full[0]
+    stats["success_rate"], stats["norm"] = files.floats(success[0]), norms[0].tolist()
     return full, stats
 
 

@@ -353,7 +353,7 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
         t0 = time.time()
         rates = np.asarray(attacks.targeted_success_rate(model_fn, x_test, y_test, given_v,
                                                          batch_size=bs * 2), np.float64)
-        report["tup_given"] = {"success_rate": _floats(rates),
+        report["tup_given"] = {"success_rate": files.floats(rates),
                                "mean": _mean_over_targets(rates, given_v),
                                "linf": _linf(given_v), "meta": _jsonable_meta(given_meta)}
         report.arrays["tup_given"] = given_v
@@ -368,10 +368,10 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
     rates = np.asarray(attacks.targeted_success_rate(model_fn, x_test, y_test, fresh_v,
                                                      batch_size=bs * 2), np.float64)
     report["tup_fresh"] = {
-        "success_rate": _floats(rates), "mean": _mean_over_targets(rates, fresh_v),
-        "search_success_rate": _floats(stats.get("success_rate", [])),
+        "success_rate": files.floats(rates), "mean": _mean_over_targets(rates, fresh_v),
+        "search_success_rate": files.floats(stats.get("success_rate", [])),
         "passes": int(stats.get("passes", 0)), "linf": _linf(fresh_v),
-        "norm": _floats(stats.get("norm", []))}
+        "norm": files.floats(stats.get("norm", []))}
     report.arrays["tup_fresh"] = fresh_v
     done("tup fresh", t0)
 
@@ -390,11 +390,6 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
     done("uap", t0)
     report["seconds"] = seconds
     return report
-
-
-def _floats(values: Sequence | np.ndarray) -> list[float | None]:
-    """JSON-ready floats: None for missing or NaN entries."""
-    return [None if v is None or not np.isfinite(v) else float(v) for v in values]
 
 
 def _jsonable_meta(meta: Mapping) -> dict:

@@ -35,6 +35,12 @@ def jsonable(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} value {o!r} is not JSON serializable")
 
 
+def floats(values: Any) -> list:
+    """JSON-ready floats: None for missing or NaN/infinite entries (nested lists kept)."""
+    return [floats(v) if isinstance(v, (list, tuple, np.ndarray)) and np.ndim(v)
+            else None if v is None or not np.isfinite(v) else float(v) for v in values]
+
+
 def write_json(path: str, obj: Any, indent: int = 2) -> str:
     """Write ``obj`` as JSON to ``path`` atomically (numpy values allowed)."""
     def write(tmp: str) -> None:

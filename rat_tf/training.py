@@ -234,17 +234,19 @@ class RATModel(StandardModel):
         """The perturbed copies clip(x + V[t]) for targets t != y, with their TRUE labels."""
         k = self.num_classes
         v = tf.convert_to_tensor(self.perturbations)
+        if self.per_source:  # V[s, t] is row s * K + t
+            v = tf.reshape(v, (k * k, *self.image_shape))
+
+        def rows(labels, targets):
+            return labels * k + targets if self.per_source else targets
+
         if self.targets_per_image == "one":
             offset = self._global_draw(0, tf.shape(y), lambda shape, seed: (
                 tf.random.stateless_uniform(shape, seed, minval=1, maxval=k, dtype=tf.int32)))
             targets = (y + offset) % k
-            if self.per_source:
-                return ops.apply_perturbation(x, tf.gather_nd(v, tf.stack([y, targets], 1))), y
-            return ops.apply_perturbation(x, tf.gather(v, targets)), y
+            return ops.apply_perturbation(x, tf.gather(v, rows(y, targets))), y
         targets = (y[:, None] + tf.range(1, k, dtype=y.dtype)[None, :]) % k  # [B, K-1]
-        vt = (tf.gather(tf.gather(v, y), targets, batch_dims=1) if self.per_source
-              else tf.gather(v, targets))
-        x_p = ops.apply_perturbation(x[:, None], vt)  # [B, K-1, H, W, C]
+        x_p = ops.apply_perturbation(x[:, None], tf.gather(v, rows(y[:, None], targets)))
         x_p = tf.reshape(x_p, tf.concat([[-1], tf.shape(x)[1:]], 0))
         return x_p, tf.repeat(y, k - 1)
 
