@@ -17,6 +17,7 @@ from rat_tf import distribute  # noqa: E402
 distribute.split_cpu(2)
 
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from rat_tf import data, models  # noqa: E402
 
@@ -25,6 +26,22 @@ DATA_DIR = os.environ["RAT_DATA_DIR"]
 
 def pytest_report_header(config):
     return f"RAT_DATA_DIR={DATA_DIR}"
+
+
+@pytest.fixture(scope="session")
+def mirrored_2cpu():
+    """One MirroredStrategy over the 2 logical CPUs for the session.
+
+    Every MirroredStrategy of a process starts its collective keys at the same base, so
+    collectives of strategies created elsewhere in the process could collide with ours (shape
+    mismatch errors). TensorFlow's own tests give each strategy its own
+    ``_collective_key_base`` ("only set this in tests"); so do we.
+    """
+    tf.distribute.MirroredStrategy._collective_key_base = 1_000_000
+    try:
+        return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    finally:
+        tf.distribute.MirroredStrategy._collective_key_base = 0
 
 
 @pytest.fixture(scope="session")

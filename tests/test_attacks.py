@@ -15,21 +15,6 @@ def model_fn(mnist_model):
 
 
 @pytest.fixture(scope="module")
-def mirrored():
-    """One 2-CPU MirroredStrategy for the module, with its own collective key base.
-
-    Strategies created one after another in a process start their collective keys at the
-    same base and collide when their reductions differ in shape (as test_distributed.py
-    explains); TensorFlow's own tests set ``_collective_key_base`` per strategy, so do we.
-    """
-    tf.distribute.MirroredStrategy._collective_key_base = 2_000_000
-    try:
-        return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    finally:
-        tf.distribute.MirroredStrategy._collective_key_base = 0
-
-
-@pytest.fixture(scope="module")
 def test_slice(mnist_arrays):
     _, _, x_test, y_test = mnist_arrays
     return x_test[:500], y_test[:500]
@@ -120,13 +105,13 @@ def test_targeted_pgd_reaches_target(model_fn, test_slice):
     assert np.mean(np.argmax(model_fn(x_adv).numpy(), -1) == t) > 0.8
 
 
-def test_fgsm_pgd_trace_in_tf_function_and_replica_context(model_fn, test_slice, mirrored):
+def test_fgsm_pgd_trace_in_tf_function_and_replica_context(model_fn, test_slice, mirrored_2cpu):
     x, y = test_slice[0][:64], test_slice[1][:64]
     eager = attacks.fgsm(model_fn, x, y, 0.1).numpy()
     compiled = tf.function(lambda a, b: attacks.fgsm(model_fn, a, b, 0.1))(x, y).numpy()
     np.testing.assert_allclose(compiled, eager, atol=1e-6)
     # as called from a train_step under MirroredStrategy (per-replica, inside tf.function)
-    strategy = mirrored
+    strategy = mirrored_2cpu
     ds = strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices((x, y)).batch(64, drop_remainder=True))
 
@@ -202,11 +187,11 @@ def test_batched_and_reference_search(model_fn, search_set, held_out):
 
 
 @pytest.mark.parametrize("per_source", [False, True])
-def test_mirrored_search_matches_default(model_fn, search_set, per_source, mirrored):
+def test_mirrored_search_matches_default(model_fn, search_set, per_source, mirrored_2cpu):
     x, y = search_set[0][:120], search_set[1][:120]
     kw = dict(targets=[2, 3], max_passes=2, batch_size=40, seed=5, per_source=per_source)
     V1, s1 = attacks.targeted_universal(model_fn, x, y, 10, EPS, **kw)
-    V2, s2 = attacks.targeted_universal(model_fn, x, y, 10, EPS, strategy=mirrored, **kw)
+    V2, s2 = attacks.targeted_universal(model_fn, x, y, 10, EPS, strategy=mirrored_2cpu, **kw)
     assert s2["num_replicas"] == 2 and np.abs(V1[..., 2, :, :, :] if per_source else V1[2]
                                               ).max() > 0.1
     diff = np.abs(V1 - V2)
@@ -298,7 +283,7 @@ def test_untargeted_universal_fools(model_fn, search_set, held_out):
 
 
 # ----------------------------------------------------------------------------- errors & files
-def test_bad_inputs_raise_clear_errors(model_fn, search_set, mirrored):
+def test_bad_inputs_raise_clear_errors(model_fn, search_set, mirrored_2cpu):
     x, y = search_set[0][:20], search_set[1][:20]
     tu = attacks.targeted_universal
     with pytest.raises(ValueError, match="eps"):
@@ -315,7 +300,7 @@ def test_bad_inputs_raise_clear_errors(model_fn, search_set, mirrored):
         tu(model_fn, x, y, 10, 0.1, delta=1.5)
     with pytest.raises(ValueError, match="shape"):
         tu(model_fn, np.zeros((4, 32, 32, 3), np.float32), np.zeros(4, np.int32), 10, 0.1)
-    with mirrored.scope():
+    with mirrored_2cpu.scope():
         with pytest.raises(ValueError, match="sequential"):
             tu(model_fn, x, y, 10, 0.1, method="reference")
     with pytest.raises(ValueError, match="perturbations must be"):

@@ -7,7 +7,6 @@ PGD-AT's random starts do not depend on the split over replicas, so every method
 float round-off.
 """
 
-import functools
 import json
 import os
 import signal
@@ -27,30 +26,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # method -> (relative tolerance on the per-epoch training loss, absolute on test accuracy)
 TOLERANCE = {"standard": (1e-3, 0.005), "rat": (1e-3, 0.005), "rat_per_source": (1e-3, 0.005),
              "pgd_at": (1e-3, 0.005)}
-
-
-@functools.lru_cache(maxsize=None)
-def _mirrored_2cpu() -> tf.distribute.MirroredStrategy:
-    """One MirroredStrategy over the 2 logical CPUs for this module.
-
-    Every MirroredStrategy of a process starts its collective group keys at the same base, so
-    collectives of strategies created by other test modules could collide with ours (shape
-    mismatch errors). TensorFlow's own tests give each strategy its own ``_collective_key_base``
-    ("only set this in tests"); so do we.
-    """
-    tf.distribute.MirroredStrategy._collective_key_base = 1_000_000
-    try:
-        return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    finally:
-        tf.distribute.MirroredStrategy._collective_key_base = 0
-
-
-def _strategy(name: str) -> tf.distribute.Strategy:
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored_2cpu":
-        return _mirrored_2cpu()
-    raise ValueError(name)
 
 
 def combinations(**axes):
@@ -104,16 +79,16 @@ def _default_result(method, data_dir, init_from, v_path, tmp_path_factory):
     if method not in _DEFAULT_RESULTS:
         cfg = _method_config(method, tmp_path_factory.mktemp(f"default_{method}"), data_dir,
                              init_from, v_path)
-        _DEFAULT_RESULTS[method] = training.train(cfg, _strategy("default"))
+        _DEFAULT_RESULTS[method] = training.train(cfg, tf.distribute.get_strategy())
     return _DEFAULT_RESULTS[method]
 
 
 # --------------------------------------------------------------------------- mirrored
 @combinations(strategy=["mirrored_2cpu"], method=["standard", "rat", "rat_per_source", "pgd_at"])
 def test_mirrored_matches_default(combo, data_dir, mnist_model_path, v_path, tmp_path,
-                                  tmp_path_factory):
+                                  tmp_path_factory, mirrored_2cpu):
     method = combo["method"]
-    strategy = _strategy(combo["strategy"])
+    strategy = {"mirrored_2cpu": mirrored_2cpu}[combo["strategy"]]
     assert strategy.num_replicas_in_sync == 2
     got = training.train(_method_config(method, tmp_path / "run", data_dir, mnist_model_path,
                                         v_path), strategy)
@@ -128,9 +103,10 @@ def test_mirrored_matches_default(combo, data_dir, mnist_model_path, v_path, tmp
         np.testing.assert_array_equal(v_got, v_want)
 
 
-def test_mirrored_rat_search_and_variable_are_replicated(data_dir, mnist_model_path, tmp_path):
+def test_mirrored_rat_search_and_variable_are_replicated(data_dir, mnist_model_path, tmp_path,
+                                                         mirrored_2cpu):
     """V searched at the start under the strategy is one mirrored value on every replica."""
-    strategy = _strategy("mirrored_2cpu")
+    strategy = mirrored_2cpu
     cfg = training.TrainConfig(
         data_dir=data_dir, method="rat", epochs=1, batch_size=32, steps_per_epoch=2,
         train_subset=100, test_subset=100, search_passes=1, model_dir=str(tmp_path / "r"),
