@@ -45,7 +45,8 @@ flags.DEFINE_integer("refresh_every", None,
                      "(c) re-search V every N epochs (0: static V, the paper; default from "
                      "the budget preset: MNIST small/full refresh every epoch).")
 flags.DEFINE_enum("targets_per_image", None, list(training.TARGET_MODES),
-                  "(c) one random target per image, or all K-1 (default one).")
+                  "(c) one random target per image, all K-1, or the worst (highest-loss) one "
+                  "(default from the budget preset).")
 flags.DEFINE_float("perturbed_fraction", None,
                    "(c) weight of the perturbed examples in the RAT loss (default 0.5); with "
                    "--batch_mode=replace, the probability that an image is swapped.")

@@ -44,7 +44,7 @@ flags.DEFINE_integer("search_passes", _D.search_passes, "RAT: max passes of the 
 flags.DEFINE_float("search_delta", _D.search_delta, "RAT: stop a target at 1-delta success.")
 flags.DEFINE_integer("refresh_every", 0, "RAT: search V again every N epochs (0: static V).")
 flags.DEFINE_enum("targets_per_image", _D.targets_per_image, training.TARGET_MODES,
-                  "RAT: one random target per image, or all K-1.")
+                  "RAT: one random target per image, all K-1, or the worst (highest-loss) one.")
 flags.DEFINE_float("perturbed_fraction", _D.perturbed_fraction,
                    "RAT: weight of the perturbed examples in the loss (append), or the "
                    "probability that an image is swapped for its perturbed copy (replace).")

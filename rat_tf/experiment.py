@@ -164,7 +164,7 @@ class ExperimentConfig:
     finetune_batch_size: int | None = None
     finetune_lr: float | None = None  # default 5e-4 (Adam)
     refresh_every: int | None = None  # RAT: 0 = static V (the paper); default per preset
-    targets_per_image: str | None = None  # RAT: "one" (default) or "all"
+    targets_per_image: str | None = None  # RAT: "one", "all" or "worst"; default per preset
     perturbed_fraction: float | None = None  # RAT: weight of the perturbed examples (0.5)
     batch_mode: str | None = None  # RAT: "append" (default) or "replace"
     per_source: bool | None = None  # RAT: one V per (source class, target); default per preset

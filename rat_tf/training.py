@@ -28,7 +28,7 @@ from rat_tf import attacks, distribute, files, models, ops
 from rat_tf import data as data_lib
 
 METHODS = ("standard", "rat", "fgsm_at", "pgd_at")
-TARGET_MODES = ("one", "all")
+TARGET_MODES = ("one", "all", "worst")  # RAT targets per image per step
 BATCH_MODES = ("append", "replace")
 LR_SCHEDULES = ("constant", "cosine", "step")
 OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -174,8 +174,11 @@ class RATModel(StandardModel):
     ``perturbations`` V [K,H,W,C] is a non-trainable variable (checkpointed, identical on all
     replicas). Each step every image gets one random target t != label
     (``targets_per_image="one"``) or all K-1 targets (``"all"``); perturbed copies keep the
-    TRUE label. ``batch_mode="append"`` trains on the clean batch plus its perturbed copies with
-    the loss ``(1 - perturbed_fraction) * CE(clean) + perturbed_fraction * CE(perturbed)``;
+    TRUE label. ``"worst"`` (beyond the paper; worst-of-k as in Engstrom et al. 2019) gives each
+    image the one target whose perturbed copy has the highest loss under the current weights
+    (K-1 extra inference passes, no gradient through the choice). ``batch_mode="append"``
+    trains on the clean batch plus its perturbed copies with the loss
+    ``(1 - perturbed_fraction) * CE(clean) + perturbed_fraction * CE(perturbed)``;
     ``"replace"`` (one target per image) swaps each image for its perturbed copy with
     probability ``perturbed_fraction``, so a step costs what a standard step costs. V stays
     fixed (static, the paper) unless a :class:`RefreshPerturbations` callback searches it again.
@@ -195,9 +198,9 @@ class RATModel(StandardModel):
                              f"{targets_per_image!r}")
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
-        if batch_mode == "replace" and targets_per_image != "one":
+        if batch_mode == "replace" and targets_per_image == "all":
             raise ValueError("batch_mode 'replace' swaps an image for ONE perturbed copy: use "
-                             "targets_per_image='one'")
+                             "targets_per_image 'one' or 'worst'")
         if not 0.0 <= float(perturbed_fraction) <= 1.0:
             raise ValueError(f"perturbed_fraction must be in [0, 1], got {perturbed_fraction}")
         if self.num_classes < 2:
@@ -248,7 +251,15 @@ class RATModel(StandardModel):
         targets = (y[:, None] + tf.range(1, k, dtype=y.dtype)[None, :]) % k  # [B, K-1]
         x_p = ops.apply_perturbation(x[:, None], tf.gather(v, rows(y[:, None], targets)))
         x_p = tf.reshape(x_p, tf.concat([[-1], tf.shape(x)[1:]], 0))
-        return x_p, tf.repeat(y, k - 1)
+        y_p = tf.repeat(y, k - 1)
+        if self.targets_per_image == "all":
+            return x_p, y_p
+        # "worst": the copy with the highest loss under the current weights, one per image.
+        logits = tf.stop_gradient(self.classifier(x_p, training=False))
+        losses = keras.losses.sparse_categorical_crossentropy(y_p, logits, from_logits=True)
+        worst = tf.argmax(tf.reshape(losses, (-1, k - 1)), axis=1, output_type=tf.int32)
+        x_p = tf.reshape(x_p, tf.concat([[-1, k - 1], tf.shape(x)[1:]], 0))
+        return tf.gather(x_p, worst, axis=1, batch_dims=1), y
 
     def train_step(self, data):
         x, y = self._unpack(data)
@@ -588,8 +599,8 @@ class TrainConfig:
              f"perturbed_fraction must be in [0, 1], got {self.perturbed_fraction}"),
             (self.batch_mode in BATCH_MODES,
              f"batch_mode must be one of {BATCH_MODES}, got {self.batch_mode!r}"),
-            (self.batch_mode == "append" or self.targets_per_image == "one",
-             "batch_mode 'replace' needs targets_per_image 'one'"),
+            (self.batch_mode == "append" or self.targets_per_image != "all",
+             "batch_mode 'replace' needs targets_per_image 'one' or 'worst'"),
             (int(self.pgd_steps) >= 1, f"pgd_steps must be >= 1, got {self.pgd_steps}"),
             (self.pgd_step_size is None or self.pgd_step_size > 0,
              f"pgd_step_size must be positive, got {self.pgd_step_size}"),

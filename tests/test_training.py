@@ -163,6 +163,23 @@ def test_rat_perturbed_batches_use_targets_other_than_the_label():
     for label, row, labels in zip(y[:10], targets, y_p.numpy().reshape(10, 9)):
         assert sorted(row.tolist()) == [t for t in range(10) if t != label]
         assert np.all(labels == label)
+    # "worst": per image, the copy of highest loss under the classifier (checked independently
+    # from the classifier's predictions on all K-1 copies).
+    rng = np.random.default_rng(1)
+    x_r = rng.uniform(0, 1, (10, 28, 28, 1)).astype(np.float32)
+    v_r = rng.uniform(-0.3, 0.3, (10, 28, 28, 1)).astype(np.float32)
+    every.set_perturbations(v_r)
+    copies, copy_labels = every.perturbed_batch(tf.constant(x_r), tf.constant(y[:10]))
+    probs = keras.ops.convert_to_numpy(keras.ops.softmax(classifier.predict(copies, verbose=0)))
+    losses = -np.log(probs[np.arange(90), copy_labels.numpy()]).reshape(10, 9)
+    worst = training.make_trainer("rat", classifier, perturbations=v_r,
+                                  targets_per_image="worst")
+    x_w, y_w = worst.perturbed_batch(tf.constant(x_r), tf.constant(y[:10]))
+    assert x_w.shape == (10, 28, 28, 1)
+    np.testing.assert_array_equal(y_w.numpy(), y[:10])
+    want = copies.numpy().reshape(10, 9, 28, 28, 1)[np.arange(10), losses.argmax(1)]
+    np.testing.assert_array_equal(x_w.numpy(), want)
+    assert len(set(losses.argmax(1).tolist())) > 1  # not one fixed offset
     # V is a checkpointed, non-trainable weight; predictions are the classifier's.
     assert any(w is one.perturbations for w in one.non_trainable_weights)
     assert all(w is not one.perturbations for w in one.trainable_weights)
@@ -216,6 +233,10 @@ def test_rat_replace_mode_swaps_images_for_their_perturbed_copies():
     every, _ = _two_class_step({"method": "rat", "perturbed_fraction": 1.0, "per_source": True,
                                 "targets_per_image": "all"}, x, y, v_pairs)
     for a, b in zip(every, on_pairs):  # all K-1 = 1 targets, clean weight 0: the same step
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    worst, _ = _two_class_step({**rat, "perturbed_fraction": 1.0, "per_source": True,
+                                "targets_per_image": "worst"}, x, y, v_pairs)
+    for a, b in zip(worst, on_pairs):  # the worst of one target is that target
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="source, target"):
         training.make_trainer("rat", models.build_model("tiny_cnn", (28, 28, 1), 2),
