@@ -99,7 +99,7 @@ def test_resume_skips_done_stages_and_refuses_other_settings(run_dir, data_dir):
 
 def test_budget_presets_and_validation():
     small = experiment.ExperimentConfig(dataset="mnist", budget="small").resolved()
-    assert small.finetune_subset == 1000 and small.model == "mnist_cnn"
+    assert small.finetune_subset == 1000 and small.model == "wide_mnist_cnn"
     assert small.eval_settings().tup_eps == small.eps == 0.3
     cifar = experiment.ExperimentConfig(dataset="cifar10", budget="small",
                                         finetune_epochs=2).resolved()

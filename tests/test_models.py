@@ -85,6 +85,9 @@ def test_same_seed_same_model():
 def test_parameter_counts():
     assert 0.26e6 < models.build_model("resnet20", (32, 32, 3)).count_params() < 0.28e6
     assert models.build_model("wide_resnet20", (32, 32, 3)).count_params() > 4e6
+    mnist = models.build_model("mnist_cnn", (28, 28, 1)).count_params()
+    assert 0.25e6 < mnist < 0.27e6
+    assert 6.5e6 < models.build_model("wide_mnist_cnn", (28, 28, 1)).count_params() < 7.5e6
 
 
 def test_build_under_mirrored_strategy():
