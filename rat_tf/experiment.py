@@ -46,8 +46,9 @@ conv 32-64-128 + dense 512 98.6 / 74.0 / 51.7 / 0.9 (with "worst" 98.8 / 74.9 / 
 ``wide_mnist_cnn`` (64-128-256 + 1,024) 99.0 / 77.7 / 60.1 / 0.6 (with "worst" 98.6 / 76.8 /
 58.9 / 0.7), with 8 epochs and 3 search passes 98.7 / 79.0 / 63.4 / 0.5 (2.6x the fit time of
 5 epochs): the small/full preset since; 12 epochs 98.5 / 77.0 / 61.7 / 0.7 (no better).
-A Madry-style 5x5 convnet (32-64 + 1,024) gave 98.1 / 55.6 / 31.7 / 2.1. PGD at 0.3 breaks every RAT model: its gain is against universal and
-single-step attacks, not worst-case (per-image, multi-step) robustness.
+A Madry-style 5x5 convnet (32-64 + 1,024) gave 98.1 / 55.6 / 31.7 / 2.1. PGD at 0.3 breaks
+every RAT model: its gain is against universal and single-step attacks, not worst-case
+(per-image, multi-step) robustness.
 
 Result directory layout (``output_dir``)::
 

@@ -249,17 +249,15 @@ class RATModel(StandardModel):
             targets = (y + offset) % k
             return ops.apply_perturbation(x, tf.gather(v, rows(y, targets))), y
         targets = (y[:, None] + tf.range(1, k, dtype=y.dtype)[None, :]) % k  # [B, K-1]
-        x_p = ops.apply_perturbation(x[:, None], tf.gather(v, rows(y[:, None], targets)))
-        x_p = tf.reshape(x_p, tf.concat([[-1], tf.shape(x)[1:]], 0))
-        y_p = tf.repeat(y, k - 1)
+        copies = ops.apply_perturbation(x[:, None], tf.gather(v, rows(y[:, None], targets)))
+        flat, y_p = tf.reshape(copies, tf.concat([[-1], tf.shape(x)[1:]], 0)), tf.repeat(y, k - 1)
         if self.targets_per_image == "all":
-            return x_p, y_p
+            return flat, y_p
         # "worst": the copy with the highest loss under the current weights, one per image.
-        logits = tf.stop_gradient(self.classifier(x_p, training=False))
+        logits = tf.stop_gradient(self.classifier(flat, training=False))
         losses = keras.losses.sparse_categorical_crossentropy(y_p, logits, from_logits=True)
         worst = tf.argmax(tf.reshape(losses, (-1, k - 1)), axis=1, output_type=tf.int32)
-        x_p = tf.reshape(x_p, tf.concat([[-1, k - 1], tf.shape(x)[1:]], 0))
-        return tf.gather(x_p, worst, axis=1, batch_dims=1), y
+        return tf.gather(copies, worst, axis=1, batch_dims=1), y
 
     def train_step(self, data):
         x, y = self._unpack(data)
