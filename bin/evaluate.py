@@ -35,6 +35,7 @@ flags.DEFINE_integer("tup_n_per_class", None, "TUP search images per class.")
 flags.DEFINE_float("uap_eps", None, "Untargeted universal radius (default tup_eps).")
 flags.DEFINE_integer("uap_passes", None, "Untargeted universal search passes.")
 flags.DEFINE_integer("n_test", None, "Test images (default 1000; 0 = all).")
+flags.DEFINE_integer("n_pgd", None, "PGD runs on the first N test images (default and 0: all).")
 flags.DEFINE_integer("batch_size", None, "Evaluation batch size.")
 flags.DEFINE_integer("seed", None, "Seed of random inits and searches.")
 flags.mark_flags_as_required(["models", "output_dir"])
@@ -51,6 +52,8 @@ def main(argv):
         uap_passes=FLAGS.uap_passes, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
     if FLAGS.n_test is not None:  # 0 = every test image; replace() validates again
         settings = dataclasses.replace(settings, n_test=FLAGS.n_test or None)
+    if FLAGS.n_pgd is not None:
+        settings = dataclasses.replace(settings, n_pgd=FLAGS.n_pgd or None)
     reports = evaluation.evaluate_models(
         evaluation.parse_models(FLAGS.models), dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
         data_source=FLAGS.data_source, settings=settings, perturbations=FLAGS.perturbations,

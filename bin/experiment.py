@@ -59,6 +59,7 @@ flags.DEFINE_bool("per_source", None,
 flags.DEFINE_float("adv_eps", None, "(d) FGSM-AT / PGD-AT radius (default per dataset).")
 flags.DEFINE_integer("train_pgd_steps", None, "(d) PGD-AT steps.")
 flags.DEFINE_integer("n_test", None, "(e) test images evaluated (0 = all).")
+flags.DEFINE_integer("n_pgd", None, "(e) PGD runs on the first N of those (0 = all of them).")
 flags.DEFINE_integer("eval_pgd_steps", None, "(e) PGD steps.")
 flags.DEFINE_integer("eval_pgd_restarts", None, "(e) PGD random restarts.")
 flags.DEFINE_list("fgsm_eps", None, "(e) FGSM radii (default per dataset).")
@@ -86,7 +87,7 @@ def main(argv):
         targets_per_image=FLAGS.targets_per_image, perturbed_fraction=FLAGS.perturbed_fraction,
         batch_mode=FLAGS.batch_mode, per_source=FLAGS.per_source,
         adv_eps=FLAGS.adv_eps, train_pgd_steps=FLAGS.train_pgd_steps,
-        eval_overrides=dict(n_test=FLAGS.n_test, pgd_steps=FLAGS.eval_pgd_steps,
+        eval_overrides=dict(n_test=FLAGS.n_test, n_pgd=FLAGS.n_pgd, pgd_steps=FLAGS.eval_pgd_steps,
                             pgd_restarts=FLAGS.eval_pgd_restarts, fgsm_eps=FLAGS.fgsm_eps,
                             pgd_eps=FLAGS.pgd_eps, tup_passes=FLAGS.tup_passes,
                             tup_n_per_class=FLAGS.tup_n_per_class))

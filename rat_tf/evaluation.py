@@ -44,7 +44,9 @@ class EvalSettings:
 
     All radii are L-inf except the universal ones, which use ``tup_norm``. ``class_eps`` is the
     FGSM radius of the per-class breakdown; ``uap_eps`` (None: ``tup_eps``) the radius of the
-    untargeted universal perturbation; ``n_test`` limits the test images (None: all).
+    untargeted universal perturbation; ``n_test`` limits the test images (None: all); PGD, the
+    costly attack, runs on the first ``n_pgd`` of them (None: all), and the report then also
+    holds FGSM at the PGD radii on those same images (``pgd_fgsm_accuracy``).
     """
 
     dataset: str = "mnist"
@@ -66,6 +68,7 @@ class EvalSettings:
     uap_passes: int = 5
     batch_size: int = 250
     n_test: int | None = 1000
+    n_pgd: int | None = None
     seed: int = 0
 
     @classmethod
@@ -100,8 +103,9 @@ class EvalSettings:
                              f"{self.tup_method!r}")
         if not 0.0 <= self.tup_delta <= 1.0:
             raise ValueError(f"tup_delta must be in [0, 1], got {self.tup_delta}")
-        if self.n_test is not None and int(self.n_test) < 1:
-            raise ValueError(f"n_test must be >= 1 or None, got {self.n_test}")
+        for name in ("n_test", "n_pgd"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict (with the resolved UAP radius)."""
@@ -301,8 +305,9 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
               + (["tup given"] if given_v is not None else []) + ["tup fresh", "uap"])
     bar = keras.utils.Progbar(len(stages), unit_name="stage") if progress else None
     seconds: dict[str, float] = {}
+    n_pgd = len(x_test) if s.n_pgd is None else min(int(s.n_pgd), len(x_test))
     report = Report(name=name or description, model=description, dataset=s.dataset,
-                    num_test=int(len(x_test)), num_search=int(len(xs)),
+                    num_test=int(len(x_test)), num_pgd=int(n_pgd), num_search=int(len(xs)),
                     test_fingerprint=hashlib.sha1("".join(data.fingerprints(x_test)).encode()
                                                   ).hexdigest()[:16],
                     settings=s.to_dict(), class_names=class_names)
@@ -324,24 +329,30 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
     report["clean_accuracy"] = float(clean.mean())
     done("clean", t0)
 
-    fgsm_acc, fgsm_class = {}, None
+    fgsm_ok: dict[str, np.ndarray] = {}
     for eps in s.fgsm_eps:
         t0 = time.time()
-        ok = _correct(fgsm_step, x_test, y_test, bs, eps)
-        fgsm_acc[f"{eps:g}"] = float(ok.mean())
-        if abs(eps - s.class_eps) < 1e-9:
-            fgsm_class = ok
+        fgsm_ok[f"{eps:g}"] = _correct(fgsm_step, x_test, y_test, bs, eps)
         done(f"fgsm {eps:g}", t0)
-    if fgsm_class is None:  # the per-class radius is not in the sweep: measure it on its own
-        fgsm_class = _correct(fgsm_step, x_test, y_test, bs, s.class_eps)
-    report["fgsm_accuracy"] = fgsm_acc
 
-    pgd_acc = {}
+    def fgsm_at(eps: float, n: int) -> np.ndarray:
+        """FGSM correctness on the first n test images (from the sweep when it has eps)."""
+        if f"{eps:g}" in fgsm_ok:
+            return fgsm_ok[f"{eps:g}"][:n]
+        return _correct(fgsm_step, x_test[:n], y_test[:n], bs, eps)
+
+    report["fgsm_accuracy"] = {k: float(ok.mean()) for k, ok in fgsm_ok.items()}
+    fgsm_class = fgsm_at(s.class_eps, len(x_test))
+
+    pgd_acc, pgd_fgsm = {}, {}
     for eps in s.pgd_eps:
         t0 = time.time()
-        pgd_acc[f"{eps:g}"] = float(_correct(pgd_step, x_test, y_test, bs, eps).mean())
+        pgd_acc[f"{eps:g}"] = float(
+            _correct(pgd_step, x_test[:n_pgd], y_test[:n_pgd], bs, eps).mean())
+        pgd_fgsm[f"{eps:g}"] = float(fgsm_at(eps, n_pgd).mean())
         done(f"pgd {eps:g}", t0)
     report["pgd_accuracy"] = pgd_acc
+    report["pgd_fgsm_accuracy"] = pgd_fgsm  # FGSM at the PGD radii on the PGD images
 
     report["per_class"] = {
         "count": np.bincount(y_test, minlength=num_classes).astype(int).tolist(),
@@ -469,6 +480,8 @@ def markdown_table(reports: Mapping[str, Mapping]) -> str:
     radii = list(first["fgsm_accuracy"])
     pgd_radii = list(first["pgd_accuracy"])
     steps = f"PGD-{st['pgd_steps']}x{st['pgd_restarts']}"
+    if first.get("num_pgd", first["num_test"]) < first["num_test"]:
+        steps += f" (first {first['num_pgd']})"
     ds = st["dataset"]
     tup = _radius(st["tup_eps"], ds) + ("" if st["tup_norm"] == "linf" else f" {st['tup_norm']}")
     head = (["model", "clean"] + [f"FGSM {_radius(r, ds)}" for r in radii]
@@ -508,6 +521,13 @@ def _class_table(reports: Mapping[str, Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pgd_fgsm(reports: Mapping[str, Mapping]) -> str:
+    """FGSM accuracy at the PGD radii on the PGD images, per model, for the report's text."""
+    return "; ".join(f"{name} " + ", ".join(f"{_radius(e, r['dataset'])} {_pct(a)}"
+                                            for e, a in r["pgd_fgsm_accuracy"].items())
+                     for name, r in reports.items())
+
+
 def report_markdown(reports: Mapping[str, Mapping], title: str = "Robustness report") -> str:
     """The whole report.md: main table, per-class table and the settings."""
     first = next(iter(reports.values()))
@@ -517,7 +537,10 @@ def report_markdown(reports: Mapping[str, Mapping], title: str = "Robustness rep
              f"perturbations searched on {first['num_search']} other images. Accuracies and "
              f"TUP success / UAP fooling rates in %. TUP: mean over targets of the fraction of "
              f"images (label != target) sent to the target; 'given' = the perturbations used "
-             f"in training, 'fresh' = searched again against each model.\n",
+             f"in training, 'fresh' = searched again against each model."
+             + (f" PGD runs on the first {first['num_pgd']} of the test images (FGSM on those "
+                f"same images: {_pgd_fgsm(reports)})."
+                if first.get("num_pgd", first["num_test"]) < first["num_test"] else "") + "\n",
              markdown_table(reports), "\n## Per class\n", _class_table(reports),
              "\n## Settings\n", "\n".join(f"- {k}: {json.dumps(v)}" for k, v in st.items())
              + "\n"]

@@ -101,7 +101,7 @@ _MNIST_LIKE = {
                   finetune_subset=1000, finetune_epochs=8, finetune_batch_size=50,
                   refresh_every=1, search_passes=3, per_source=True, train_pgd_steps=10,
                   test_subset=0,
-                  eval=dict(n_test=1000, pgd_steps=20, pgd_restarts=2, tup_passes=5,
+                  eval=dict(n_test=None, n_pgd=1000, pgd_steps=20, pgd_restarts=2, tup_passes=5,
                             tup_n_per_class=50, uap_passes=3)),
     "full": dict(model="wide_mnist_cnn", pretrain_subset=0, pretrain_epochs=10,
                  pretrain_batch_size=128, pretrain_lr_schedule="cosine",
@@ -207,8 +207,9 @@ class ExperimentConfig:
                     values["eval_overrides"][key] = [float(e) for e in radii]
                 except (TypeError, ValueError) as e:
                     raise ValueError(f"{key} must be a list of numbers, got {radii!r}") from e
-        if values["eval_overrides"].get("n_test") == 0:  # 0 = every test image
-            values["eval_overrides"]["n_test"] = None
+        for key in ("n_test", "n_pgd"):  # 0 = every test image
+            if values["eval_overrides"].get(key) == 0:
+                values["eval_overrides"][key] = None
         out = ExperimentConfig(**values)
         out.validate()
         return out
@@ -253,9 +254,12 @@ class ExperimentConfig:
                     per_source=bool(self.per_source))
 
     def eval_settings(self) -> evaluation.EvalSettings:
-        """The evaluation settings of a resolved config."""
-        return evaluation.EvalSettings.for_dataset(self.dataset, seed=self.seed,
-                                                   **self.eval_overrides)
+        """The evaluation settings of a resolved config (n_test / n_pgd None: every image)."""
+        settings = evaluation.EvalSettings.for_dataset(self.dataset, seed=self.seed,
+                                                       **self.eval_overrides)
+        every = {k: None for k in ("n_test", "n_pgd")
+                 if k in self.eval_overrides and self.eval_overrides[k] is None}
+        return dataclasses.replace(settings, **every)
 
     def train_config(self, method: str, model_dir: str, **kwargs: Any) -> training.TrainConfig:
         """The :class:`rat_tf.training.TrainConfig` of a stage."""
@@ -448,7 +452,8 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
         "output_dir": out, "stages": timings, "wall_seconds": round(time.time() - t_all, 1),
         "files": {k: os.path.relpath(v, out) for k, v in paths.items()},
         "results": {name: {"clean": r["clean_accuracy"], "fgsm": r["fgsm_accuracy"],
-                           "pgd": r["pgd_accuracy"],
+                           "pgd": r["pgd_accuracy"], "num_test": r["num_test"],
+                           "num_pgd": r["num_pgd"],
                            "tup_given": r["tup_given"]["mean"] if r["tup_given"] else None,
                            "tup_fresh": r["tup_fresh"]["mean"],
                            "uap": r["uap"]["fooling_rate"],

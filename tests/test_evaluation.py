@@ -165,11 +165,36 @@ def test_settings_defaults_and_validation():
         evaluation.EvalSettings.for_dataset("mnist", pgd_restarts=0)
     with pytest.raises(ValueError, match="unknown evaluation settings"):
         evaluation.EvalSettings.for_dataset("mnist", pgd_stepz=3)
+    with pytest.raises(ValueError, match="n_pgd must be >= 1 or None"):
+        evaluation.EvalSettings.for_dataset("mnist", n_pgd=0)
     with pytest.raises(ValueError, match="unknown dataset"):
         evaluation.EvalSettings.for_dataset("svhn")
     assert evaluation.parse_models("a=x.keras, b=dir") == {"a": "x.keras", "b": "dir"}
     with pytest.raises(ValueError, match="name=path"):
         evaluation.parse_models("a=x,b")
+
+
+def test_pgd_on_the_first_n_pgd_test_images(mnist_model, split, settings, tmp_path):
+    """With n_pgd < n_test, PGD (and its FGSM comparison) is measured on the first n_pgd images
+    exactly as a report on those images alone measures it; the rest uses every test image."""
+    import dataclasses
+
+    x_test, y_test, xs, ys = split
+    fast = dataclasses.replace(settings, n_test=120, n_pgd=40, pgd_steps=3)
+    both = evaluation.robustness_report(mnist_model, x_test, y_test, x_search=xs, y_search=ys,
+                                        settings=fast, progress=False)
+    first = evaluation.robustness_report(
+        mnist_model, x_test, y_test, x_search=xs, y_search=ys,
+        settings=dataclasses.replace(fast, n_test=40, n_pgd=None), progress=False)
+    assert (both["num_test"], both["num_pgd"], first["num_pgd"]) == (120, 40, 40)
+    assert sum(both["per_class"]["count"]) == 120
+    assert both["pgd_accuracy"] == first["pgd_accuracy"]
+    assert both["pgd_fgsm_accuracy"] == {k: first["fgsm_accuracy"][k] for k in ("0.1", "0.2")}
+    assert first["pgd_fgsm_accuracy"] == {k: first["fgsm_accuracy"][k] for k in ("0.1", "0.2")}
+    assert both["fgsm_accuracy"] != first["fgsm_accuracy"]  # the sweep uses all 120 images
+    assert "(first 40)" in evaluation.markdown_table({"m": both}).splitlines()[0]
+    assert "(first 40)" not in evaluation.markdown_table({"m": first}).splitlines()[0]
+    assert "first 40 of the test images" in evaluation.report_markdown({"m": both})
 
 
 def test_per_source_perturbations_are_measured_and_drawn(mnist_model, split, settings, tmp_path):

@@ -101,6 +101,16 @@ def test_budget_presets_and_validation():
     small = experiment.ExperimentConfig(dataset="mnist", budget="small").resolved()
     assert small.finetune_subset == 1000 and small.model == "wide_mnist_cnn"
     assert small.eval_settings().tup_eps == small.eps == 0.3
+    # the whole MNIST test set, PGD on its first 1,000 images; 0 on the command line = all
+    assert (small.eval_settings().n_test, small.eval_settings().n_pgd) == (None, 1000)
+    every = experiment.ExperimentConfig(dataset="mnist", budget="small",
+                                        eval_overrides=dict(n_pgd=0)).resolved()
+    assert every.eval_settings().n_pgd is None
+    full = experiment.ExperimentConfig(dataset="mnist", budget="full").resolved()
+    assert (full.eval_settings().n_test, full.eval_settings().n_pgd) == (None, None)
+    few = experiment.ExperimentConfig(dataset="mnist", budget="full",
+                                      eval_overrides=dict(n_test=300)).resolved()
+    assert few.eval_settings().n_test == 300
     cifar = experiment.ExperimentConfig(dataset="cifar10", budget="small",
                                         finetune_epochs=2).resolved()
     assert cifar.model == "resnet20" and cifar.finetune_epochs == 2
