@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Mapping, Sequence
 
@@ -10,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from rat_tf import files  # noqa: E402
 
 
 def _visible(v: np.ndarray) -> np.ndarray:
@@ -45,26 +48,45 @@ def perturbation_grid(perturbations: np.ndarray | Sequence[np.ndarray], path: st
                 ax.set_title(str(titles[c]), fontsize=8)
         if row_labels is not None:
             axes[r][0].set_ylabel(row_labels[r], fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return fit_png(path, max_bytes)
+    return _save(fig, path, dpi, max_bytes)
+
+
+def _save(fig: plt.Figure, path: str, dpi: int, max_bytes: int | None = None) -> str:
+    """Render ``fig`` in memory (shrunk to ``max_bytes`` if given), write it atomically, close it."""
+    try:
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    png = buf.getvalue() if max_bytes is None else _shrunk(buf.getvalue(), max_bytes)
+    return files.write_bytes(path, png, ".png")
+
+
+def _shrunk(png: bytes, max_bytes: int) -> bytes:
+    """PNG bytes re-encoded with ever fewer palette colours until they fit in ``max_bytes``."""
+    if len(png) <= max_bytes:
+        return png
+    from PIL import Image  # a matplotlib dependency
+
+    with Image.open(io.BytesIO(png)) as img:
+        rgb = img.convert("RGB")
+    for colors in (128, 64, 32, 16):
+        buf = io.BytesIO()
+        rgb.quantize(colors=colors).save(buf, format="png", optimize=True)
+        png = buf.getvalue()
+        if len(png) <= max_bytes:
+            break
+    return png
 
 
 def fit_png(path: str, max_bytes: int = MAX_PNG_BYTES) -> str:
     """Re-save a PNG larger than ``max_bytes`` with ever fewer palette colours until it fits."""
     if os.path.getsize(path) <= max_bytes:
         return path
-    from PIL import Image  # a matplotlib dependency
-
-    with Image.open(path) as img:
-        rgb = img.convert("RGB")
-    for colors in (128, 64, 32, 16):
-        rgb.quantize(colors=colors).save(path, optimize=True)
-        if os.path.getsize(path) <= max_bytes:
-            break
-    return path
+    with open(path, "rb") as f:
+        png = f.read()
+    return files.write_bytes(path, _shrunk(png, max_bytes), ".png")
 
 
 def accuracy_vs_radius(curves: Mapping[str, Mapping[float, float]], path: str,
@@ -82,8 +104,4 @@ def accuracy_vs_radius(curves: Mapping[str, Mapping[float, float]], path: str,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi)
