@@ -179,6 +179,16 @@ def read_idx(path: str, dataset: str = "", verify: bool = False) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
+def check_labels(labels: np.ndarray, num_classes: int, where: str, what: str = "label") -> None:
+    """Raise :class:`DataError` naming the first label outside 0..num_classes-1 and its index."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        more = f"; {bad.size} labels out of range in all" if bad.size > 1 else ""
+        raise DataError(f"{where}: {what} {int(labels[i])} at index {i} out of range "
+                        f"0..{num_classes - 1} (corrupted{more})")
+
+
 def read_cifar10_bin(path: str, verify: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR-10 binary-version batch: (uint8 images NHWC, int32 labels)."""
     data = _read_bytes(path, "cifar10", verify)
@@ -187,8 +197,7 @@ def read_cifar10_bin(path: str, verify: bool = False) -> tuple[np.ndarray, np.nd
                         f"{_CIFAR_RECORD}-byte CIFAR-10 records (truncated or corrupted)")
     rec = np.frombuffer(data, np.uint8).reshape(-1, _CIFAR_RECORD)
     labels = rec[:, 0].astype(np.int32)
-    if labels.max() > 9:
-        raise DataError(f"{path}: label byte {labels.max()} out of range 0..9 (corrupted)")
+    check_labels(labels, 10, path, "label byte")
     images = rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels
 
@@ -239,6 +248,8 @@ def read_cifar10_py(path: str) -> tuple[np.ndarray, np.ndarray]:
     if arr.dtype != np.uint8:  # a cast would silently wrap or truncate other pixel values
         raise DataError(f"{path}: 'data' holds {arr.dtype} pixels, CIFAR-10 stores uint8")
     labels = np.asarray(batch["labels"], np.int32)
+    if labels.ndim == 1:
+        check_labels(labels, 10, path)
     if arr.ndim != 2 or arr.shape[1] != 3072 or arr.shape[0] != labels.shape[0]:
         raise DataError(f"{path}: data shape {arr.shape} / {labels.shape} labels do not match "
                         f"CIFAR-10 (N x 3072, N labels)")
@@ -272,71 +283,96 @@ def _check(images: np.ndarray, labels: np.ndarray, info: DatasetInfo, split: str
                         f"{(n, *info.image_shape)}")
     if labels.shape != (n,):
         raise DataError(f"{where}: {split} labels have shape {labels.shape}, expected ({n},)")
-    if labels.min() < 0 or labels.max() >= info.num_classes:
-        raise DataError(f"{where}: {split} labels outside 0..{info.num_classes - 1}")
+    check_labels(labels, info.num_classes, where, f"{split} label")
+
+
+def _layouts(name: str, split: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The file sets a split can come in: (layout, file names), in order of preference."""
+    if name == "cifar10":
+        return ("cifar_bin", _CIFAR_BIN[split]), ("cifar_py", _CIFAR_PY[split])
+    return (("idx", _IDX_NAMES[split]),)
+
+
+def _missing(name: str, split: str, data_dir: str | None) -> DataError:
+    """The error for a split whose files are nowhere: what was looked for where, and the fix."""
+    info = get_info(name)
+    wanted = " or ".join(", ".join(f"{b}[.gz]" for b in bases)
+                         for _, bases in _layouts(name, split))
+    how = (f"point ${ENV_DATA_DIR} (or --data_dir) at the folder holding them (see README, "
+           f"Data), or ask for tensorflow_datasets with --data_source=tfds")
+    if not data_dir:
+        subs = ", ".join(f"{s or '.'}/" for s in info.subdirs)
+        return DataError(f"no data directory for {name} {split} (${ENV_DATA_DIR} is not set and "
+                         f"no --data_dir was given): the files {wanted} are looked for in "
+                         f"{subs} below it; {how}")
+    folders = ", ".join(os.path.join(data_dir, s) for s in info.subdirs)
+    return DataError(f"no {name} {split} files: looked for {wanted} in {folders}; {how}")
+
+
+def locate_files(name: str, split: str, data_dir: str | None = None) -> tuple[str, list[str]]:
+    """The files of a split below the data directory: (layout, paths), or a :class:`DataError`.
+
+    The layout is ``idx``, ``cifar_bin`` or ``cifar_py``; the error lists what was looked for
+    in which folders and how to point at them.
+    """
+    info = get_info(name)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    data_dir = resolve_data_dir(data_dir)
+    if data_dir:
+        for layout, bases in _layouts(name, split):
+            folder = _dataset_folder(info, data_dir, bases[0])
+            if folder is None:
+                continue
+            paths = [_find(folder, base) for base in bases]
+            for base, path in zip(bases, paths):
+                if path is None:
+                    raise DataError(f"{os.path.join(folder, base)}[.gz]: missing {name} file "
+                                    f"(the other {split} files are in {folder})")
+            return layout, paths
+    raise _missing(name, split, data_dir)
 
 
 def load_files(name: str, split: str, data_dir: str | None = None,
                verify_checksums: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read a split from the standard distribution files: (uint8 NHWC images, int32 labels)."""
     info = get_info(name)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    data_dir = resolve_data_dir(data_dir)
-    if not data_dir:
-        raise DataError(f"no data directory: pass data_dir or set ${ENV_DATA_DIR}")
-    if name == "cifar10":
-        folder = _dataset_folder(info, data_dir, _CIFAR_BIN[split][0])
-        if folder:
-            parts = []
-            for base in _CIFAR_BIN[split]:
-                path = _find(folder, base)
-                if path is None:
-                    raise DataError(f"{os.path.join(folder, base)}[.gz]: missing CIFAR-10 file")
-                parts.append(read_cifar10_bin(path, verify_checksums))
-        else:
-            folder = _dataset_folder(info, data_dir, _CIFAR_PY[split][0])
-            if folder is None:
-                raise DataError(f"no CIFAR-10 files (binary or python version) below {data_dir}")
-            parts = []
-            for base in _CIFAR_PY[split]:
-                path = _find(folder, base)
-                if path is None:
-                    raise DataError(f"{os.path.join(folder, base)}: missing CIFAR-10 file")
-                parts.append(read_cifar10_py(path))
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-    else:
-        img_base, lbl_base = _IDX_NAMES[split]
-        folder = _dataset_folder(info, data_dir, img_base)
-        if folder is None:
-            raise DataError(f"no {name} IDX files ({img_base}[.gz]) below {data_dir} "
-                            f"(looked in {[os.path.join(data_dir, s) for s in info.subdirs]})")
-        img_path, lbl_path = _find(folder, img_base), _find(folder, lbl_base)
-        if lbl_path is None:
-            raise DataError(f"{os.path.join(folder, lbl_base)}[.gz]: missing label file")
+    layout, paths = locate_files(name, split, data_dir)
+    if layout == "idx":
+        img_path, lbl_path = paths
         images = read_idx(img_path, name, verify_checksums)
         labels = read_idx(lbl_path, name, verify_checksums).astype(np.int32)
         if images.ndim != 3:
             raise DataError(f"{img_path}: not an image file (shape {images.shape})")
         if labels.ndim != 1:
             raise DataError(f"{lbl_path}: not a label file (shape {labels.shape})")
+        check_labels(labels, info.num_classes, lbl_path)
         if images.shape[0] != labels.shape[0]:
             raise DataError(f"{img_path} has {images.shape[0]} images but {lbl_path} has "
                             f"{labels.shape[0]} labels")
-        images = images[..., None]
-        folder = f"{img_path} / {lbl_path}"
-    _check(images, labels, info, split, folder)
+        images, where = images[..., None], f"{img_path} / {lbl_path}"
+    else:
+        parts = [read_cifar10_bin(p, verify_checksums) if layout == "cifar_bin"
+                 else read_cifar10_py(p) for p in paths]
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        where = os.path.dirname(paths[0])
+    _check(images, labels, info, split, where)
     return images, labels
 
 
 def load_tfds(name: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load a split through ``tensorflow_datasets`` (needs a download or a prepared tfds dir)."""
-    import tensorflow_datasets as tfds  # heavy import, only when used
-
     info = get_info(name)
-    ds = tfds.load(info.tfds_name, split=split, as_supervised=True, batch_size=-1,
-                   data_dir=data_dir)
+    try:
+        import tensorflow_datasets as tfds  # heavy import, only when used
+
+        ds = tfds.load(info.tfds_name, split=split, as_supervised=True, batch_size=-1,
+                       data_dir=data_dir)
+    except ImportError as e:  # tfds itself, or one of the modules it imports lazily
+        raise DataError(f"data_source 'tfds' needs tensorflow_datasets and its dependencies "
+                        f"({type(e).__name__}: {e}); or read the standard files: "
+                        f"{_missing(name, split, resolve_data_dir()).args[0]}") from e
     images, labels = tfds.as_numpy(ds)
     images, labels = np.asarray(images, np.uint8), np.asarray(labels, np.int32)
     _check(images, labels, info, split, f"tfds:{info.tfds_name}")
@@ -347,22 +383,20 @@ def load_arrays(name: str, split: str, source: str = "auto", data_dir: str | Non
                 verify_checksums: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Load a whole split as numpy: (float32 images in [0, 1], NHWC; int32 labels).
 
-    ``source``: ``files`` (standard files below ``data_dir`` / $RAT_DATA_DIR), ``tfds``, or
-    ``auto`` (files when present, else tfds).
+    ``source``: ``files`` or ``auto`` (the standard files below ``data_dir`` /
+    $RAT_DATA_DIR; missing files are an error that says where they were looked for), or
+    ``tfds`` (``tensorflow_datasets``, which may download: only when asked for).
     """
     get_info(name)
     if source not in ("auto", "files", "tfds"):
         raise ValueError(f"unknown data source {source!r}; choose auto, files or tfds")
-    if source == "auto":
-        source = "files" if files_available(name, data_dir) else "tfds"
-        logging.info("data source for %s: %s", name, source)
-        if source == "tfds" and verify_checksums:
-            logging.warning("%s: no files found, loading with tensorflow_datasets (which checks "
-                            "its own downloads); --verify_checksums applies to files only", name)
-    if source == "files":
-        images, labels = load_files(name, split, data_dir, verify_checksums)
-    else:
+    if source == "tfds":
+        if verify_checksums:
+            logging.warning("%s: tensorflow_datasets checks its own downloads; "
+                            "--verify_checksums applies to the standard files only", name)
         images, labels = load_tfds(name, split, None)
+    else:
+        images, labels = load_files(name, split, data_dir, verify_checksums)
     return images.astype(np.float32) / 255.0, labels.astype(np.int32)
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import os
 import pickle
+import re
 import shutil
 import struct
 import sys
@@ -244,8 +245,29 @@ def test_cifar_wrong_record_size_and_bad_label(tmp_path):
     rec = np.zeros((2, 3073), np.uint8)
     rec[1, 0] = 10
     path.write_bytes(rec.tobytes())
-    with pytest.raises(data.DataError, match="label byte 10 out of range"):
+    with pytest.raises(data.DataError, match="label byte 10 at index 1 out of range 0..9") as e:
         data.read_cifar10_bin(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_mnist_label_out_of_range_names_value_and_index(data_dir, tmp_path):
+    folder = _mnist_copy(data_dir, tmp_path)
+    path = folder / "t10k-labels-idx1-ubyte.gz"
+    labels = data.read_idx(str(path)).copy()
+    labels[1234], labels[5000] = 12, 200
+    path.write_bytes(gzip.compress(_idx_bytes(labels)))
+    with pytest.raises(data.DataError, match="label 12 at index 1234 out of range 0..9") as e:
+        data.load_files("mnist", "test", str(tmp_path))
+    assert str(path) in str(e.value) and "2 labels out of range" in str(e.value)
+
+
+def test_cifar_python_label_out_of_range_named(tmp_path):
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({b"data": np.zeros((3, 3072), np.uint8),
+                                   b"labels": [1, 2, -1]}))
+    with pytest.raises(data.DataError, match="label -1 at index 2 out of range") as e:
+        data.read_cifar10_py(str(path))
+    assert str(path) in str(e.value)
 
 
 def test_cifar_short_split_fails_count_check(tmp_path):
@@ -254,8 +276,9 @@ def test_cifar_short_split_fails_count_check(tmp_path):
     (folder / "test_batch.bin").write_bytes(np.zeros((10, 3073), np.uint8).tobytes())
     with pytest.raises(data.DataError, match=r"shape \(10, 32, 32, 3\), expected \(10000"):
         data.load_files("cifar10", "test", str(tmp_path))
-    with pytest.raises(data.DataError, match="no CIFAR-10 files"):
+    with pytest.raises(data.DataError, match="no cifar10 train files") as e:
         data.load_files("cifar10", "train", str(tmp_path))  # no data_batch_1 anywhere
+    assert "data_batch_5.bin[.gz]" in str(e.value) and str(folder) in str(e.value)
 
 
 def test_cifar_missing_batch_named(tmp_path):
@@ -378,9 +401,8 @@ def test_fashion_mnist_reads_idx_files(tmp_path, monkeypatch):
         data.load_files("fashion_mnist", "test", str(tmp_path), verify_checksums=True)
 
 
-def test_auto_source_falls_back_to_tfds(tmp_path, monkeypatch):
-    calls = []
-
+def _fake_tfds(monkeypatch, calls):
+    """A stand-in tensorflow_datasets that records its calls and returns grey images."""
     def fake_load(name, split, as_supervised, batch_size, data_dir=None):
         calls.append((name, split, as_supervised, batch_size))
         images = np.full((10000, 28, 28, 1), 51, np.uint8)
@@ -390,14 +412,52 @@ def test_auto_source_falls_back_to_tfds(tmp_path, monkeypatch):
     fake.load = fake_load
     fake.as_numpy = lambda ds: ds
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+
+
+def test_tfds_only_when_asked(tmp_path, monkeypatch):
+    calls = []
+    _fake_tfds(monkeypatch, calls)
     assert not data.files_available("fashion_mnist", str(tmp_path))
-    x, y = data.load_arrays("fashion_mnist", "test", "auto", str(tmp_path))
+    for source in ("auto", "files"):  # never a silent download
+        with pytest.raises(data.DataError, match=re.escape(
+                "no fashion_mnist test files: looked for t10k-images-idx3-ubyte[.gz], "
+                "t10k-labels-idx1-ubyte[.gz] in ")) as e:
+            data.load_arrays("fashion_mnist", "test", source, str(tmp_path))
+        assert str(tmp_path / "fashion_mnist") in str(e.value)
+        assert "RAT_DATA_DIR" in str(e.value) and "--data_dir" in str(e.value)
+    assert calls == []
+    x, y = data.load_arrays("fashion_mnist", "test", "tfds", str(tmp_path))
     assert calls == [("fashion_mnist", "test", True, -1)]
     assert x.shape == (10000, 28, 28, 1) and x.dtype == np.float32
     np.testing.assert_allclose(x, 0.2)
     assert y.dtype == np.int32 and data.class_histogram(y) == [1000] * 10
-    with pytest.raises(data.DataError, match="no fashion_mnist IDX files"):
-        data.load_arrays("fashion_mnist", "test", "files", str(tmp_path))
+
+
+def test_auto_without_data_dir_says_where_to_point(monkeypatch):
+    monkeypatch.delenv(data.ENV_DATA_DIR, raising=False)
+    with pytest.raises(data.DataError, match="no data directory for mnist train") as e:
+        data.load_arrays("mnist", "train", "auto")
+    msg = str(e.value)
+    assert "train-images-idx3-ubyte[.gz]" in msg and "mnist/" in msg and "RAT_DATA_DIR" in msg
+
+
+def test_missing_split_is_named(data_dir, tmp_path):
+    """The test files are there, the train split is not: auto names the train files."""
+    _mnist_copy(data_dir, tmp_path)
+    assert data.files_available("mnist", str(tmp_path))
+    assert data.load_arrays("mnist", "test", "auto", str(tmp_path))[0].shape[0] == 10000
+    with pytest.raises(data.DataError, match=re.escape(
+            "no mnist train files: looked for train-images-idx3-ubyte[.gz], "
+            "train-labels-idx1-ubyte[.gz] in ")) as e:
+        data.load_arrays("mnist", "train", "auto", str(tmp_path))
+    assert str(tmp_path / "mnist") in str(e.value)
+
+
+def test_tfds_without_its_modules_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+    with pytest.raises(data.DataError, match="needs tensorflow_datasets") as e:
+        data.load_arrays("mnist", "test", "tfds", str(tmp_path))
+    assert "RAT_DATA_DIR" in str(e.value)
 
 
 # --------------------------------------------------------------------------- subsets
