@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from rat_tf import attacks, data, files, models
+from rat_tf import attacks, cli, data, files, models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Folder with MNIST (default $RAT_DATA_DIR).")
@@ -197,4 +197,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -16,9 +16,9 @@ import tempfile
 import time
 
 import keras
-from absl import app, flags, logging
+from absl import flags, logging
 
-from rat_tf import data, files, models, training
+from rat_tf import cli, data, files, models, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
@@ -109,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 from absl import app, flags, logging
 
-from rat_tf import attacks, data, files, training
+from rat_tf import attacks, cli, data, files, training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
@@ -133,4 +133,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,9 +10,9 @@ Prints a table (model, attack, eps, ART acc, rat_tf acc, difference), writes JSO
 """
 
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from rat_tf import crosscheck, data, evaluation, files
+from rat_tf import cli, crosscheck, data, evaluation, files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("saved_model", None, "name=path,... of SavedModels from bin/export.py.")
@@ -65,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

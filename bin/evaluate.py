@@ -10,9 +10,9 @@ report.json, report.md and PNG figures to --output_dir and prints the table.
 
 import dataclasses
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from rat_tf import attacks, evaluation, ops
+from rat_tf import attacks, cli, evaluation, ops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", None, "name=path,... (.keras file, dir with model.keras, SavedModel)")
@@ -63,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

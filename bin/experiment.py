@@ -9,9 +9,9 @@ side-by-side table.
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from rat_tf import attacks, distribute, experiment, ops, training
+from rat_tf import attacks, cli, distribute, experiment, ops, training
 
 _D = experiment.ExperimentConfig()
 FLAGS = flags.FLAGS
@@ -98,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

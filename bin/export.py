@@ -6,9 +6,9 @@ Example:
 """
 
 import keras
-from absl import app, flags, logging
+from absl import flags, logging
 
-from rat_tf import data, export
+from rat_tf import cli, data, export
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", None, "Classifier saved as a .keras file.")
@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

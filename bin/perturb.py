@@ -11,9 +11,9 @@ Example:
 """
 
 import keras
-from absl import app, flags, logging
+from absl import flags, logging
 
-from rat_tf import attacks, data, distribute, ops
+from rat_tf import attacks, cli, data, distribute, ops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "mnist", "Dataset name (mnist, fashion_mnist, cifar10).")
@@ -79,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

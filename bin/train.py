@@ -11,9 +11,9 @@ Rerunning the same command after a kill resumes from ``model_dir/backup``. Outpu
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from rat_tf import distribute, ops, training
+from rat_tf import cli, distribute, ops, training
 
 _D = training.TrainConfig()
 FLAGS = flags.FLAGS
@@ -93,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
