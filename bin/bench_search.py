@@ -119,6 +119,9 @@ def main(argv):
         raise app.UsageError(f"--methods: unknown {bad}; choose from {attacks.TU_METHODS}")
     passes = _int_list("max_passes", 1)
     art_targets = _int_list("art_targets", 0, 10)
+    cli.check_data("mnist", FLAGS.data_dir)
+    cli.check_inputs(model_path=FLAGS.model_path)
+    cli.check_output_files(output=FLAGS.output, save_model=FLAGS.save_model)
     x_train, y_train = data.load_arrays("mnist", "train", "files", FLAGS.data_dir)
     x_test, y_test = data.load_arrays("mnist", "test", "files", FLAGS.data_dir)
     if FLAGS.model_path:

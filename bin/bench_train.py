@@ -46,6 +46,10 @@ def _plain_fit(x, y, epochs: int, batch_size: int) -> float:
 
 def main(argv):
     del argv
+    for dataset in ["mnist"] + (["cifar10"] if FLAGS.cifar_epochs else []):
+        cli.check_data(dataset, FLAGS.data_dir)
+    cli.check_output_files(out=FLAGS.out)
+    cli.check_output_dirs(work_dir=FLAGS.work_dir)
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_train_")
     results = {}
     mnist = training.TrainConfig(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn",

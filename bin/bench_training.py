@@ -66,6 +66,10 @@ def main(argv):
     unknown = sorted(set(FLAGS.robust_methods) - set(settings))
     if unknown:
         raise app.UsageError(f"--robust_methods: unknown {unknown}; choose from {sorted(settings)}")
+    cli.check_data("mnist", FLAGS.data_dir)
+    cli.check_inputs(init_from=FLAGS.init_from)
+    cli.check_output_files(out=FLAGS.out)
+    cli.check_output_dirs(work_dir=FLAGS.work_dir)
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_training_")
     base = dict(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn", verbose=2,
                 batch_size=FLAGS.batch_size, pgd_steps=FLAGS.pgd_steps,

@@ -38,6 +38,10 @@ flags.mark_flags_as_required(["saved_model"])
 
 def main(argv):
     del argv
+    models = evaluation.parse_models(FLAGS.saved_model)
+    cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.data_source, splits=["test"])
+    cli.check_inputs(saved_model=models.values())
+    cli.check_output_files(output=FLAGS.output)
     settings = evaluation.EvalSettings.for_dataset(  # radii lists are parsed by EvalSettings
         FLAGS.dataset, fgsm_eps=FLAGS.fgsm_eps, pgd_eps=FLAGS.pgd_eps,
         pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
@@ -45,7 +49,7 @@ def main(argv):
     x, y = data.load_arrays(FLAGS.dataset, "test", FLAGS.data_source, FLAGS.data_dir)
     x, y = x[:FLAGS.n_test], y[:FLAGS.n_test]
     results = {}
-    for name, path in evaluation.parse_models(FLAGS.saved_model).items():
+    for name, path in models.items():
         logging.info("cross-checking %s (%s) on %d %s test images", name, path, len(x),
                      FLAGS.dataset)
         results[name] = crosscheck.crosscheck_with_art(

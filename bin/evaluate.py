@@ -43,6 +43,10 @@ flags.mark_flags_as_required(["models", "output_dir"])
 
 def main(argv):
     del argv
+    models = evaluation.parse_models(FLAGS.models)
+    cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.data_source)
+    cli.check_inputs(models=models.values(), perturbations=FLAGS.perturbations)
+    cli.check_output_dirs(output_dir=FLAGS.output_dir)
     settings = evaluation.EvalSettings.for_dataset(  # radii lists are parsed by EvalSettings
         FLAGS.dataset, fgsm_eps=FLAGS.fgsm_eps, pgd_eps=FLAGS.pgd_eps,
         pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
@@ -54,10 +58,13 @@ def main(argv):
         settings = dataclasses.replace(settings, n_test=FLAGS.n_test or None)
     if FLAGS.n_pgd is not None:
         settings = dataclasses.replace(settings, n_pgd=FLAGS.n_pgd or None)
-    reports = evaluation.evaluate_models(
-        evaluation.parse_models(FLAGS.models), dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-        data_source=FLAGS.data_source, settings=settings, perturbations=FLAGS.perturbations,
-        out_dir=FLAGS.output_dir)
+    reports = {}
+    for name, path in models.items():  # the report is rewritten as each model finishes
+        reports.update(evaluation.evaluate_models(
+            {name: path}, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+            data_source=FLAGS.data_source, settings=settings, perturbations=FLAGS.perturbations))
+        evaluation.write_report(reports, FLAGS.output_dir,
+                                title=f"Robustness report: {FLAGS.dataset}")
     print(evaluation.markdown_table(reports))
     logging.info("report written to %s", FLAGS.output_dir)
 

@@ -73,6 +73,8 @@ flags.mark_flag_as_required("output_dir")
 
 def main(argv):
     del argv
+    cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.data_source)
+    cli.check_output_dirs(output_dir=FLAGS.output_dir)
     strategy = distribute.get_strategy(FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices)
     config = experiment.ExperimentConfig(
         dataset=FLAGS.dataset, budget=FLAGS.budget, output_dir=FLAGS.output_dir,

@@ -5,6 +5,8 @@ Example:
       --dataset=mnist
 """
 
+import os
+
 import keras
 from absl import flags, logging
 
@@ -25,6 +27,13 @@ flags.mark_flags_as_required(["model_path", "export_dir"])
 
 def main(argv):
     del argv
+    if FLAGS.dataset:
+        cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.source, splits=["test"])
+    cli.check_inputs(model_path=FLAGS.model_path)
+    if os.path.exists(FLAGS.export_dir) and not FLAGS.overwrite:
+        raise FileExistsError(f"--export_dir: {FLAGS.export_dir} already exists; pass "
+                              f"--overwrite to replace it")
+    cli.check_output_files(export_dir=FLAGS.export_dir)
     classifier = keras.models.load_model(FLAGS.model_path, compile=False)
     path = export.export_saved_model(classifier, FLAGS.export_dir, overwrite=FLAGS.overwrite)
     x = None

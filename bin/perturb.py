@@ -44,6 +44,9 @@ flags.DEFINE_bool("progress", True, "Show a progress bar over passes.")
 
 def main(argv):
     del argv
+    cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.source)
+    cli.check_inputs(model_path=FLAGS.model_path)
+    cli.check_output_dirs(output_dir=FLAGS.output_dir)
     strategy = distribute.get_strategy(FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices)
     info = data.get_info(FLAGS.dataset)
     x_train, y_train = data.load_arrays(FLAGS.dataset, "train", FLAGS.source, FLAGS.data_dir)

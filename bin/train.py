@@ -68,6 +68,9 @@ flags.DEFINE_integer("verbose", None, "Keras fit verbosity (default: bar if inte
 
 def main(argv):
     del argv
+    cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.data_source)
+    cli.check_inputs(init_from=FLAGS.init_from, perturbations_path=FLAGS.perturbations_path)
+    cli.check_output_dirs(model_dir=FLAGS.model_dir)
     strategy = distribute.get_strategy(FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices,
                                        tpu=FLAGS.tpu)
     config = training.TrainConfig(

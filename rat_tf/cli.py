@@ -5,14 +5,20 @@ file, an unknown dataset: ``UsageError``, absl flag errors, ``ValueError``,
 ``FileNotFoundError``, ``FileExistsError``) prints one line ``error: ...`` on stderr and exits
 with status 2; any other ``OSError`` (a full disk, say) prints one line and exits with status 1.
 ``--debug`` shows the full traceback instead.
+
+The ``check_*`` functions run before any work: every input exists, every output folder takes a
+file, the data files are there; each failure is a usage error that names its flag.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Iterable, NoReturn, Sequence
 
 from absl import app, flags
+
+from rat_tf import data, files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("debug", False, "Show the full traceback of an error instead of one line.")
@@ -58,3 +64,47 @@ def run(main: Callable[[list[str]], int | None]) -> None:
             fail(one_line(e), FAILURE_STATUS)
 
     app.run(guarded, flags_parser=_parse_flags)
+
+
+def _paths(value: str | Iterable[str] | None) -> list[str]:
+    """The paths of a flag value: none for None or "", one for a string, each of a list."""
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else [p for p in value if p]
+
+
+def check_inputs(**paths: str | Iterable[str] | None) -> None:
+    """Raise a usage error naming the flag unless every path given (by flag name) exists."""
+    for flag, value in paths.items():
+        for path in _paths(value):
+            if not os.path.exists(path):
+                raise app.UsageError(f"--{flag}: {path} does not exist")
+
+
+def check_output_dirs(**folders: str | Iterable[str] | None) -> None:
+    """Create each output folder given (by flag name) and prove it writable, or a usage error."""
+    for flag, value in folders.items():
+        for folder in _paths(value):
+            try:
+                files.check_writable_dir(folder)
+            except OSError as e:
+                raise app.UsageError(f"--{flag}: {e.strerror or e}") from e
+
+
+def check_output_files(**paths: str | Iterable[str] | None) -> None:
+    """Prove the folder of each output file or directory given (by flag name) writable."""
+    check_output_dirs(**{flag: [os.path.dirname(os.path.abspath(p)) for p in _paths(value)]
+                         for flag, value in paths.items()})
+
+
+def check_data(dataset: str, data_dir: str | None = None, data_source: str = "files",
+               splits: Sequence[str] = data.SPLITS) -> None:
+    """Raise the data readers' error now if the dataset is unknown or a split's files are missing.
+
+    Only names and folders are checked (the files are read, and validated, by the work itself);
+    with ``data_source="tfds"`` only the name.
+    """
+    data.get_info(dataset)
+    if data_source != "tfds":
+        for split in splits:
+            data.locate_files(dataset, split, data_dir)

@@ -56,3 +56,61 @@ def test_library_value_error_is_one_line_and_debug_shows_traceback(tmp_path):
 def test_unknown_dataset_is_one_line(tmp_path):
     status, stderr = _run("train.py", "--dataset=svhn", f"--model_dir={tmp_path}/run")
     assert status == 2 and "unknown dataset 'svhn'" in _one_error_line(stderr)
+
+
+# --------------------------------------------------------------------------- checks before work
+@pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory):
+    """An untrained tiny_cnn for MNIST saved as .keras (evaluations of it take seconds)."""
+    from rat_tf import models
+
+    path = str(tmp_path_factory.mktemp("tiny") / "model.keras")
+    models.build_model("tiny_cnn", (28, 28, 1), 10).save(path)
+    return path
+
+
+_FAST_EVAL = ["--dataset=mnist", "--data_source=files", "--n_test=50", "--fgsm_eps=0.1",
+              "--pgd_eps=0.1", "--pgd_steps=1", "--pgd_restarts=1", "--tup_passes=1",
+              "--tup_n_per_class=2", "--uap_passes=1", "--batch_size=50"]
+
+
+def test_evaluate_checks_every_model_and_the_output_dir_first(tiny_model_path, data_dir,
+                                                               tmp_path):
+    missing = str(tmp_path / "missing.keras")
+    out = tmp_path / "eval"
+    status, stderr = _run("evaluate.py", f"--models=a={tiny_model_path},b={missing}",
+                          f"--output_dir={out}", f"--data_dir={data_dir}", *_FAST_EVAL)
+    assert status == 2 and f"--models: {missing} does not exist" in _one_error_line(stderr)
+    assert "evaluating a" not in stderr and not (out / "report.json").exists()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    status, stderr = _run("evaluate.py", f"--models=a={tiny_model_path}",
+                          f"--output_dir={blocker}/eval", f"--data_dir={data_dir}", *_FAST_EVAL)
+    line = _one_error_line(stderr)
+    assert status == 2 and "--output_dir" in line and f"{blocker}/eval" in line
+    assert "evaluating a" not in stderr
+
+
+def test_evaluate_keeps_finished_models_when_a_later_one_fails(tiny_model_path, data_dir,
+                                                                tmp_path):
+    import json
+
+    not_a_model = tmp_path / "empty_dir"  # exists, but holds no model
+    not_a_model.mkdir()
+    out = tmp_path / "eval"
+    status, stderr = _run("evaluate.py", f"--models=a={tiny_model_path},b={not_a_model}",
+                          f"--output_dir={out}", f"--data_dir={data_dir}", *_FAST_EVAL,
+                          timeout=300)
+    assert status == 2 and "not a .keras file" in _one_error_line(stderr)
+    report = json.loads((out / "report.json").read_text())
+    assert list(report) == ["a"] and 0 <= report["a"]["clean_accuracy"] <= 1
+    assert "| a |" in (out / "report.md").read_text()
+    assert (out / "accuracy_vs_radius.png").stat().st_size > 1000
+
+
+def test_missing_data_files_fail_first(tiny_model_path, tmp_path):
+    status, stderr = _run("perturb.py", f"--model_path={tiny_model_path}",
+                          f"--output_dir={tmp_path}/v", f"--data_dir={tmp_path}")
+    line = _one_error_line(stderr)
+    assert status == 2 and "no mnist train files: looked for train-images-idx3-ubyte" in line
+    assert str(tmp_path / "mnist") in line and not (tmp_path / "v").exists()

@@ -13,16 +13,19 @@ from rat_tf import attacks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _perturb(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bin", "perturb.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("per_source", [False, True])
 def test_perturb_binary_writes_npz_png_json(mnist_model_path, data_dir, tmp_path, per_source):
     out = tmp_path / "tup"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, os.path.join(ROOT, "bin", "perturb.py"), "--dataset=mnist",
-           f"--data_dir={data_dir}", "--source=files", f"--model_path={mnist_model_path}",
-           f"--output_dir={out}", "--n_per_class=4", "--max_passes=2", "--batch_size=20",
-           "--targets=2,8", "--test_limit=300", "--eps=0.3", "--noprogress",
-           f"--per_source={per_source}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _perturb("--dataset=mnist", f"--data_dir={data_dir}", "--source=files",
+                    f"--model_path={mnist_model_path}", f"--output_dir={out}",
+                    "--n_per_class=4", "--max_passes=2", "--batch_size=20", "--targets=2,8",
+                    "--test_limit=300", "--eps=0.3", "--noprogress", f"--per_source={per_source}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     V, meta = attacks.load_perturbations(str(out / "perturbations.npz"))
     if per_source:  # V[s, t]: one per (source, target)
@@ -38,3 +41,21 @@ def test_perturb_binary_writes_npz_png_json(mnist_model_path, data_dir, tmp_path
     assert report["success_search"][8] is not None and report["wall_seconds"] > 0
     assert report["norm"][2] <= 0.3
     assert (out / "perturbations.png").stat().st_size > 1000
+
+
+def test_perturb_checks_inputs_and_output_dir_before_searching(data_dir, tmp_path):
+    """A missing model or an output folder that cannot exist: one line, status 2, no search."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    missing = tmp_path / "missing.keras"
+    proc = _perturb(f"--data_dir={data_dir}", f"--model_path={missing}",
+                    f"--output_dir={tmp_path}/out")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: --model_path: {missing} does not exist")
+    missing.write_text("never read: the output folder is checked first")
+    proc = _perturb(f"--data_dir={data_dir}", f"--model_path={missing}",
+                    f"--output_dir={blocker}/out")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: --output_dir: ")
+    assert f"{blocker}/out" in last and "searching" not in proc.stderr
+    assert not (tmp_path / "out").exists()
