@@ -61,8 +61,8 @@ def main(argv):
     targets = [int(t) for t in FLAGS.targets] if FLAGS.targets else None
     logging.info("searching %s on %d %s training images", FLAGS.method, len(x), FLAGS.dataset)
     V, stats = attacks.targeted_universal(
-        model_fn, x, y, info.num_classes, FLAGS.eps, norm=FLAGS.norm, method=FLAGS.method,
-        targets=targets, delta=FLAGS.delta, max_passes=FLAGS.max_passes,
+        model_fn, x, y, num_classes=info.num_classes, eps=FLAGS.eps, norm=FLAGS.norm,
+        method=FLAGS.method, targets=targets, delta=FLAGS.delta, max_passes=FLAGS.max_passes,
         step_size=FLAGS.step_size, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
         strategy=strategy, progress=FLAGS.progress, inner_steps=FLAGS.inner_steps,
         jit_compile=FLAGS.jit_compile, per_source=FLAGS.per_source)
