@@ -52,7 +52,7 @@ def perturbation_grid(perturbations: np.ndarray | Sequence[np.ndarray], path: st
 
 
 def _save(fig: plt.Figure, path: str, dpi: int, max_bytes: int | None = None) -> str:
-    """Render ``fig`` in memory (shrunk to ``max_bytes`` if given), write it atomically, close it."""
+    """Render ``fig`` in memory (shrunk to fit ``max_bytes`` if given), write it atomically."""
     try:
         fig.tight_layout()
         buf = io.BytesIO()
