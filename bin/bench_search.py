@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from rat_tf import attacks, cli, data, files, models
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Folder with MNIST (default $RAT_DATA_DIR).")
+cli.define_data_flags(data_source=False)
 flags.DEFINE_string("model_path", None, "Trained mnist_cnn .keras (default: train one).")
 flags.DEFINE_string("save_model", None, "Where to save the model trained here (optional).")
 flags.DEFINE_integer("train_epochs", 2, "Epochs of the model trained here.")
@@ -122,8 +122,10 @@ def main(argv):
     cli.check_data("mnist", FLAGS.data_dir)
     cli.check_inputs(model_path=FLAGS.model_path)
     cli.check_output_files(output=FLAGS.output, save_model=FLAGS.save_model)
-    x_train, y_train = data.load_arrays("mnist", "train", "files", FLAGS.data_dir)
-    x_test, y_test = data.load_arrays("mnist", "test", "files", FLAGS.data_dir)
+    x_train, y_train = data.load_arrays("mnist", "train", "files", FLAGS.data_dir,
+                                        FLAGS.verify_checksums)
+    x_test, y_test = data.load_arrays("mnist", "test", "files", FLAGS.data_dir,
+                                      FLAGS.verify_checksums)
     if FLAGS.model_path:
         model = keras.models.load_model(FLAGS.model_path)
     else:

@@ -21,7 +21,7 @@ from absl import flags, logging
 from rat_tf import cli, data, files, models, training
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
+cli.define_data_flags(data_source=False)
 flags.DEFINE_string("out", "results/bench_train.json", "Output JSON.")
 flags.DEFINE_string("work_dir", "", "Where runs are written (default: a temporary directory).")
 flags.DEFINE_integer("mnist_epochs", 3, "Epochs of mnist_cnn on full MNIST.")
@@ -50,6 +50,7 @@ def main(argv):
         cli.check_data(dataset, FLAGS.data_dir)
     cli.check_output_files(out=FLAGS.out)
     cli.check_output_dirs(work_dir=FLAGS.work_dir)
+    data.set_verify_checksums(FLAGS.verify_checksums)  # TrainConfig has no such field
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_train_")
     results = {}
     mnist = training.TrainConfig(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn",

@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from rat_tf import attacks, cli, data, files, training
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
+cli.define_data_flags(data_source=False)
 flags.DEFINE_string("out", "results/bench_training.json", "Output JSON.")
 flags.DEFINE_string("work_dir", "", "Where runs are written (default: a temporary directory).")
 flags.DEFINE_integer("batch_size", 128, "Batch size of every method.")
@@ -70,6 +70,7 @@ def main(argv):
     cli.check_inputs(init_from=FLAGS.init_from)
     cli.check_output_files(out=FLAGS.out)
     cli.check_output_dirs(work_dir=FLAGS.work_dir)
+    data.set_verify_checksums(FLAGS.verify_checksums)  # TrainConfig has no such field
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_training_")
     base = dict(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn", verbose=2,
                 batch_size=FLAGS.batch_size, pgd_steps=FLAGS.pgd_steps,

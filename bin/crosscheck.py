@@ -17,8 +17,7 @@ from rat_tf import cli, crosscheck, data, evaluation, files
 FLAGS = flags.FLAGS
 flags.DEFINE_list("saved_model", None, "name=path,... of SavedModels from bin/export.py.")
 flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "cifar10"], "Dataset.")
-flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
-flags.DEFINE_enum("data_source", "auto", ["auto", "files", "tfds"], "Where to read data.")
+cli.define_data_flags()
 flags.DEFINE_integer("n_test", 1000, "Number of test images (the first n of the test split).",
                      lower_bound=1)
 flags.DEFINE_list("fgsm_eps", None, "FGSM radii (default: the report's, per dataset).")
@@ -46,7 +45,8 @@ def main(argv):
         FLAGS.dataset, fgsm_eps=FLAGS.fgsm_eps, pgd_eps=FLAGS.pgd_eps,
         pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
         pgd_step_size=FLAGS.pgd_step_size)
-    x, y = data.load_arrays(FLAGS.dataset, "test", FLAGS.data_source, FLAGS.data_dir)
+    x, y = data.load_arrays(FLAGS.dataset, "test", FLAGS.data_source, FLAGS.data_dir,
+                            FLAGS.verify_checksums)
     x, y = x[:FLAGS.n_test], y[:FLAGS.n_test]
     results = {}
     for name, path in models.items():

@@ -12,13 +12,12 @@ import dataclasses
 
 from absl import flags, logging
 
-from rat_tf import attacks, cli, evaluation, ops
+from rat_tf import attacks, cli, data, evaluation, ops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", None, "name=path,... (.keras file, dir with model.keras, SavedModel)")
 flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "cifar10"], "Dataset.")
-flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
-flags.DEFINE_enum("data_source", "auto", ["auto", "files", "tfds"], "Where to read data.")
+cli.define_data_flags()
 flags.DEFINE_string("output_dir", None, "Where to write report.json, report.md, PNGs.")
 flags.DEFINE_string("perturbations", None, "Optional .npz of the perturbations used in training.")
 flags.DEFINE_list("fgsm_eps", None, "FGSM radii (default per dataset).")
@@ -47,6 +46,7 @@ def main(argv):
     cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.data_source)
     cli.check_inputs(models=models.values(), perturbations=FLAGS.perturbations)
     cli.check_output_dirs(output_dir=FLAGS.output_dir)
+    data.set_verify_checksums(FLAGS.verify_checksums)  # evaluate_models has no such argument
     settings = evaluation.EvalSettings.for_dataset(  # radii lists are parsed by EvalSettings
         FLAGS.dataset, fgsm_eps=FLAGS.fgsm_eps, pgd_eps=FLAGS.pgd_eps,
         pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,

@@ -11,7 +11,7 @@ import os
 
 from absl import flags, logging
 
-from rat_tf import attacks, cli, distribute, experiment, ops, training
+from rat_tf import attacks, cli, data, distribute, experiment, ops, training
 
 _D = experiment.ExperimentConfig()
 FLAGS = flags.FLAGS
@@ -19,9 +19,7 @@ flags.DEFINE_enum("dataset", _D.dataset, ["mnist", "fashion_mnist", "cifar10"], 
 flags.DEFINE_enum("budget", _D.budget, experiment.BUDGETS,
                   "Size preset: tiny (tests), small (~10 min MNIST on 2 CPU cores), full.")
 flags.DEFINE_string("output_dir", None, "Results directory (resumed if it exists).")
-flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
-flags.DEFINE_enum("data_source", _D.data_source, ["auto", "files", "tfds"],
-                  "Where data comes from.")
+cli.define_data_flags(data_source_default=_D.data_source)
 flags.DEFINE_string("model", None, "Model name (default from the budget preset).")
 flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 flags.DEFINE_list("methods", list(_D.methods),
@@ -75,6 +73,7 @@ def main(argv):
     del argv
     cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.data_source)
     cli.check_output_dirs(output_dir=FLAGS.output_dir)
+    data.set_verify_checksums(FLAGS.verify_checksums)  # ExperimentConfig has no such field
     strategy = distribute.get_strategy(FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices)
     config = experiment.ExperimentConfig(
         dataset=FLAGS.dataset, budget=FLAGS.budget, output_dir=FLAGS.output_dir,

@@ -17,8 +17,8 @@ from rat_tf import attacks, cli, data, distribute, ops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "mnist", "Dataset name (mnist, fashion_mnist, cifar10).")
-flags.DEFINE_string("data_dir", None, "Folder with the dataset files (default $RAT_DATA_DIR).")
-flags.DEFINE_enum("source", "auto", ["auto", "files", "tfds"], "Where to read the data from.")
+cli.define_data_flags()
+flags.DEFINE_alias("source", "data_source")
 flags.DEFINE_string("model_path", None, "Trained classifier (.keras).", required=True)
 flags.DEFINE_string("output_dir", None, "Where to write the outputs.", required=True)
 flags.DEFINE_enum("method", "sgd", list(attacks.TU_METHODS), "Search method.")
@@ -44,13 +44,15 @@ flags.DEFINE_bool("progress", True, "Show a progress bar over passes.")
 
 def main(argv):
     del argv
-    cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.source)
+    cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.data_source)
     cli.check_inputs(model_path=FLAGS.model_path)
     cli.check_output_dirs(output_dir=FLAGS.output_dir)
     strategy = distribute.get_strategy(FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices)
     info = data.get_info(FLAGS.dataset)
-    x_train, y_train = data.load_arrays(FLAGS.dataset, "train", FLAGS.source, FLAGS.data_dir)
-    x_test, y_test = data.load_arrays(FLAGS.dataset, "test", FLAGS.source, FLAGS.data_dir)
+    x_train, y_train = data.load_arrays(FLAGS.dataset, "train", FLAGS.data_source,
+                                        FLAGS.data_dir, FLAGS.verify_checksums)
+    x_test, y_test = data.load_arrays(FLAGS.dataset, "test", FLAGS.data_source, FLAGS.data_dir,
+                                      FLAGS.verify_checksums)
     if FLAGS.test_limit:
         x_test, y_test = x_test[:FLAGS.test_limit], y_test[:FLAGS.test_limit]
     x, y = data.balanced_subset(x_train, y_train, FLAGS.n_per_class, FLAGS.seed,

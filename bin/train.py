@@ -13,15 +13,13 @@ import json
 
 from absl import flags, logging
 
-from rat_tf import cli, distribute, ops, training
+from rat_tf import cli, data, distribute, ops, training
 
 _D = training.TrainConfig()
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", _D.method, training.METHODS, "Training method.")
 flags.DEFINE_string("dataset", _D.dataset, "mnist, fashion_mnist or cifar10.")
-flags.DEFINE_string("data_dir", None, "Data directory (default $RAT_DATA_DIR).")
-flags.DEFINE_enum("data_source", _D.data_source, ["auto", "files", "tfds"],
-                  "Where the data comes from.")
+cli.define_data_flags(data_source_default=_D.data_source)
 flags.DEFINE_string("model", _D.model, "Model name (rat_tf.models).")
 flags.DEFINE_string("model_dir", _D.model_dir, "Output / checkpoint directory.")
 flags.DEFINE_string("init_from", "", ".keras classifier to fine-tune from.")
@@ -71,6 +69,7 @@ def main(argv):
     cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.data_source)
     cli.check_inputs(init_from=FLAGS.init_from, perturbations_path=FLAGS.perturbations_path)
     cli.check_output_dirs(model_dir=FLAGS.model_dir)
+    data.set_verify_checksums(FLAGS.verify_checksums)  # TrainConfig has no such field
     strategy = distribute.get_strategy(FLAGS.strategy, num_cpu_devices=FLAGS.num_cpu_devices,
                                        tpu=FLAGS.tpu)
     config = training.TrainConfig(

@@ -21,7 +21,7 @@ from absl import app, flags
 from rat_tf import data, files
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("debug", False, "Show the full traceback of an error instead of one line.")
+DATA_SOURCES = ("auto", "files", "tfds")
 
 USAGE_ERRORS = (app.UsageError, flags.Error, ValueError, FileNotFoundError, FileExistsError)
 USAGE_STATUS = 2  # bad input: flags, files, names
@@ -49,8 +49,32 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
         fail(one_line(e))
 
 
+def _main_module() -> str:
+    """The module name absl gives the running binary (its --help lists that module's flags)."""
+    return sys.argv[0]
+
+
+def define_data_flags(data_source: bool = True, data_source_default: str = "auto") -> None:
+    """Define the data flags of a binary: --data_dir, --verify_checksums and --data_source."""
+    module = _main_module()
+    flags.DEFINE_string("data_dir", None, "Folder holding the dataset files (default "
+                        f"${data.ENV_DATA_DIR}).", module_name=module)
+    flags.DEFINE_bool("verify_checksums", False, "Check every data file read against its "
+                      "official md5 (a file that differs is an error naming it).",
+                      module_name=module)
+    if data_source:
+        flags.DEFINE_enum("data_source", data_source_default, DATA_SOURCES,
+                          "Where the data comes from: the standard files below --data_dir "
+                          "(auto, files) or tensorflow_datasets (tfds, which may download).",
+                          module_name=module)
+
+
 def run(main: Callable[[list[str]], int | None]) -> None:
     """``app.run(main)`` with usage errors as one line ``error: ...`` (see the module doc)."""
+    if "debug" not in FLAGS:
+        flags.DEFINE_bool("debug", False, "Show the full traceback of an error instead of one "
+                          "line.", module_name=_main_module())
+
     def guarded(argv: list[str]) -> int | None:
         try:
             return main(argv)

@@ -23,6 +23,7 @@ from absl import logging
 
 ENV_DATA_DIR = "RAT_DATA_DIR"
 SPLITS = ("train", "test")
+_verify_checksums = False  # what load_files does when not told (see set_verify_checksums)
 
 
 class DataError(ValueError):
@@ -108,6 +109,12 @@ def get_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name]
+
+
+def set_verify_checksums(verify: bool) -> None:
+    """Whether the loaders check official md5s when not told (a binary's --verify_checksums)."""
+    global _verify_checksums
+    _verify_checksums = bool(verify)
 
 
 def resolve_data_dir(data_dir: str | None = None) -> str | None:
@@ -232,9 +239,9 @@ def safe_unpickle(data: bytes) -> object:
         raise DataError(f"not a valid pickle ({type(e).__name__}: {e})") from e
 
 
-def read_cifar10_py(path: str) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar10_py(path: str, verify: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR-10 python-version batch through the restricted unpickler."""
-    data = _read_bytes(path, "cifar10", False)
+    data = _read_bytes(path, "cifar10", verify)
     try:
         batch = safe_unpickle(data)
     except DataError as e:
@@ -334,10 +341,15 @@ def locate_files(name: str, split: str, data_dir: str | None = None) -> tuple[st
 
 
 def load_files(name: str, split: str, data_dir: str | None = None,
-               verify_checksums: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Read a split from the standard distribution files: (uint8 NHWC images, int32 labels)."""
+               verify_checksums: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a split from the standard distribution files: (uint8 NHWC images, int32 labels).
+
+    ``verify_checksums`` None: the default of :func:`set_verify_checksums` (off).
+    """
     info = get_info(name)
     layout, paths = locate_files(name, split, data_dir)
+    if verify_checksums is None:
+        verify_checksums = _verify_checksums
     if layout == "idx":
         img_path, lbl_path = paths
         images = read_idx(img_path, name, verify_checksums)
@@ -353,7 +365,7 @@ def load_files(name: str, split: str, data_dir: str | None = None,
         images, where = images[..., None], f"{img_path} / {lbl_path}"
     else:
         parts = [read_cifar10_bin(p, verify_checksums) if layout == "cifar_bin"
-                 else read_cifar10_py(p) for p in paths]
+                 else read_cifar10_py(p, verify_checksums) for p in paths]
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         where = os.path.dirname(paths[0])
@@ -380,7 +392,7 @@ def load_tfds(name: str, split: str, data_dir: str | None = None) -> tuple[np.nd
 
 
 def load_arrays(name: str, split: str, source: str = "auto", data_dir: str | None = None,
-                verify_checksums: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                verify_checksums: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load a whole split as numpy: (float32 images in [0, 1], NHWC; int32 labels).
 
     ``source``: ``files`` or ``auto`` (the standard files below ``data_dir`` /
@@ -391,7 +403,7 @@ def load_arrays(name: str, split: str, source: str = "auto", data_dir: str | Non
     if source not in ("auto", "files", "tfds"):
         raise ValueError(f"unknown data source {source!r}; choose auto, files or tfds")
     if source == "tfds":
-        if verify_checksums:
+        if verify_checksums or (verify_checksums is None and _verify_checksums):
             logging.warning("%s: tensorflow_datasets checks its own downloads; "
                             "--verify_checksums applies to the standard files only", name)
         images, labels = load_tfds(name, split, None)
@@ -477,7 +489,7 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
 
 def load(name: str, split: str, batch_size: int, *, source: str = "auto",
          data_dir: str | None = None, n_per_class: int | None = None, limit: int | None = None,
-         shuffle: bool | None = None, seed: int = 0, verify_checksums: bool = False,
+         shuffle: bool | None = None, seed: int = 0, verify_checksums: bool | None = None,
          drop_remainder: bool = False) -> tf.data.Dataset:
     """The one entry point: a batched ``tf.data`` pipeline of a dataset split.
 

@@ -114,3 +114,47 @@ def test_missing_data_files_fail_first(tiny_model_path, tmp_path):
     line = _one_error_line(stderr)
     assert status == 2 and "no mnist train files: looked for train-images-idx3-ubyte" in line
     assert str(tmp_path / "mnist") in line and not (tmp_path / "v").exists()
+
+
+# --------------------------------------------------------------------------- --verify_checksums
+def _flipped_mnist(data_dir, tmp_path, split):
+    """A copy of real MNIST whose ``split`` images are uncompressed, one pixel byte flipped.
+
+    Returns the path of those images.
+    """
+    import gzip
+    import shutil
+
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    prefix = "t10k" if split == "test" else "train"
+    for base in ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                 "train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        if not base.startswith(f"{prefix}-images"):
+            shutil.copy(os.path.join(data_dir, "mnist", base), folder)
+    with gzip.open(os.path.join(data_dir, "mnist", f"{prefix}-images-idx3-ubyte.gz")) as f:
+        plain = bytearray(f.read())
+    plain[16 + 28 * 14 + 14] ^= 0x01  # the centre pixel of the first image
+    path = folder / f"{prefix}-images-idx3-ubyte"
+    path.write_bytes(bytes(plain))
+    return path
+
+
+def test_export_verify_checksums_refuses_flipped_pixels(tiny_model_path, data_dir, tmp_path):
+    path = _flipped_mnist(data_dir, tmp_path, "test")
+    status, stderr = _run("export.py", f"--model_path={tiny_model_path}",
+                          f"--export_dir={tmp_path}/saved", "--dataset=mnist",
+                          f"--data_dir={tmp_path}/data", "--verify_checksums")
+    line = _one_error_line(stderr)
+    assert status == 2 and str(path) in line and "md5" in line
+    assert not (tmp_path / "saved").exists()
+
+
+def test_train_verify_checksums_refuses_flipped_pixels(data_dir, tmp_path):
+    """train.py passes the flag through the data module's default (TrainConfig has no field)."""
+    path = _flipped_mnist(data_dir, tmp_path, "train")
+    status, stderr = _run("train.py", "--dataset=mnist", f"--data_dir={tmp_path}/data",
+                          f"--model_dir={tmp_path}/run", "--epochs=1", "--steps_per_epoch=1",
+                          "--train_subset=100", "--test_subset=100", "--verify_checksums")
+    line = _one_error_line(stderr)
+    assert status == 2 and str(path) in line and "md5" in line

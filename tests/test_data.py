@@ -174,6 +174,27 @@ def test_flipped_byte_caught_by_checksum(data_dir, tmp_path):
     assert str(path) in str(e.value)
 
 
+def test_verify_checksums_module_default(data_dir, tmp_path, monkeypatch):
+    """set_verify_checksums (the binaries' --verify_checksums) applies where no value is passed."""
+    folder = _mnist_copy(data_dir, tmp_path)
+    gz = folder / "t10k-images-idx3-ubyte.gz"
+    plain = bytearray(gzip.decompress(gz.read_bytes()))
+    gz.unlink()
+    plain[16 + 100] ^= 0x80
+    path = folder / "t10k-images-idx3-ubyte"
+    path.write_bytes(bytes(plain))
+    monkeypatch.setattr(data, "_verify_checksums", False)  # restored after the test
+    assert data.load_arrays("mnist", "test", "auto", str(tmp_path))[0].shape[0] == 10000
+    data.set_verify_checksums(True)
+    for load in (lambda: data.load_arrays("mnist", "test", "auto", str(tmp_path)),
+                 lambda: data.load("mnist", "test", 100, data_dir=str(tmp_path))):
+        with pytest.raises(data.DataError, match="md5") as e:
+            load()
+        assert str(path) in str(e.value)
+    x, _ = data.load_arrays("mnist", "test", "files", str(tmp_path), verify_checksums=False)
+    assert x.shape[0] == 10000  # an explicit value wins
+
+
 def test_gz_checksum_mismatch(data_dir, tmp_path):
     folder = _mnist_copy(data_dir, tmp_path)
     path = folder / "t10k-labels-idx1-ubyte.gz"

@@ -22,7 +22,7 @@ def _perturb(*args):
 @pytest.mark.parametrize("per_source", [False, True])
 def test_perturb_binary_writes_npz_png_json(mnist_model_path, data_dir, tmp_path, per_source):
     out = tmp_path / "tup"
-    proc = _perturb("--dataset=mnist", f"--data_dir={data_dir}", "--source=files",
+    proc = _perturb("--dataset=mnist", f"--data_dir={data_dir}", "--data_source=files",
                     f"--model_path={mnist_model_path}", f"--output_dir={out}",
                     "--n_per_class=4", "--max_passes=2", "--batch_size=20", "--targets=2,8",
                     "--test_limit=300", "--eps=0.3", "--noprogress", f"--per_source={per_source}")
