@@ -20,9 +20,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", _D.method, training.METHODS, "Training method.")
 flags.DEFINE_string("dataset", _D.dataset, "mnist, fashion_mnist or cifar10.")
 cli.define_data_flags(data_source_default=_D.data_source)
-flags.DEFINE_string("model", _D.model, "Model name (rat_tf.models).")
+flags.DEFINE_string("model", _D.model, "Model zoo name (rat_tf.models) to train from scratch; "
+                    "ignored with --init_from.")
 flags.DEFINE_string("model_dir", _D.model_dir, "Output / checkpoint directory.")
-flags.DEFINE_string("init_from", "", ".keras classifier to fine-tune from.")
+flags.DEFINE_string("init_from", "", "Any .keras classifier to fine-tune from (its architecture "
+                    "comes from the file; --model is for training from scratch).")
 flags.DEFINE_integer("epochs", _D.epochs, "Epochs.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "GLOBAL batch size.")
 flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (0: one pass over the data).")
