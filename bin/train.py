@@ -64,6 +64,8 @@ flags.DEFINE_string("tpu", "", "TPU name or address (strategy=tpu).")
 flags.DEFINE_enum("precision", _D.precision, distribute.PRECISIONS, "Keras dtype policy.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
 flags.DEFINE_integer("verbose", None, "Keras fit verbosity (default: bar if interactive).")
+flags.DEFINE_bool("restart", False, "Drop a backup left in --model_dir and start over (without "
+                  "it a backup is resumed, and refused if its settings differ).")
 
 
 def main(argv):
@@ -88,7 +90,8 @@ def main(argv):
         batch_mode=FLAGS.batch_mode, per_source=FLAGS.per_source, adv_eps=FLAGS.adv_eps,
         pgd_steps=FLAGS.pgd_steps,
         pgd_step_size=FLAGS.pgd_step_size,
-        precision=FLAGS.precision, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose)
+        precision=FLAGS.precision, jit_compile=FLAGS.jit_compile, verbose=FLAGS.verbose,
+        restart=FLAGS.restart)
     metrics = training.train(config, strategy)
     summary = {k: metrics[k] for k in ("test_accuracy", "images_per_sec", "wall_seconds",
                                        "epochs_run_this_session", "resumed")}

@@ -1,7 +1,11 @@
 """Attacks: FGSM, PGD and (targeted) universal perturbations, stateless and tf.function-friendly.
 
-``model_fn`` is any callable mapping a batch of [0, 1] images to logits (a Keras model works;
-inside a ``train_step`` pass ``lambda x: model(x, training=False)``). :func:`fgsm` and
+``model_fn`` is a Keras classifier (logits or a final softmax: see
+:func:`rat_tf.models.describe`), a trainer wrapping one, or any callable mapping a batch of
+images to logits (inside a ``train_step`` pass ``lambda x: model(x, training=False)``). Images
+lie in ``clip_values`` ([0, 1] by default; radii are in the same units); labels are integer
+class ids (one-hot rows are accepted). Everything after ``(model_fn, x, y, eps)`` is
+keyword-only. :func:`fgsm` and
 :func:`pgd` are pure TensorFlow (no numpy, no Python side effects): they trace inside
 ``tf.function``, XLA and replica contexts. The universal searches are Python drivers over
 compiled passes with fixed shapes: each pass is one ``tf.function`` that loops over padded,
@@ -28,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import data, files, ops
+from rat_tf import data, files, models, ops
 
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
 TU_METHODS = ("reference", "batched", "sgd")
@@ -49,13 +53,29 @@ def _check_positive_int(value, name: str) -> int:
 
 
 def _labels(model_fn: ModelFn, x: tf.Tensor, y) -> tf.Tensor:
-    """Integer labels [N]: ``y`` itself, or the model's predictions when ``y`` is None."""
+    """Integer labels [N]: ``y`` (class ids, or one-hot rows), or the model's predictions when
+    ``y`` is None."""
     if y is None:
         return tf.argmax(model_fn(x), axis=-1, output_type=tf.int32)
     y = tf.convert_to_tensor(y)
+    if y.shape.rank == 2 and y.shape[-1] != 1:
+        return tf.argmax(y, axis=-1, output_type=tf.int32)
+    if y.shape.rank == 2:
+        y = y[:, 0]
     if y.shape.rank != 1:
-        raise ValueError(f"labels must be integer class ids of shape [N], got shape {y.shape}")
+        raise ValueError(f"labels must be integer class ids [N] or one-hot rows [N, K], got "
+                         f"shape {y.shape}")
     return tf.cast(y, tf.int32)
+
+
+def _setup(model_fn, x, norm, eps, step_size, clip_values):
+    """The common checks of an attack: (model_fn as x -> logits, x tensor, norm name, range)."""
+    norm = ops.check_norm(norm)
+    ops.check_radius(eps)
+    ops.check_radius(step_size, "step_size")
+    clip_values = ops.check_clip_values(clip_values)
+    ops.check_pixel_range(x, clip_values)
+    return models.as_model_fn(model_fn), tf.convert_to_tensor(x), norm, clip_values
 
 
 def _ascent_grad(model_fn: ModelFn, x_adv: tf.Tensor, y: tf.Tensor, targeted: bool):
@@ -92,48 +112,43 @@ def _start(x: tf.Tensor, eps, norm: str, seed, init: tf.Tensor | None) -> tf.Ten
     return ops.project(init, eps, norm)
 
 
-def fgsm(model_fn: ModelFn, x, y, eps, norm: str = "linf", targeted: bool = False,
+def fgsm(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", targeted: bool = False,
          rand_init: bool = False, seed: int | None = None, step_size=None,
-         init: tf.Tensor | None = None) -> tf.Tensor:
+         init: tf.Tensor | None = None, clip_values=ops.PIXEL_RANGE) -> tf.Tensor:
     """Fast gradient (sign) method: one step of size ``eps`` (FGSM-RS with ``rand_init``).
 
     ``y``: true labels (untargeted; None uses the model's predictions) or targets. With
     ``rand_init`` (Wong et al. 2020) the start is uniform in the ball (or ``init``, a start
     perturbation drawn by the caller) and the step defaults to 1.25 * eps, then projected back
-    to the ball. Returns x_adv in [0, 1] (gradient stopped).
+    to the ball. Returns x_adv in ``clip_values`` (gradient stopped).
     """
-    ops.check_norm(norm)
-    ops.check_radius(eps)
-    ops.check_radius(step_size, "step_size")
-    x = tf.convert_to_tensor(x)
+    model_fn, x, norm, clip = _setup(model_fn, x, norm, eps, step_size, clip_values)
     y = _labels(model_fn, x, y)
     if step_size is None:
         step_size = 1.25 * eps if rand_init else eps
     delta = (_start(x, eps, norm, seed, init) if rand_init else tf.zeros_like(x))
-    x0 = ops.apply_perturbation(x, delta)
+    x0 = ops.apply_perturbation(x, delta, clip)
     g = _ascent_grad(model_fn, x0, y, targeted)
     step = tf.cast(step_size, x.dtype) * ops.normalized_step(g, norm)
     delta = ops.project(x0 - x + step, eps, norm)
-    return tf.stop_gradient(ops.apply_perturbation(x, delta))
+    return tf.stop_gradient(ops.apply_perturbation(x, delta, clip))
 
 
-def pgd(model_fn: ModelFn, x, y, eps, step_size=None, steps: int = 40, norm: str = "linf",
+def pgd(model_fn: ModelFn, x, y, eps, *, step_size=None, steps: int = 40, norm: str = "linf",
         targeted: bool = False, rand_init: bool = True, restarts: int = 1,
-        seed: int | None = None, init: tf.Tensor | None = None) -> tf.Tensor:
+        seed: int | None = None, init: tf.Tensor | None = None,
+        clip_values=ops.PIXEL_RANGE) -> tf.Tensor:
     """Projected gradient descent (Madry et al. 2018), keeping the worst case over restarts.
 
     Per example, a restart replaces the current worst case if it succeeds where that one did
     not, or succeeds equally and has a higher loss (lower, toward the target, if targeted).
     ``step_size`` defaults to 2.5 * eps / steps. ``init``: the random start of the first
     restart, drawn by the caller (e.g. for the whole global batch of a distributed step).
-    Returns x_adv in [0, 1] (gradient stopped).
+    Returns x_adv in ``clip_values`` (gradient stopped).
     """
-    ops.check_norm(norm)
-    ops.check_radius(eps)
-    ops.check_radius(step_size, "step_size")
+    model_fn, x, norm, clip = _setup(model_fn, x, norm, eps, step_size, clip_values)
     steps = _check_positive_int(steps, "steps")
     restarts = _check_positive_int(restarts, "restarts")
-    x = tf.convert_to_tensor(x)
     y = _labels(model_fn, x, y)
     if step_size is None:
         step_size = 2.5 * eps / steps
@@ -141,7 +156,7 @@ def pgd(model_fn: ModelFn, x, y, eps, step_size=None, steps: int = 40, norm: str
     rank = x.shape.rank
 
     def body(i, delta):
-        x_adv = ops.apply_perturbation(x, delta)
+        x_adv = ops.apply_perturbation(x, delta, clip)
         g = _ascent_grad(model_fn, x_adv, y, targeted)
         return i + 1, ops.project(x_adv - x + step_size * ops.normalized_step(g, norm), eps, norm)
 
@@ -153,7 +168,7 @@ def pgd(model_fn: ModelFn, x, y, eps, step_size=None, steps: int = 40, norm: str
         else:
             delta = tf.zeros_like(x)
         _, delta = tf.while_loop(lambda i, d: i < steps, body, [tf.constant(0), delta])
-        x_adv = ops.apply_perturbation(x, delta)
+        x_adv = ops.apply_perturbation(x, delta, clip)
         if restarts == 1:
             return tf.stop_gradient(x_adv)
         ok, obj = _objective(model_fn, x_adv, y, targeted)
@@ -167,8 +182,9 @@ def pgd(model_fn: ModelFn, x, y, eps, step_size=None, steps: int = 40, norm: str
 
 
 # ----------------------------------------------------------------------------- universal search
-def _check_model(model_fn: ModelFn, x: np.ndarray, num_classes: int) -> None:
-    """Raise ValueError unless ``model_fn`` accepts ``x``-shaped images and returns K logits."""
+def _check_model(model_fn: ModelFn, x: np.ndarray, num_classes: int | None = None) -> int:
+    """The number of classes K of ``model_fn``; ValueError unless it accepts ``x``-shaped
+    images and returns logits [N, K] (with ``num_classes`` K when given)."""
     want = getattr(model_fn, "input_shape", None)
     if isinstance(want, tuple) and len(want) == 4 and tuple(want[1:]) != tuple(x.shape[1:]):
         raise ValueError(f"images/perturbations of shape {tuple(x.shape[1:])} do not match the "
@@ -177,20 +193,26 @@ def _check_model(model_fn: ModelFn, x: np.ndarray, num_classes: int) -> None:
         logits = model_fn(tf.constant(x[:1]))
     except (ValueError, TypeError, tf.errors.InvalidArgumentError) as e:
         raise ValueError(f"the model does not accept images of shape {x.shape[1:]}: {e}") from e
-    if logits.shape.rank != 2 or logits.shape[-1] != num_classes:
-        raise ValueError(f"the model must return logits [N, {num_classes}], got shape "
+    if logits.shape.rank != 2 or (num_classes is not None and logits.shape[-1] != num_classes):
+        raise ValueError(f"the model must return logits [N, {num_classes or 'K'}], got shape "
                          f"{tuple(logits.shape)}")
+    return int(logits.shape[-1])
 
 
-def _check_images(x, y) -> tuple[np.ndarray, np.ndarray]:
+def _check_images(x, y, clip_values=ops.PIXEL_RANGE) -> tuple[np.ndarray, np.ndarray]:
+    """float32 images [N,H,W,C] in ``clip_values`` and int32 labels [N] (one-hot converted)."""
     x = np.asarray(x, np.float32)
     if x.ndim != 4 or len(x) == 0:
         raise ValueError(f"expected a non-empty batch of images [N,H,W,C], got shape {x.shape}")
+    ops.check_pixel_range(x, clip_values)
     if y is not None:
         y = np.asarray(y)
+        if y.ndim == 2 and y.shape[0] == len(x) and y.shape[1] > 1 and np.all(
+                (y == 0) | (y == 1)) and np.all(y.sum(1) == 1):
+            y = np.argmax(y, 1)  # one-hot rows
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"expected integer labels of shape [{len(x)}], got {y.dtype} "
-                             f"{y.shape}")
+            raise ValueError(f"expected integer labels of shape [{len(x)}] (or one-hot rows "
+                             f"[{len(x)}, K]), got {y.dtype} {y.shape}")
         y = y.astype(np.int32)
     return x, y
 
@@ -279,8 +301,10 @@ class UniversalSearch:
                  eps: float, norm: str = "linf", method: str = "sgd",
                  step_size: float | None = None, inner_steps: int = 10, batch_size: int = 128,
                  strategy: tf.distribute.Strategy | None = None, jit_compile: bool = False,
-                 sources: int = 1):
+                 sources: int = 1, clip_values=ops.PIXEL_RANGE):
+        norm = ops.check_norm(norm)
         self.model_fn, self.eps, self.norm, self.method = model_fn, eps, norm, method
+        self.clip_values = ops.check_clip_values(clip_values)
         self.strategy = strategy = strategy or tf.distribute.get_strategy()
         self.targeted = labels is not None
         self.num = len(labels) if self.targeted else 1  # rows an image is perturbed with
@@ -313,7 +337,7 @@ class UniversalSearch:
     def _tiled(self, v, xb, yb):
         """Perturbed copies clip(x_b + v_p) as [P*B,H,W,C]."""
         vb = v[:, None] if self.sources == 1 else tf.gather(v, self._row_ids(yb))
-        xt = ops.apply_perturbation(xb[None], vb)
+        xt = ops.apply_perturbation(xb[None], vb, self.clip_values)
         return tf.reshape(xt, (-1,) + self.shape)
 
     def _per_row(self, values, yb):
@@ -376,7 +400,8 @@ class UniversalSearch:
         def body(i, xa, still):
             g = _ascent_grad(self.model_fn, xa, rows, targeted=True)
             xa = ops.apply_perturbation(
-                xa, alpha * ops.normalized_step(g, self.norm) * _bcast(still, rank))
+                xa, alpha * ops.normalized_step(g, self.norm) * _bcast(still, rank),
+                self.clip_values)
             p = tf.argmax(self.model_fn(xa), -1, output_type=tf.int32)
             return i + 1, xa, still * tf.cast(p != rows, tf.float32)
 
@@ -474,15 +499,18 @@ def _default_step(eps: float, norm: str, method: str) -> float:
     return eps / 10.0 if method == "sgd" else eps / 5.0
 
 
-def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, norm: str = "linf",
-                       method: str = "sgd", targets: Sequence[int] | None = None,
-                       delta: float = 0.2, max_passes: int = 10, step_size: float | None = None,
+def targeted_universal(model_fn: ModelFn, x, y, eps: float, *, num_classes: int | None = None,
+                       norm: str = "linf", method: str = "sgd",
+                       targets: Sequence[int] | None = None, delta: float = 0.2,
+                       max_passes: int = 10, step_size: float | None = None,
                        batch_size: int = 128, seed: int = 0,
                        strategy: tf.distribute.Strategy | None = None, progress: bool = False,
                        inner_steps: int = 10, jit_compile: bool = False,
-                       cache: dict | None = None, per_source: bool = False
-                       ) -> tuple[np.ndarray, dict]:
+                       cache: dict | None = None, per_source: bool = False,
+                       clip_values=ops.PIXEL_RANGE) -> tuple[np.ndarray, dict]:
     """Search targeted universal perturbations V [K,H,W,C] for all ``targets`` at once.
+
+    ``num_classes`` K defaults to the model's number of outputs (given, it is checked).
 
     ``per_source=True`` searches one perturbation per (source class s, target t), universal
     over the images of class s: V [K,K,H,W,C] with V[s, t] (zero where s == t), at the cost
@@ -502,9 +530,11 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
     """
     if method not in TU_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {TU_METHODS}")
-    ops.check_norm(norm)
+    norm = ops.check_norm(norm)
     ops.check_radius(eps)
-    num_classes = _check_positive_int(num_classes, "num_classes")
+    if num_classes is not None:
+        num_classes = _check_positive_int(num_classes, "num_classes")
+    clip_values = ops.check_clip_values(clip_values)
     max_passes = _check_positive_int(max_passes, "max_passes")
     batch_size = _check_positive_int(batch_size, "batch_size")
     inner_steps = _check_positive_int(inner_steps, "inner_steps")
@@ -513,11 +543,12 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
     if step_size is None:
         step_size = _default_step(eps, norm, method)
     ops.check_radius(step_size, "step_size")
-    x, y = _check_images(x, y)
+    x, y = _check_images(x, y, clip_values)
     if y is None:
         raise ValueError("targeted_universal needs the labels y of the search images")
+    model_fn = models.as_model_fn(model_fn)
+    num_classes = _check_model(model_fn, x, num_classes)
     targets = _check_targets(targets, num_classes)
-    _check_model(model_fn, x, num_classes)
     if y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels must be in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
     strategy = strategy or tf.distribute.get_strategy()
@@ -531,12 +562,14 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
                              "outside a multi-replica strategy scope, or use 'batched'")
     start = time.perf_counter()
     sources = num_classes if per_source else 1
-    key = (model_fn, tuple(x.shape[1:]), tuple(targets), float(eps), norm, method,
-           float(step_size), inner_steps, batch_size, strategy, jit_compile, sources)
+    key = (getattr(model_fn, "classifier", model_fn), tuple(x.shape[1:]), tuple(targets),
+           float(eps), norm, method, float(step_size), inner_steps, batch_size, strategy,
+           jit_compile, sources, clip_values)
     search = cache.get(key) if cache is not None else None
     if search is None:
         search = UniversalSearch(model_fn, x.shape[1:], targets, eps, norm, method, step_size,
-                                 inner_steps, batch_size, strategy, jit_compile, sources)
+                                 inner_steps, batch_size, strategy, jit_compile, sources,
+                                 clip_values)
         if cache is not None:
             cache.clear()  # keep one compiled search (and its model) alive, not every one
             cache[key] = search
@@ -570,38 +603,37 @@ def targeted_universal(model_fn: ModelFn, x, y, num_classes: int, eps: float, no
     return full, stats
 
 
-def untargeted_universal(model_fn: ModelFn, x, y, eps: float, norm: str = "linf",
+def untargeted_universal(model_fn: ModelFn, x, y, eps: float, *, norm: str = "linf",
                          max_passes: int = 5, step_size: float | None = None,
                          batch_size: int = 128, seed: int = 0,
-                         strategy: tf.distribute.Strategy | None = None, progress: bool = False
-                         ) -> tuple[np.ndarray, dict]:
+                         strategy: tf.distribute.Strategy | None = None, progress: bool = False,
+                         clip_values=ops.PIXEL_RANGE) -> tuple[np.ndarray, dict]:
     """Search one untargeted universal perturbation v [H,W,C] by projected sign-SGD on the CE.
 
     ``y``: labels whose cross-entropy is raised (None: the model's clean predictions).
     Returns (v, stats) with stats ``fooling_rate`` (on ``x``), ``norm``, ``passes``.
     """
-    ops.check_norm(norm)
+    norm = ops.check_norm(norm)
     ops.check_radius(eps)
     max_passes = _check_positive_int(max_passes, "max_passes")
     batch_size = _check_positive_int(batch_size, "batch_size")
     if step_size is None:
         step_size = _default_step(eps, norm, "sgd")
     ops.check_radius(step_size, "step_size")
-    x, y = _check_images(x, y)
-    logits = model_fn(tf.constant(x[:1]))
-    if logits.shape.rank != 2:
-        raise ValueError(f"the model must return logits [N, K], got {tuple(logits.shape)}")
-    _check_model(model_fn, x, int(logits.shape[-1]))
+    clip_values = ops.check_clip_values(clip_values)
+    x, y = _check_images(x, y, clip_values)
+    model_fn = models.as_model_fn(model_fn)
+    _check_model(model_fn, x)
     if y is None:
         y = _predict(model_fn, x, 500)
     strategy = strategy or tf.distribute.get_strategy()
     start = time.perf_counter()
     search = UniversalSearch(model_fn, x.shape[1:], None, eps, norm, "sgd", step_size, 1,
-                             batch_size, strategy)
+                             batch_size, strategy, clip_values=clip_values)
     v, _, passes, history = search.run(x, y, max_passes=max_passes, delta=None, seed=seed,
                                        progress=progress)
     v = v[0]
-    stats = {"fooling_rate": fooling_rate(model_fn, x, v), "norm":
+    stats = {"fooling_rate": fooling_rate(model_fn, x, v, clip_values=clip_values), "norm":
              float(ops.batch_norms(v[None], norm)[0]), "passes": passes, "eps": float(eps),
              "norm_type": norm, "history": history, "seconds": time.perf_counter() - start}
     return v, stats
@@ -627,17 +659,19 @@ def _predict(model_fn: ModelFn, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def targeted_success_rate(model_fn: ModelFn, x, y, V, targets: Sequence[int] | None = None,
-                          batch_size: int = 500) -> np.ndarray:
+def targeted_success_rate(model_fn: ModelFn, x, y, V, *, targets: Sequence[int] | None = None,
+                          batch_size: int = 500, clip_values=ops.PIXEL_RANGE) -> np.ndarray:
     """Per target t: fraction of images with label != t classified t after clip(x + V[t]).
 
     Per-source V [K,K,H,W,C] (see :func:`targeted_universal`): an image of label s gets
     V[s, t]. ``batch_size`` counts images per forward pass (a batch is tiled against the
     targets). Returns float64 [K]; NaN for targets not evaluated.
     """
-    x, y = _check_images(x, y)
+    clip_values = ops.check_clip_values(clip_values)
+    x, y = _check_images(x, y, clip_values)
     if y is None:
         raise ValueError("targeted_success_rate needs the labels y")
+    model_fn = models.as_model_fn(model_fn)
     V = np.asarray(V, np.float32)
     k = V.shape[0] if V.ndim else 0
     per_source = V.ndim == 5 and V.shape[1] == k
@@ -659,7 +693,7 @@ def targeted_success_rate(model_fn: ModelFn, x, y, V, targets: Sequence[int] | N
     def counts(xb, yb, mb):
         # [T,B,H,W,C] per source (V[y_b, t]) or [T,1,H,W,C]
         vb = tf.transpose(tf.gather(vt, yb), [1, 0, 2, 3, 4]) if per_source else vt[:, None]
-        xt = ops.apply_perturbation(xb[None], vb)
+        xt = ops.apply_perturbation(xb[None], vb, clip_values)
         pred = tf.argmax(model_fn(tf.reshape(xt, (-1,) + x.shape[1:])), -1, output_type=tf.int32)
         pred = tf.reshape(pred, [len(targets), -1])
         w = mb[None] * tf.cast(tf.not_equal(yb[None], tt[:, None]), tf.float32)
@@ -678,15 +712,18 @@ def targeted_success_rate(model_fn: ModelFn, x, y, V, targets: Sequence[int] | N
     return out
 
 
-def fooling_rate(model_fn: ModelFn, x, v, batch_size: int = 500) -> float:
+def fooling_rate(model_fn: ModelFn, x, v, *, batch_size: int = 500,
+                 clip_values=ops.PIXEL_RANGE) -> float:
     """Fraction of images whose predicted class changes under clip(x + v)."""
-    x, _ = _check_images(x, None)
+    clip_values = ops.check_clip_values(clip_values)
+    x, _ = _check_images(x, None, clip_values)
+    model_fn = models.as_model_fn(model_fn)
     v = np.asarray(v, np.float32)
     if v.shape != x.shape[1:]:
         raise ValueError(f"perturbation shape {v.shape} does not match images {x.shape[1:]}")
     batch_size = _check_positive_int(batch_size, "batch_size")
     clean = _predict(model_fn, x, batch_size)
-    adv = _predict(model_fn, np.asarray(ops.apply_perturbation(x, v)), batch_size)
+    adv = _predict(model_fn, np.asarray(ops.apply_perturbation(x, v, clip_values)), batch_size)
     return float(np.mean(clean != adv))
 
 
@@ -751,17 +788,46 @@ def write_search(out_dir: str, V, stats: dict, search_images: np.ndarray, *,
     return report
 
 
+def check_bound(V, eps: float, norm: str = "linf", what: str = "perturbations") -> None:
+    """Raise ValueError unless every slice of V (rows along axis 0) has norm <= eps."""
+    V = np.asarray(V, np.float32)
+    if not np.all(np.isfinite(V)):
+        raise ValueError(f"{what} contain NaN or infinite values")
+    flat = V.reshape((-1,) + V.shape[-3:]) if V.ndim >= 4 else V[None]
+    worst = float(np.max(ops.batch_norms(flat, norm))) if flat.size else 0.0
+    if worst > float(eps) * (1 + 1e-5) + 1e-7:
+        raise ValueError(f"{what} have {ops.check_norm(norm)} norm up to {worst:.4g}, outside "
+                         f"their radius eps {float(eps):g}")
+
+
 def load_perturbations(path: str) -> tuple[np.ndarray, dict]:
-    """Load (V, metadata) saved by :func:`save_perturbations` (no pickle)."""
-    with np.load(path, allow_pickle=False) as f:
+    """Load (V, metadata) saved by :func:`save_perturbations` (no pickle).
+
+    V outside the radius its metadata states (``eps``, ``norm_type``) is refused.
+    """
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        kind = "no such file" if isinstance(e, FileNotFoundError) else "not a readable .npz file"
+        raise ValueError(f"perturbations file {path}: {kind} (rat_tf writes V as .npz with "
+                         f"bin/perturb.py or bin/train.py --method=rat)") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"perturbations file {path}: a bare array, not an .npz archive with "
+                         f"'perturbations' and 'meta'")
+    with f:
         if "perturbations" not in f.files:
-            raise ValueError(f"{path} holds no 'perturbations' array (keys: {f.files})")
+            raise ValueError(f"perturbations file {path} holds no 'perturbations' array (keys: "
+                             f"{f.files})")
         meta = json.loads(str(f["meta"])) if "meta" in f.files else {}
-        return f["perturbations"].astype(np.float32), meta
+        V = f["perturbations"].astype(np.float32)
+    norm = meta.get("norm_type", meta.get("norm"))
+    if meta.get("eps") is not None and isinstance(norm, str):
+        check_bound(V, meta["eps"], norm, what=f"the perturbations in {path}")
+    return V, meta
 
 
 __all__ = ["fgsm", "pgd", "UniversalSearch", "targeted_universal", "untargeted_universal",
            "targeted_success_rate",
            "fooling_rate", "save_perturbations", "load_perturbations", "write_search",
-           "enforce_bound",
+           "enforce_bound", "check_bound",
            "TU_METHODS"]

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import attacks, data, files, ops, plots
+from rat_tf import attacks, data, files, models, ops, plots
 
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
 
@@ -147,7 +147,7 @@ def load_model_fn(model: keras.Model | str | Callable) -> tuple[ModelFn, str]:
     or a SavedModel directory (loaded with :func:`rat_tf.export.load_serving_fn`).
     """
     if isinstance(model, keras.Model):
-        return (lambda x: model(x, training=False)), f"keras:{model.name}"
+        return models.as_model_fn(model), f"keras:{model.name}"
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb")):
@@ -158,7 +158,7 @@ def load_model_fn(model: keras.Model | str | Callable) -> tuple[ModelFn, str]:
             path = os.path.join(path, "model.keras")
         if os.path.isfile(path) and path.endswith((".keras", ".h5")):
             loaded = keras.models.load_model(path, compile=False)
-            return (lambda x: loaded(x, training=False)), f"keras:{path}"
+            return models.as_model_fn(loaded), f"keras:{path}"
         raise ValueError(f"{path}: not a .keras file, a directory with model.keras, or a "
                          f"SavedModel directory")
     if callable(model):
@@ -372,7 +372,7 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
 
     t0 = time.time()
     fresh_v, stats = attacks.targeted_universal(
-        model_fn, xs, ys, num_classes, s.tup_eps, norm=s.tup_norm, method=s.tup_method,
+        model_fn, xs, ys, s.tup_eps, num_classes=num_classes, norm=s.tup_norm, method=s.tup_method,
         delta=s.tup_delta, max_passes=s.tup_passes, step_size=s.tup_step_size,
         batch_size=s.tup_batch_size, seed=s.seed)
     fresh_v = np.asarray(fresh_v, np.float32)

@@ -330,7 +330,7 @@ def _search(config: ExperimentConfig, classifier_path: str, out_dir: str,
     with strategy.scope():
         classifier = keras.models.load_model(classifier_path, compile=False)
     v, stats = attacks.targeted_universal(
-        classifier, xs, ys, info.num_classes, config.eps, norm=config.norm,
+        classifier, xs, ys, config.eps, num_classes=info.num_classes, norm=config.norm,
         method=config.search_method, delta=config.search_delta, max_passes=config.search_passes,
         batch_size=min(128, len(xs)), seed=config.seed, strategy=strategy, progress=True,
         per_source=bool(config.per_source))

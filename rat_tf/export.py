@@ -3,11 +3,18 @@
 The SavedModel has two signatures, both returning ``{"logits": float32 [N, K],
 "probabilities": float32 [N, K], "classes": int32 [N]}``:
 
-- ``serving_default``: input ``images``, float32 ``[None, H, W, C]`` in [0, 1];
-- ``serving_uint8``: input ``images``, uint8 ``[None, H, W, C]`` (divided by 255 inside).
+- ``serving_default``: input ``images``, float32 ``[None, H, W, C]`` in the classifier's pixel
+  range (``clip_values``, [0, 1] unless the exported trainer says otherwise);
+- ``serving_uint8``: input ``images``, uint8 ``[None, H, W, C]`` (0..255 mapped onto that range).
+
+Both refuse, with an InvalidArgument error that says why, an empty batch and (float32) pixels
+that are NaN, infinite or outside the pixel range: a served model never answers for an input
+it was not trained on.
 
 Signatures enforce the dtype and, through ``tf.ensure_shape``, the image shape at run time, so a
-wrong input fails with an error naming the expected shape. Reload with plain
+wrong input fails with an error naming the expected shape. ``logits`` are the classifier's
+logits, or the input of its final softmax for a classifier that ends in one. A rat_tf trainer
+is exported as the classifier it wraps. Reload with plain
 ``tf.saved_model.load``; :func:`load_serving_fn` turns a signature into a differentiable
 ``x -> logits`` callable for the attacks.
 """
@@ -16,14 +23,14 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Callable
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import data
+from rat_tf import models, ops
 
 SIGNATURES = ("serving_default", "serving_uint8")
 INPUT_NAME = "images"
@@ -34,40 +41,54 @@ class ExportError(RuntimeError):
     """A SavedModel is missing a signature or does not reproduce the classifier's predictions."""
 
 
-def _image_shape(classifier: keras.Model) -> tuple[int, int, int]:
-    """(H, W, C) of a single-input image classifier, or a clear error."""
-    try:
-        shape = classifier.input_shape
-    except (AttributeError, ValueError) as e:
-        raise ValueError(f"classifier has no defined input shape (build it first): {e}") from e
-    if isinstance(shape, list) or len(shape) != 4 or any(d is None for d in shape[1:]):
-        raise ValueError(f"expected a single image input [None, H, W, C] with known H, W, C, "
-                         f"got input shape {shape}")
-    return tuple(int(d) for d in shape[1:])
+def export_saved_model(classifier: keras.Model, path: str, *, overwrite: bool = False,
+                       clip_values: Sequence[float] | None = None) -> str:
+    """Write ``classifier`` (or the classifier of a trainer) as a SavedModel with
+    ``serving_default`` / ``serving_uint8``.
 
-
-def export_saved_model(classifier: keras.Model, path: str, *, overwrite: bool = False) -> str:
-    """Write ``classifier`` as a SavedModel with ``serving_default`` / ``serving_uint8``.
+    ``clip_values``: the pixel range the float signature accepts (default: the trainer's, or
+    [0, 1]).
 
     Written to a temporary sibling directory first and renamed into place, so ``path`` never
     holds a half-written export. An existing ``path`` is replaced only with ``overwrite=True``.
     """
-    h, w, c = _image_shape(classifier)
+    if clip_values is None:
+        clip_values = getattr(classifier, "clip_values", ops.PIXEL_RANGE)
+    lo, hi = ops.check_clip_values(clip_values)
+    logits_of = models.as_model_fn(classifier)
+    classifier = logits_of.classifier
+    h, w, c = models.input_image_shape(classifier)
     path = os.fspath(path).rstrip("/")
     if tf.io.gfile.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     spec = [None, h, w, c]
 
     def _outputs(images):
-        logits = tf.cast(classifier(images, training=False), tf.float32)
+        logits = logits_of(images)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits),
                 "classes": tf.argmax(logits, axis=-1, output_type=tf.int32)}
 
+    def _nonempty(images):
+        images = tf.ensure_shape(images, spec)
+        tf.debugging.assert_positive(tf.shape(images)[0],
+                                     message="images: an empty batch (0 images)")
+        return images
+
     def serving_default(images):
-        return _outputs(tf.ensure_shape(images, spec))
+        images = _nonempty(images)
+        tf.debugging.assert_all_finite(images, message="images contain NaN or infinite values")
+        tf.debugging.assert_greater_equal(
+            tf.reduce_min(images), tf.constant(lo, tf.float32),
+            message=f"images must be in [{lo:g}, {hi:g}] (float pixels; use serving_uint8 for "
+                    f"0..255 bytes)")
+        tf.debugging.assert_less_equal(
+            tf.reduce_max(images), tf.constant(hi, tf.float32),
+            message=f"images must be in [{lo:g}, {hi:g}] (float pixels; use serving_uint8 for "
+                    f"0..255 bytes)")
+        return _outputs(images)
 
     def serving_uint8(images):
-        return _outputs(tf.cast(tf.ensure_shape(images, spec), tf.float32) / 255.0)
+        return _outputs(lo + tf.cast(_nonempty(images), tf.float32) / 255.0 * (hi - lo))
 
     archive = keras.export.ExportArchive()
     archive.track(classifier)
@@ -137,25 +158,32 @@ def load_serving_fn(path: str, signature: str = "serving_default"
 
 
 def verify_export(path: str, classifier: keras.Model, x: np.ndarray | None = None,
-                  atol: float = 1e-5, batch_size: int = 256) -> float:
+                  atol: float = 1e-5, batch_size: int = 256,
+                  clip_values: Sequence[float] | None = None) -> float:
     """Reload ``path`` with plain ``tf.saved_model.load`` and check it reproduces ``classifier``.
 
-    Compares logits of both signatures (float32 on ``x``; uint8 on ``round(255 x)``) and checks
-    ``classes``/``probabilities``; ``x`` defaults to 64 seeded uniform images. Returns the max
-    absolute logit difference; raises :class:`ExportError` if it exceeds ``atol``.
+    Compares logits of both signatures (float32 on ``x``; uint8 on ``x`` rounded to 256 levels
+    of the pixel range) and checks ``classes``/``probabilities``; ``x`` defaults to 64 seeded
+    uniform images. Returns the max absolute logit difference; raises :class:`ExportError` if
+    it exceeds ``atol``.
     """
-    h, w, c = _image_shape(classifier)
+    if clip_values is None:
+        clip_values = getattr(classifier, "clip_values", ops.PIXEL_RANGE)
+    lo, hi = ops.check_clip_values(clip_values)
+    logits_of = models.as_model_fn(classifier)
+    h, w, c = models.input_image_shape(logits_of.classifier)
     if x is None:
-        x = np.random.default_rng(0).uniform(0, 1, (64, h, w, c))
+        x = np.random.default_rng(0).uniform(lo, hi, (64, h, w, c))
     x = np.asarray(x, np.float32)
     if x.ndim != 4 or x.shape[1:] != (h, w, c) or len(x) == 0:
         raise ValueError(f"x must be a non-empty batch [N, {h}, {w}, {c}], got {x.shape}")
-    data.check_pixels(x, "x")
+    ops.check_pixel_range(x, (lo, hi), "x")
     loaded = tf.saved_model.load(path)
-    x_u8 = np.round(x * 255.0).astype(np.uint8)
+    x_u8 = np.round((x - lo) / (hi - lo) * 255.0).astype(np.uint8)
+    ref_u8 = lo + x_u8.astype(np.float32) / np.float32(255.0) * np.float32(hi - lo)
     worst = 0.0
     for signature, served_in, ref_in in (("serving_default", x, x),
-                                         ("serving_uint8", x_u8, x_u8.astype(np.float32) / 255.0)):
+                                         ("serving_uint8", x_u8, ref_u8)):
         fn, name, _ = _signature(loaded, path, signature)
         for start in range(0, len(x), batch_size):
             out = fn(**{name: tf.constant(served_in[start:start + batch_size])})
@@ -163,7 +191,7 @@ def verify_export(path: str, classifier: keras.Model, x: np.ndarray | None = Non
             if missing:
                 raise ExportError(f"{path}: {signature} lacks outputs {sorted(missing)}")
             logits = out["logits"].numpy()
-            ref = np.asarray(classifier(ref_in[start:start + batch_size], training=False),
+            ref = np.asarray(logits_of(tf.constant(ref_in[start:start + batch_size])),
                              np.float32)
             if logits.shape != ref.shape or out["logits"].dtype != tf.float32:
                 raise ExportError(f"{path}: {signature} logits {out['logits'].dtype.name} "

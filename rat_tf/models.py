@@ -1,10 +1,20 @@
-"""Model zoo: classifiers that take [0, 1] images, normalize inside and return float32 logits."""
+"""Classifiers: the model zoo, and what rat_tf needs to know about any built Keras classifier.
+
+Zoo models take [0, 1] images, normalize inside and return float32 logits. A user's own
+classifier (Sequential, functional or subclassed) is described by :func:`describe` (image
+shape, number of classes, logits or probabilities) and turned into an ``x -> logits``
+callable by :func:`logits_fn`, which every attack and trainer uses.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, Sequence
 
 import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
 from keras import layers
 
 # Per-dataset channel statistics, used by the in-model normalization.
@@ -119,3 +129,143 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int =
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](tuple(input_shape), num_classes)
+
+
+# --------------------------------------------------------------------------- any classifier
+@dataclasses.dataclass(frozen=True)
+class ClassifierInfo:
+    """What rat_tf reads off a built classifier: its input image shape, classes and outputs."""
+
+    image_shape: tuple[int, ...]
+    num_classes: int
+    from_logits: bool
+
+
+def input_image_shape(classifier: keras.Model, input_shape: Sequence[int] | None = None
+                      ) -> tuple[int, ...]:
+    """(H, W, C) of a built single-input classifier (from its inputs or its first build call).
+
+    ``input_shape`` ((H, W, C), or with a leading batch dimension) is used only when the
+    classifier does not say it: an unbuilt classifier is built by one call on zeros of that
+    shape. A built classifier is never rebuilt.
+    """
+    if not isinstance(classifier, keras.Model):
+        raise ValueError(f"classifier must be a keras.Model, got {type(classifier).__name__}")
+    shape = None
+    try:
+        shape = classifier.input_shape
+    except (AttributeError, ValueError):
+        built = getattr(classifier, "_build_shapes_dict", None) or {}
+        if len(built) == 1:
+            shape = next(iter(built.values()))
+    if shape is None:
+        if input_shape is None:
+            raise ValueError(f"classifier {classifier.name!r} is not built and has no input "
+                             f"shape: call it once on a batch of images, or pass input_shape="
+                             f"(H, W, C)")
+        shape = tuple(input_shape)
+        shape = (None, *shape) if len(shape) == 3 else shape
+        classifier(tf.zeros((1, *shape[1:])), training=False)
+    if isinstance(shape, list) and all(d is None or isinstance(d, int) for d in shape):
+        shape = tuple(shape)
+    if isinstance(shape, (list, dict)) or len(shape) != 4 or any(d is None for d in shape[1:]):
+        raise ValueError(f"classifier {classifier.name!r} must take one batch of images "
+                         f"[N, H, W, C] with known H, W, C; its input shape is {shape}")
+    return tuple(int(d) for d in shape[1:])
+
+
+def _softmax_input(t: tf.Tensor) -> tf.Tensor | None:
+    """The logits a graph tensor was computed from by a final softmax, or None."""
+    logits = getattr(t, "_keras_logits", None)
+    if logits is not None:
+        return logits
+    op = getattr(t, "op", None)
+    while op is not None and op.type in ("Identity", "Cast") and op.inputs:
+        op = op.inputs[0].op
+    if op is not None and op.type == "Softmax":
+        return op.inputs[0]
+    return None
+
+
+def _traced_output(classifier: keras.Model, image_shape: tuple[int, ...]) -> tf.Tensor:
+    fn = tf.function(lambda x: classifier(x, training=False))
+    return fn.get_concrete_function(tf.TensorSpec((None, *image_shape))).structured_outputs
+
+
+def describe(classifier: keras.Model, *, input_shape: Sequence[int] | None = None,
+             from_logits: bool | None = None) -> ClassifierInfo:
+    """Image shape, number of classes and output kind of a built image classifier.
+
+    ``from_logits=None`` detects a final softmax in the traced graph (any model kind); a
+    classifier whose outputs look like probabilities without one is an error asking for an
+    explicit ``from_logits``.
+    """
+    image_shape = input_image_shape(classifier, input_shape)
+    out = _traced_output(classifier, image_shape)
+    if not isinstance(out, tf.Tensor) or out.shape.rank != 2 or out.shape[-1] is None:
+        raise ValueError(f"classifier {classifier.name!r} must return one tensor [N, K] of "
+                         f"class scores, got {out}")
+    num_classes = int(out.shape[-1])
+    if num_classes < 2:
+        raise ValueError(f"classifier {classifier.name!r} returns {num_classes} score(s) per "
+                         f"image: a classifier of K >= 2 classes is needed")
+    if from_logits is None:
+        from_logits = _softmax_input(out) is None
+        if from_logits and tf.executing_eagerly():
+            probe = np.random.default_rng(0).uniform(0, 1, (8, *image_shape)).astype(np.float32)
+            p = np.asarray(classifier(probe, training=False), np.float64)
+            if np.all(p >= 0) and np.allclose(p.sum(-1), 1.0, atol=1e-4):
+                raise ValueError(
+                    f"classifier {classifier.name!r} returns rows that sum to 1, like "
+                    f"probabilities, but no final softmax was found: pass from_logits=False "
+                    f"if they are probabilities, from_logits=True if they are logits")
+        else:
+            logging.info("classifier %s ends in a softmax: its probabilities are used as "
+                         "from_logits=False (the logits before the softmax feed the attacks)",
+                         classifier.name)
+    return ClassifierInfo(image_shape, num_classes, bool(from_logits))
+
+
+def logits_fn(classifier: keras.Model, from_logits: bool = True
+              ) -> Callable[..., tf.Tensor]:
+    """``(x, training=False) -> float32 logits`` of a classifier that returns logits or
+    probabilities.
+
+    For probabilities the logits are the input of the final softmax, read off the graph
+    (eager calls run through a ``tf.function`` to have one), so attack gradients do not vanish
+    where the softmax saturates; log-probabilities where no softmax op is found.
+    """
+    if from_logits:
+        return lambda x, training=False: tf.cast(classifier(x, training=training), tf.float32)
+
+    def from_graph(x, training=False):
+        p = classifier(x, training=training)
+        z = _softmax_input(p)
+        if z is None:
+            z = tf.math.log(tf.maximum(tf.cast(p, tf.float32), 1e-30))
+        return tf.cast(z, tf.float32)
+
+    traced = {True: tf.function(lambda x: from_graph(x, True), reduce_retracing=True),
+              False: tf.function(lambda x: from_graph(x, False), reduce_retracing=True)}
+
+    def fn(x, training=False):
+        if tf.executing_eagerly():
+            return traced[bool(training)](x)
+        return from_graph(x, training)
+
+    return fn
+
+
+def as_model_fn(model: keras.Model | Callable[[tf.Tensor], tf.Tensor]
+                ) -> Callable[[tf.Tensor], tf.Tensor]:
+    """An inference ``x -> logits`` callable: a Keras classifier (logits or softmax, detected
+    by :func:`describe`) or a trainer wrapping one; any other callable is taken as it is."""
+    classifier = getattr(model, "classifier", model)
+    if not isinstance(classifier, keras.Model):
+        return model
+    fn = getattr(model, "_rat_tf_logits", None)  # a trainer's
+    if fn is None:
+        fn = logits_fn(classifier, describe(classifier).from_logits)
+    wrapped = lambda x: fn(x, training=False)  # noqa: E731
+    wrapped.classifier = classifier
+    return wrapped

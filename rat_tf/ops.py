@@ -19,13 +19,51 @@ import numpy as np
 import tensorflow as tf
 
 NORMS = ("linf", "l2")
+_NORM_ALIASES = {"linf": "linf", "inf": "linf", "l2": "l2", "2": "l2"}
+PIXEL_RANGE = (0.0, 1.0)  # the default clip_values: images in [0, 1]
 
 
-def check_norm(norm: str) -> str:
-    """Return ``norm`` if it is a supported norm name, else raise ValueError."""
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
-    return norm
+def check_norm(norm) -> str:
+    """The norm's name, "linf" or "l2": also accepts ``np.inf`` / "inf" and ``2`` / "2"."""
+    if isinstance(norm, numbers.Number) and not isinstance(norm, bool):
+        name = "linf" if norm == np.inf else "l2" if norm == 2 else None
+    else:
+        name = _NORM_ALIASES.get(str(norm).lower())
+    if name is None:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS} (or np.inf, 2)")
+    return name
+
+
+def check_clip_values(clip_values) -> tuple[float, float]:
+    """(lo, hi) pixel range with finite lo < hi, else ValueError."""
+    try:
+        lo, hi = (float(v) for v in clip_values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"clip_values must be a pair (lo, hi), got {clip_values!r}") from e
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ValueError(f"clip_values must be finite with lo < hi, got {clip_values!r}")
+    return lo, hi
+
+
+def check_pixel_range(x, clip_values=PIXEL_RANGE, what: str = "images") -> None:
+    """Raise ValueError unless the values of a concrete array lie in ``clip_values``.
+
+    Symbolic tensors (inside ``tf.function``) pass; trainers check those in the graph.
+    """
+    if isinstance(x, tf.Tensor) and not hasattr(x, "numpy"):
+        return
+    lo, hi = check_clip_values(clip_values)
+    a = np.asarray(x)
+    if a.size == 0:
+        return
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{what} contain NaN or infinite values")
+    amin, amax = float(a.min()), float(a.max())
+    if amin < lo or amax > hi:
+        hint = (" (0..255 images? divide them by 255, or pass clip_values=(0, 255))"
+                if hi <= 1.0 and amax > 1.0 else "")
+        raise ValueError(f"{what} must be in [{lo:g}, {hi:g}] (clip_values), got values in "
+                         f"[{amin:g}, {amax:g}]{hint}")
 
 
 def check_radius(eps, name: str = "eps") -> None:
@@ -46,7 +84,7 @@ def _per_slice(values: tf.Tensor, rank: int) -> tf.Tensor:
 
 def batch_norms(v: tf.Tensor, norm: str = "linf") -> tf.Tensor:
     """Norm of every slice ``v[i]`` as float32 [N] (L2 has a zero gradient at 0, not NaN)."""
-    check_norm(norm)
+    norm = check_norm(norm)
     v = tf.convert_to_tensor(v)
     flat = tf.reshape(tf.cast(v, tf.float32), [tf.shape(v)[0], -1])
     if norm == "linf":
@@ -63,7 +101,7 @@ def project(v: tf.Tensor, eps, norm: str = "linf") -> tf.Tensor:
     L-inf clips each coordinate; L2 CLIPS the norm (scales down slices with norm > eps and
     leaves the others unchanged; it never scales a vector up to the sphere).
     """
-    check_norm(norm)
+    norm = check_norm(norm)
     check_radius(eps)
     v = tf.convert_to_tensor(v)
     rank = v.shape.rank
@@ -79,11 +117,13 @@ def project(v: tf.Tensor, eps, norm: str = "linf") -> tf.Tensor:
     return tf.cast(out, v.dtype)
 
 
-def apply_perturbation(x: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
-    """The perturbed input clip(x + v, 0, 1), in the dtype of ``x`` (true gradient, see module)."""
+def apply_perturbation(x: tf.Tensor, v: tf.Tensor, clip_values=PIXEL_RANGE) -> tf.Tensor:
+    """The perturbed input clip(x + v, lo, hi), in the dtype of ``x`` (true gradient, see
+    module); ``clip_values`` (lo, hi) is the pixel range, [0, 1] by default."""
     x = tf.convert_to_tensor(x)
     v = tf.cast(v, x.dtype)
-    return tf.clip_by_value(x + v, tf.constant(0, x.dtype), tf.constant(1, x.dtype))
+    lo, hi = clip_values
+    return tf.clip_by_value(x + v, tf.constant(lo, x.dtype), tf.constant(hi, x.dtype))
 
 
 def sign_step(g: tf.Tensor) -> tf.Tensor:
@@ -96,7 +136,7 @@ def normalized_step(g: tf.Tensor, norm: str = "linf") -> tf.Tensor:
 
     A zero slice gives a zero step. Computed in float32, returned in the dtype of ``g``.
     """
-    check_norm(norm)
+    norm = check_norm(norm)
     g = tf.convert_to_tensor(g)
     if norm == "linf":
         return sign_step(g)
@@ -118,7 +158,7 @@ def random_in_ball(shape, eps, norm: str = "linf", seed=None, dtype=tf.float32) 
 
     ``seed``: None (stateful RNG), an int, or an int tensor [2] (stateless, reproducible).
     """
-    check_norm(norm)
+    norm = check_norm(norm)
     check_radius(eps)
     shape = tf.convert_to_tensor(shape, tf.int32)
 

@@ -55,37 +55,77 @@ class WorkerLostError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- trainer models
-class StandardModel(keras.Model):
-    """Wraps a classifier and trains it on clean examples (the baseline; base of the others).
+_SERIALIZABLE = keras.saving.register_keras_serializable(package="rat_tf")
 
-    Compile with just an optimizer: the loss defaults to sparse categorical cross-entropy on
-    logits, scaled to the global batch under ``tf.distribute`` by Keras.
+
+@_SERIALIZABLE
+class StandardModel(keras.Model):
+    """Wraps a built classifier and trains it on clean examples (the baseline; base of the
+    others).
+
+    Any Keras classifier works (Sequential, functional, subclassed): its image shape and
+    number of classes are read off it (:func:`rat_tf.models.describe`) and it is never
+    rebuilt. ``from_logits`` (None: detected) says whether it returns logits or ends in a
+    softmax; ``clip_values`` is its pixel range ([0, 1]), checked on every batch. Compile with
+    just an optimizer: the loss defaults to sparse categorical cross-entropy (on logits or
+    probabilities, as the classifier returns) and the metrics to ``["accuracy"]``; compiled
+    losses, metrics, ``sample_weight`` and ``class_weight`` are honoured. Labels are class ids
+    or one-hot rows. The trainer saves and loads as a ``.keras`` file with its classifier.
     """
 
     method = "standard"
 
-    def __init__(self, classifier: keras.Model, *, seed: int = 0, name: str | None = None):
+    def __init__(self, classifier: keras.Model, *, from_logits: bool | None = None,
+                 clip_values: Sequence[float] = ops.PIXEL_RANGE,
+                 input_shape: Sequence[int] | None = None, seed: int = 0,
+                 name: str | None = None):
         super().__init__(name=name or f"{self.method}_trainer")
-        if not isinstance(classifier, keras.Model):
-            raise ValueError(f"classifier must be a keras.Model, got {type(classifier).__name__}")
+        info = models.describe(classifier, input_shape=input_shape, from_logits=from_logits)
         self.classifier = classifier
         self.seed = int(seed)
-        self.num_classes = int(classifier.output_shape[-1])
-        self.image_shape = tuple(int(d) for d in classifier.input_shape[1:])
-        self.accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.num_classes, self.image_shape = info.num_classes, info.image_shape
+        self.from_logits = info.from_logits
+        self.clip_values = ops.check_clip_values(clip_values)
+        self._rat_tf_logits = models.logits_fn(classifier, self.from_logits)
 
     def call(self, inputs, training: bool = False):
         return self.classifier(inputs, training=training)
 
-    def compile(self, optimizer: Any = "adam", loss: Any = None, **kwargs) -> None:
-        """``Model.compile`` with the default loss: cross-entropy on logits."""
+    def logits(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """float32 logits of the classifier (the input of its softmax if it ends in one)."""
+        return self._rat_tf_logits(x, training=training)
+
+    def compile(self, optimizer: Any = "adam", loss: Any = None, metrics: Any = None,
+                **kwargs) -> None:
+        """``Model.compile`` with defaults: sparse cross-entropy on the classifier's outputs
+        and ``["accuracy"]``."""
         if loss is None:
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        super().compile(optimizer=optimizer, loss=loss, **kwargs)
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits)
+        if metrics is None:
+            metrics = ["accuracy"]
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config: dict) -> None:
+        """Compile a loaded trainer as it was saved (optimizer state included)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def build(self, input_shape=None) -> None:
-        self.classifier.build(input_shape or (None, *self.image_shape))
         super().build(input_shape or (None, *self.image_shape))
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "classifier": keras.saving.serialize_keras_object(
+                    self.classifier), "from_logits": self.from_logits,
+                "clip_values": list(self.clip_values), "input_shape": list(self.image_shape),
+                "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects=None):
+        config = dict(config)
+        config["classifier"] = keras.saving.deserialize_keras_object(
+            config["classifier"], custom_objects=custom_objects)
+        return cls(**config)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras 3 (TF backend) builds the compiled state by pulling a batch from the
@@ -115,32 +155,66 @@ class StandardModel(keras.Model):
         full = draw(tf.concat([[n * _replicas()], shape[1:]], 0), seed)
         return full[replica * n:(replica + 1) * n]
 
+    def _track_loss(self, x: tf.Tensor, y: tf.Tensor, outputs: tf.Tensor,
+                    sample_weight: tf.Tensor | None, training: bool) -> tf.Tensor:
+        """The compiled loss of a batch (scaled by 1/replicas), its real value tracked."""
+        loss = self._compute_loss(x=x, y=y, y_pred=outputs, sample_weight=sample_weight,
+                                  training=training)
+        self._loss_tracker.update_state(loss * tf.cast(_replicas(), loss.dtype),
+                                        sample_weight=tf.shape(x)[0])
+        return loss
+
     def _fit_on(self, x: tf.Tensor, y: tf.Tensor, sample_weight: tf.Tensor | None = None
                 ) -> tf.Tensor:
-        """One optimizer step on (x, y); returns the logits (training mode)."""
+        """One optimizer step on (x, y); returns the classifier's outputs (training mode)."""
         with tf.GradientTape() as tape:
-            logits = self.classifier(x, training=True)
-            loss = self._compute_loss(x=x, y=y, y_pred=logits, sample_weight=sample_weight,
-                                      training=True)
-            # The loss is scaled by 1/replicas for the gradient sum; track the real value.
-            self._loss_tracker.update_state(loss * tf.cast(_replicas(), loss.dtype),
-                                            sample_weight=tf.shape(x)[0])
+            outputs = self.classifier(x, training=True)
+            loss = self._track_loss(x, y, outputs, sample_weight, training=True)
             scaled = self.optimizer.scale_loss(loss)
         weights = self.trainable_weights
         grads = tape.gradient(scaled, weights)
         self.optimizer.apply_gradients(zip(grads, weights))
-        return logits
+        return outputs
 
-    @staticmethod
-    def _unpack(data) -> tuple[tf.Tensor, tf.Tensor]:
+    def _unpack(self, data) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
+        """(images, int32 labels [B], float32 sample weights [B] or None), checked in-graph:
+        images in ``clip_values``, labels in [0, K) (one-hot rows become class ids)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+        if y.shape.rank == 2 and y.shape[-1] == self.num_classes and self.num_classes > 1:
+            y = tf.argmax(y, axis=-1)
+        elif y.shape.rank == 2 and y.shape[-1] == 1:
+            y = y[:, 0]
+        if y.shape.rank != 1:
+            raise ValueError(f"labels must be class ids [B] or one-hot rows [B, "
+                             f"{self.num_classes}], got shape {y.shape}")
+        y = tf.cast(y, tf.int32)
+        lo, hi = self.clip_values
+        tf.debugging.assert_greater_equal(
+            tf.reduce_min(tf.cast(x, tf.float32)), tf.constant(lo, tf.float32),
+            message=f"images must be finite and in [{lo:g}, {hi:g}] (clip_values); for 0..255 "
+                    f"images divide by 255 or pass clip_values=(0, 255)")
+        tf.debugging.assert_less_equal(
+            tf.reduce_max(tf.cast(x, tf.float32)), tf.constant(hi, tf.float32),
+            message=f"images must be finite and in [{lo:g}, {hi:g}] (clip_values); for 0..255 "
+                    f"images divide by 255 or pass clip_values=(0, 255)")
+        tf.debugging.assert_non_negative(y, message="labels must be class ids >= 0")
+        tf.debugging.assert_less(y, self.num_classes,
+                                 message=f"labels must be class ids < {self.num_classes}")
         if sample_weight is not None:
-            raise ValueError("sample weights are not supported by the rat_tf trainers")
-        return tf.convert_to_tensor(x), tf.cast(y, tf.int32)
+            sample_weight = tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
+        return x, y, sample_weight
 
-    def _results(self, *metrics: keras.metrics.Metric) -> dict:
-        """Logs of a step: the loss and the given metrics (others are not meaningful here)."""
-        results = {m.name: m.result() for m in (self._loss_tracker, *metrics)}
+    def _results(self, *extra: keras.metrics.Metric) -> dict:
+        """Logs of a step: the loss, the compiled metrics and the given extra metrics (the
+        trainer's other own metrics are not meaningful here)."""
+        own = [m for m in self._metrics if not any(m is e for e in extra)]
+        results = {}
+        for m in self.metrics:
+            if any(m is o for o in own):
+                continue
+            r = m.result()
+            results.update(r if isinstance(r, dict) else {m.name: r})
         if _multi_worker(self.distribute_strategy):
             # Keras 3 reduces step logs across workers with strategy.reduce(MEAN, axis=0),
             # which rejects scalars (tensorflow/tensorflow#72388): hand it shape-[1] values.
@@ -148,31 +222,36 @@ class StandardModel(keras.Model):
         return results
 
     def train_step(self, data):
-        x, y = self._unpack(data)
-        logits = self._fit_on(x, y)
-        self.accuracy_metric.update_state(y, logits)
-        return self._results(self.accuracy_metric)
+        x, y, sw = self._unpack(data)
+        outputs = self._fit_on(x, y, sw)
+        self.compute_metrics(x, y, outputs, sw)
+        return self._results()
 
     def test_step(self, data):
-        """Clean loss and accuracy (the same for every method)."""
-        x, y = self._unpack(data)
-        logits = self.classifier(x, training=False)
-        loss = self._compute_loss(x=x, y=y, y_pred=logits, training=False)
-        self._loss_tracker.update_state(loss * tf.cast(_replicas(), loss.dtype),
-                                        sample_weight=tf.shape(x)[0])
-        self.accuracy_metric.update_state(y, logits)
-        return self._results(self.accuracy_metric)
+        """Clean loss and compiled metrics (the same for every method)."""
+        x, y, sw = self._unpack(data)
+        outputs = self.classifier(x, training=False)
+        self._track_loss(x, y, outputs, sw, training=False)
+        self.compute_metrics(x, y, outputs, sw)
+        return self._results()
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self.classifier(x, training=False)
 
     def settings(self) -> dict:
         """The method settings (for logs and metrics.json)."""
-        return {"method": self.method, "seed": self.seed}
+        return {"method": self.method, "seed": self.seed, "from_logits": self.from_logits,
+                "clip_values": list(self.clip_values)}
 
 
+@_SERIALIZABLE
 class RATModel(StandardModel):
     """Region adversarial training: fine-tune on clean images mixed with clip(x + V[t]).
 
-    ``perturbations`` V [K,H,W,C] is a non-trainable variable (checkpointed, identical on all
-    replicas). Each step every image gets one random target t != label
+    ``perturbations`` V [K,H,W,C] is a non-trainable variable (checkpointed, saved in the
+    ``.keras`` file, identical on all replicas); ``eps`` (optional) is its radius, checked
+    whenever V is set. Each step every image gets one random target t != label
     (``targets_per_image="one"``) or all K-1 targets (``"all"``); perturbed copies keep the
     TRUE label. ``"worst"`` (beyond the paper; worst-of-k as in Engstrom et al. 2019) gives each
     image the one target whose perturbed copy has the highest loss under the current weights
@@ -180,19 +259,21 @@ class RATModel(StandardModel):
     trains on the clean batch plus its perturbed copies with the loss
     ``(1 - perturbed_fraction) * CE(clean) + perturbed_fraction * CE(perturbed)``;
     ``"replace"`` (one target per image) swaps each image for its perturbed copy with
-    probability ``perturbed_fraction``, so a step costs what a standard step costs. V stays
-    fixed (static, the paper) unless a :class:`RefreshPerturbations` callback searches it again.
-    ``per_source=True`` (beyond the paper) holds one perturbation per (source class, target),
-    V [K,K,H,W,C]: an image of label s gets V[s, t] (see :func:`attacks.targeted_universal`).
+    probability ``perturbed_fraction``, so a step costs what a standard step costs. Sample
+    weights follow each image to its perturbed copies. V stays fixed (static, the paper)
+    unless a :class:`RefreshPerturbations` callback searches it again; ``fit`` refuses to start
+    without a V. ``per_source=True`` (beyond the paper) holds one perturbation per (source
+    class, target), V [K,K,H,W,C]: an image of label s gets V[s, t] (see
+    :func:`attacks.targeted_universal`).
     """
 
     method = "rat"
 
     def __init__(self, classifier: keras.Model, perturbations: np.ndarray | None = None, *,
                  targets_per_image: str = "one", perturbed_fraction: float = 0.5,
-                 batch_mode: str = "append", per_source: bool = False, seed: int = 0,
-                 name: str | None = None):
-        super().__init__(classifier, seed=seed, name=name)
+                 batch_mode: str = "append", per_source: bool = False,
+                 eps: float | None = None, norm: str = "linf", **kwargs):
+        super().__init__(classifier, **kwargs)
         if targets_per_image not in TARGET_MODES:
             raise ValueError(f"targets_per_image must be one of {TARGET_MODES}, got "
                              f"{targets_per_image!r}")
@@ -203,12 +284,13 @@ class RATModel(StandardModel):
                              "targets_per_image 'one' or 'worst'")
         if not 0.0 <= float(perturbed_fraction) <= 1.0:
             raise ValueError(f"perturbed_fraction must be in [0, 1], got {perturbed_fraction}")
-        if self.num_classes < 2:
-            raise ValueError("RAT needs a classifier with at least 2 classes")
+        if eps is not None:
+            ops.check_radius(eps)
         self.targets_per_image = targets_per_image
         self.batch_mode = batch_mode
         self.perturbed_fraction = float(perturbed_fraction)
         self.per_source = bool(per_source)
+        self.eps, self.norm = (None if eps is None else float(eps)), ops.check_norm(norm)
         rows = (self.num_classes,) * (2 if self.per_source else 1)
         self.perturbations = self.add_weight(
             name="perturbations", shape=(*rows, *self.image_shape),
@@ -218,23 +300,49 @@ class RATModel(StandardModel):
         if perturbations is not None:
             self.set_perturbations(perturbations)
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), "targets_per_image": self.targets_per_image,
+                "perturbed_fraction": self.perturbed_fraction, "batch_mode": self.batch_mode,
+                "per_source": self.per_source, "eps": self.eps, "norm": self.norm}
+
     def set_perturbations(self, perturbations: np.ndarray) -> None:
-        """Assign V (float [K,H,W,C]); call in cross-replica context (e.g. a callback)."""
+        """Assign V (float [K,H,W,C]); call in cross-replica context (e.g. a callback).
+
+        Refused if V is not finite, exceeds ``eps`` (when set) or spans more than the pixel
+        range.
+        """
         v = np.asarray(perturbations, np.float32)
         if v.shape != tuple(self.perturbations.shape):
             raise ValueError(f"perturbations have shape {v.shape}, the model needs "
                              f"{tuple(self.perturbations.shape)} ("
                              f"{'source, target' if self.per_source else 'num_classes'}, H, W, C)")
-        if not np.all(np.isfinite(v)):
-            raise ValueError("perturbations contain NaN or infinite values")
+        lo, hi = self.clip_values
+        attacks.check_bound(v, hi - lo, "linf", what="perturbations (beyond the pixel range)")
+        if self.eps is not None:
+            attacks.check_bound(v, self.eps, self.norm)
         self.perturbations.assign(v)
 
     def get_perturbations(self) -> np.ndarray:
         """The current V as a numpy array."""
         return np.asarray(keras.ops.convert_to_numpy(self.perturbations))
 
+    def fit(self, *args, **kwargs):
+        """``Model.fit``, refused while V is all zero (no perturbations were given) unless a
+        :class:`RefreshPerturbations` callback will search one."""
+        searched = any(isinstance(c, RefreshPerturbations) for c in kwargs.get("callbacks") or ())
+        if self.perturbed_fraction > 0 and not searched and not np.any(self.get_perturbations()):
+            raise ValueError(
+                "RATModel has no perturbations (V is all zero): pass perturbations= (e.g. "
+                "from rat_tf.attacks.targeted_universal) or call set_perturbations(V) first")
+        return super().fit(*args, **kwargs)
+
     def perturbed_batch(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The perturbed copies clip(x + V[t]) for targets t != y, with their TRUE labels."""
+        x_p, y_p, _ = self._perturbed(x, y)
+        return x_p, y_p
+
+    def _perturbed(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """:meth:`perturbed_batch` and the index in the batch of the source of each copy."""
         k = self.num_classes
         v = tf.convert_to_tensor(self.perturbations)
         if self.per_source:  # V[s, t] is row s * K + t
@@ -243,47 +351,54 @@ class RATModel(StandardModel):
         def rows(labels, targets):
             return labels * k + targets if self.per_source else targets
 
+        index = tf.range(tf.shape(y)[0])
         if self.targets_per_image == "one":
             offset = self._global_draw(0, tf.shape(y), lambda shape, seed: (
                 tf.random.stateless_uniform(shape, seed, minval=1, maxval=k, dtype=tf.int32)))
             targets = (y + offset) % k
-            return ops.apply_perturbation(x, tf.gather(v, rows(y, targets))), y
+            return (ops.apply_perturbation(x, tf.gather(v, rows(y, targets)), self.clip_values),
+                    y, index)
         targets = (y[:, None] + tf.range(1, k, dtype=y.dtype)[None, :]) % k  # [B, K-1]
-        copies = ops.apply_perturbation(x[:, None], tf.gather(v, rows(y[:, None], targets)))
+        copies = ops.apply_perturbation(x[:, None], tf.gather(v, rows(y[:, None], targets)),
+                                        self.clip_values)
         flat, y_p = tf.reshape(copies, tf.concat([[-1], tf.shape(x)[1:]], 0)), tf.repeat(y, k - 1)
         if self.targets_per_image == "all":
-            return flat, y_p
+            return flat, y_p, tf.repeat(index, k - 1)
         # "worst": the copy with the highest loss under the current weights, one per image.
-        logits = tf.stop_gradient(self.classifier(flat, training=False))
+        logits = tf.stop_gradient(self.logits(flat, training=False))
         losses = keras.losses.sparse_categorical_crossentropy(y_p, logits, from_logits=True)
         worst = tf.argmax(tf.reshape(losses, (-1, k - 1)), axis=1, output_type=tf.int32)
-        return tf.gather(copies, worst, axis=1, batch_dims=1), y
+        return tf.gather(copies, worst, axis=1, batch_dims=1), y, index
 
     def train_step(self, data):
-        x, y = self._unpack(data)
+        x, y, sw = self._unpack(data)
         f = self.perturbed_fraction
         if f == 0.0:
             return super().train_step(data)
-        x_p, y_p = self.perturbed_batch(x, y)
+        x_p, y_p, source = self._perturbed(x, y)
         if self.batch_mode == "replace":
             swap = self._global_draw(1, tf.shape(y), lambda shape, seed: (
                 tf.random.stateless_uniform(shape, seed))) < f
-            logits = self._fit_on(tf.where(swap[:, None, None, None], tf.cast(x_p, x.dtype), x),
-                                  y)
+            outputs = self._fit_on(
+                tf.where(swap[:, None, None, None], tf.cast(x_p, x.dtype), x), y, sw)
             swapped = tf.cast(swap, tf.float32)
-            self.accuracy_metric.update_state(y, logits, sample_weight=1.0 - swapped)
-            self.perturbed_accuracy.update_state(y, logits, sample_weight=swapped)
-            return self._results(self.accuracy_metric, self.perturbed_accuracy)
+            w = tf.ones_like(swapped) if sw is None else sw
+            self.compute_metrics(x, y, outputs, w * (1.0 - swapped))
+            self.perturbed_accuracy.update_state(y, outputs, sample_weight=w * swapped)
+            return self._results(self.perturbed_accuracy)
         n_clean, n_pert = tf.shape(x)[0], tf.shape(x_p)[0]
         n_all = tf.cast(n_clean + n_pert, tf.float32)
         weights = tf.concat([
             tf.fill([n_clean], (1.0 - f) * n_all / tf.cast(n_clean, tf.float32)),
             tf.fill([n_pert], f * n_all / tf.cast(n_pert, tf.float32))], 0)
-        logits = self._fit_on(tf.concat([x, tf.cast(x_p, x.dtype)], 0), tf.concat([y, y_p], 0),
-                              weights)
-        self.accuracy_metric.update_state(y, logits[:n_clean])
-        self.perturbed_accuracy.update_state(y_p, logits[n_clean:])
-        return self._results(self.accuracy_metric, self.perturbed_accuracy)
+        if sw is not None:
+            weights *= tf.concat([sw, tf.gather(sw, source)], 0)
+        outputs = self._fit_on(tf.concat([x, tf.cast(x_p, x.dtype)], 0),
+                               tf.concat([y, y_p], 0), weights)
+        self.compute_metrics(x, y, outputs[:n_clean], sw)
+        self.perturbed_accuracy.update_state(
+            y_p, outputs[n_clean:], sample_weight=None if sw is None else tf.gather(sw, source))
+        return self._results(self.perturbed_accuracy)
 
     def settings(self) -> dict:
         return {**super().settings(), "targets_per_image": self.targets_per_image,
@@ -291,6 +406,7 @@ class RATModel(StandardModel):
                 "per_source": self.per_source}
 
 
+@_SERIALIZABLE
 class AdversarialTrainingModel(StandardModel):
     """FGSM-AT with random init (Wong et al. 2020) or PGD-AT (Madry et al. 2018).
 
@@ -303,16 +419,15 @@ class AdversarialTrainingModel(StandardModel):
 
     def __init__(self, classifier: keras.Model, method: str = "pgd_at", *, eps: float = 0.3,
                  norm: str = "linf", steps: int = 10, step_size: float | None = None,
-                 seed: int = 0, name: str | None = None):
+                 name: str | None = None, **kwargs):
         if method not in ("fgsm_at", "pgd_at"):
             raise ValueError(f"adversarial training method must be fgsm_at or pgd_at, got "
                              f"{method!r}")
-        super().__init__(classifier, seed=seed, name=name or f"{method}_trainer")
+        super().__init__(classifier, name=name or f"{method}_trainer", **kwargs)
         self.method = method
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
-        if norm not in ops.NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose one of {ops.NORMS}")
+        norm = ops.check_norm(norm)
         if method == "fgsm_at":
             steps = 1
             step_size = step_size or FGSM_RS_ALPHA * eps
@@ -325,24 +440,29 @@ class AdversarialTrainingModel(StandardModel):
         self.adversarial_accuracy = keras.metrics.SparseCategoricalAccuracy(
             name="adversarial_accuracy")
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), "method": self.method, "eps": self.eps,
+                "norm": self.norm, "steps": self.steps, "step_size": self.step_size}
+
     def adversarial_batch(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """Adversarial examples of (x, y) against the current weights (inference mode)."""
-        model_fn = lambda z: self.classifier(z, training=False)  # noqa: E731
+        model_fn = lambda z: self.logits(z, training=False)  # noqa: E731
         start = self._global_draw(2, tf.shape(x), lambda shape, seed: ops.random_in_ball(
             shape, self.eps, self.norm, seed, x.dtype))
         if self.method == "fgsm_at":
             x_adv = attacks.fgsm(model_fn, x, y, self.eps, norm=self.norm, rand_init=True,
-                                 step_size=self.step_size, init=start)
+                                 step_size=self.step_size, init=start,
+                                 clip_values=self.clip_values)
         else:
             x_adv = attacks.pgd(model_fn, x, y, self.eps, step_size=self.step_size,
                                 steps=self.steps, norm=self.norm, rand_init=True, restarts=1,
-                                init=start)
+                                init=start, clip_values=self.clip_values)
         return tf.stop_gradient(tf.cast(x_adv, x.dtype))
 
     def train_step(self, data):
-        x, y = self._unpack(data)
-        logits = self._fit_on(self.adversarial_batch(x, y), y)
-        self.adversarial_accuracy.update_state(y, logits)
+        x, y, sw = self._unpack(data)
+        outputs = self._fit_on(self.adversarial_batch(x, y), y, sw)
+        self.adversarial_accuracy.update_state(y, outputs, sample_weight=sw)
         return self._results(self.adversarial_accuracy)
 
     def settings(self) -> dict:
@@ -362,7 +482,6 @@ def make_trainer(method: str, classifier: keras.Model, **settings) -> StandardMo
         return AdversarialTrainingModel(classifier, method, **settings)
     except TypeError as e:
         raise ValueError(f"bad settings for method {method!r}: {e}") from e
-
 
 # --------------------------------------------------------------------------- callbacks
 class RefreshPerturbations(keras.callbacks.Callback):
@@ -392,9 +511,10 @@ class RefreshPerturbations(keras.callbacks.Callback):
             raise ValueError("RefreshPerturbations needs a RATModel")
         start = time.time()
         v, stats = attacks.targeted_universal(
-            self.model.classifier, self.x, self.y, self.model.num_classes,
+            self.model, self.x, self.y, num_classes=self.model.num_classes,
             seed=self.seed + epoch + 1, strategy=self.model.distribute_strategy,
-            cache=self._cache, per_source=self.model.per_source, **self.kwargs)
+            cache=self._cache, per_source=self.model.per_source,
+            clip_values=self.model.clip_values, **self.kwargs)
         self.model.set_perturbations(v)
         rate = _mean_rate(stats)
         self.history.append({"epoch": epoch + 1, "success_rate": rate,
@@ -487,6 +607,7 @@ def adversarial_accuracy(model_fn: Callable, x: np.ndarray, y: np.ndarray, eps: 
     """Accuracy under the (untargeted, no random init) FGSM attack of radius ``eps``."""
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"need as many labels as images (and some), got {len(x)} / {len(y)}")
+    model_fn = models.as_model_fn(model_fn)
     correct = 0
     for i in range(0, len(x), batch_size):
         yb = y[i:i + batch_size]
@@ -538,6 +659,14 @@ class TrainConfig:
     precision: str = "float32"
     jit_compile: bool = False
     verbose: int | None = None  # None: progress bar when interactive, one line per epoch if not
+    restart: bool = False  # drop a backup in model_dir and start over (else it is resumed)
+
+    # Fields that do not change what is trained: a resume may differ in these.
+    RESUME_FREE = ("data_dir", "data_source", "verbose", "restart", "model_dir")
+
+    def run_settings(self) -> dict:
+        """The settings a resumed run must share with the run that wrote the backup."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUME_FREE}
 
     def resolved_eps(self) -> float:
         """``eps`` (radius of V), or the dataset's default."""
@@ -690,15 +819,23 @@ def train_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
     return ds.with_options(opts).prefetch(tf.data.AUTOTUNE)
 
 
-def _copy_weights(classifier: keras.Model, path: str) -> None:
-    """Load the weights of the .keras classifier at ``path`` into ``classifier``."""
-    source = keras.models.load_model(path, compile=False)
-    src, dst = source.get_weights(), classifier.get_weights()
-    if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src, dst)):
-        raise ValueError(f"init_from {path}: its architecture ({source.name}, "
-                         f"{len(src)} weight arrays) does not match model {classifier.name} "
-                         f"({len(dst)} weight arrays)")
-    classifier.set_weights(src)
+def load_classifier(path: str, image_shape: Sequence[int] | None = None,
+                    num_classes: int | None = None) -> keras.Model:
+    """The classifier in a ``.keras`` file (a classifier, or a trainer: its classifier), with
+    its own architecture, checked against the data's image shape and number of classes."""
+    try:
+        loaded = keras.models.load_model(path, compile=False)
+    except (ValueError, OSError, TypeError) as e:
+        raise ValueError(f"{path}: not a loadable .keras classifier ({e})") from e
+    classifier = loaded.classifier if isinstance(loaded, StandardModel) else loaded
+    info = models.describe(classifier)
+    if image_shape is not None and info.image_shape != tuple(image_shape):
+        raise ValueError(f"{path}: the classifier takes images {info.image_shape}, the data "
+                         f"has {tuple(image_shape)}")
+    if num_classes is not None and info.num_classes != num_classes:
+        raise ValueError(f"{path}: the classifier has {info.num_classes} classes, the data "
+                         f"has {num_classes}")
+    return classifier
 
 
 def _verbose(config: TrainConfig) -> int:
@@ -735,8 +872,15 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
     backup_dir = os.path.join(work_dir, "backup")
     chief_backup = os.path.join(model_dir, "backup")  # what every worker restores from
     history_path = os.path.join(work_dir, "history.csv")
+    settings_path = os.path.join(chief_backup, SETTINGS_FILE)
+    if config.restart and chief:
+        shutil.rmtree(chief_backup, ignore_errors=True)
+    if chief:
+        _remove_stale_temporaries(model_dir, chief_backup)
     resuming = os.path.exists(os.path.join(chief_backup, "training_metadata.json"))
-    if not resuming and os.path.exists(history_path):
+    if resuming:
+        _check_resume(settings_path, config)
+    elif os.path.exists(history_path):
         os.remove(history_path)  # a fresh run: drop the history of an earlier finished run
     keras.utils.set_random_seed(config.seed)
 
@@ -756,19 +900,29 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
         raise ValueError(f"{len(x_train)} training images make no full batch of "
                          f"{config.batch_size}; lower batch_size or enlarge train_subset")
     logging.info("%s on %s/%s: %d training images, %d steps/epoch x %d epochs, global batch "
-                 "%d over %d replicas%s", config.method, config.dataset, config.model,
+                 "%d over %d replicas%s", config.method, config.dataset,
+                 config.init_from or config.model,
                  len(x_train), steps_per_epoch, config.epochs, config.batch_size,
                  strategy.num_replicas_in_sync, " (resuming)" if resuming else "")
 
-    eps = config.resolved_eps()
+    eps, given_v = config.resolved_eps(), None
+    if config.method == "rat" and config.perturbations_path:
+        given_v, given_meta = attacks.load_perturbations(config.perturbations_path)
+        eps = float(given_meta.get("eps", eps))  # V is checked against its own radius
+        logging.info("loaded V %s from %s (eps %g)", given_v.shape, config.perturbations_path,
+                     eps)
     search_kwargs = dict(eps=eps, norm=config.norm, method=config.search_method,
                          max_passes=config.search_passes, delta=config.search_delta,
                          batch_size=min(128, len(x_train)))
     with strategy.scope():
-        classifier = models.build_model(config.model, info.image_shape, info.num_classes)
         if config.init_from:
-            _copy_weights(classifier, config.init_from)
-        trainer = make_trainer(config.method, classifier, **config.trainer_settings())
+            classifier = load_classifier(config.init_from, info.image_shape, info.num_classes)
+        else:
+            classifier = models.build_model(config.model, info.image_shape, info.num_classes)
+        settings = config.trainer_settings()
+        if config.method == "rat":
+            settings["eps"] = eps
+        trainer = make_trainer(config.method, classifier, **settings)
         trainer.build((None, *info.image_shape))
         trainer.compile(optimizer=make_optimizer(config, steps_per_epoch * config.epochs),
                         jit_compile=config.jit_compile)
@@ -776,14 +930,13 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
     search_seconds, search_stats = 0.0, None
     if config.method == "rat" and not resuming:  # a resumed run restores V from the backup
         t = time.time()
-        if config.perturbations_path:
-            v, meta = attacks.load_perturbations(config.perturbations_path)
-            logging.info("loaded V from %s (%s)", config.perturbations_path, meta)
+        if given_v is not None:
+            v = given_v
         else:
             logging.info("searching targeted universal perturbations (%s, eps %g, %s)",
                          config.norm, eps, config.search_method)
             v, search_stats = attacks.targeted_universal(
-                classifier, x_train, y_train, info.num_classes, seed=config.seed,
+                trainer, x_train, y_train, num_classes=info.num_classes, seed=config.seed,
                 strategy=strategy, per_source=config.per_source, **search_kwargs)
             logging.info("V found in %.1fs: mean targeted success %.3f on the training subset",
                          time.time() - t, _mean_rate(search_stats))
@@ -799,8 +952,9 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
         timer,
         # History before backup: a kill between the two re-runs the epoch (its row is written
         # again; read_history keeps the last) instead of losing the row of a backed-up epoch.
-        keras.callbacks.CSVLogger(history_path, append=True),
-        ClusterBackupAndRestore(backup_dir, restore_dir=chief_backup),
+        HistoryCSV(history_path),
+        ClusterBackupAndRestore(backup_dir, restore_dir=chief_backup,
+                                settings=config.run_settings()),
     ]
     if importlib.util.find_spec("tensorboard") is not None:
         cbs.append(keras.callbacks.TensorBoard(os.path.join(work_dir, "logs")))
@@ -874,9 +1028,70 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
                 lambda p: attacks.save_perturbations(p, v, eps=eps, norm=config.norm, **meta),
                 ".npz")
         files.write_json(os.path.join(model_dir, "metrics.json"), metrics)
+        shutil.rmtree(chief_backup, ignore_errors=True)  # every output is written
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
     return metrics
+
+
+def _remove_stale_temporaries(*folders: str) -> None:
+    """Delete the temporary files of atomic writes a killed run left in ``folders``."""
+    for folder in folders:
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith(".tmp_"):
+                    os.remove(os.path.join(folder, name))
+
+
+SETTINGS_FILE = "run_settings.json"  # in a backup: the settings of the run that wrote it
+
+
+def _check_resume(settings_path: str, config: TrainConfig) -> None:
+    """Refuse to resume a backup written by a run with other settings, naming each one."""
+    if not os.path.isfile(settings_path):
+        logging.warning("resuming a backup with no %s: its settings cannot be checked",
+                        SETTINGS_FILE)
+        return
+    with open(settings_path) as f:
+        saved = json.load(f)
+    now = json.loads(json.dumps(config.run_settings(), default=files.jsonable))
+    diffs = [f"{k}: backup {saved.get(k)!r}, now {now.get(k)!r}"
+             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diffs:
+        raise ValueError(
+            f"{os.path.dirname(settings_path)} holds the backup of a run with other settings "
+            f"({'; '.join(diffs)}): rerun with the same settings to resume it, or start over "
+            f"with --restart (restart=True) or another --model_dir")
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """Per-epoch logs in a CSV file, one row per epoch, rewritten atomically every epoch.
+
+    Columns are the union of every epoch's keys (a key missing in an epoch is empty), and a
+    re-run epoch replaces its row, so a resumed run whose logs gain or lose a key (e.g. an
+    epoch that refreshes V) never shifts a column.
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        rows: dict[int, dict] = {}
+        if os.path.isfile(self.path):
+            with open(self.path, newline="") as f:
+                rows = {int(r["epoch"]): r for r in csv.DictReader(f)}
+        rows[epoch] = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in
+                                          (logs or {}).items()}}
+        keys = ["epoch"] + sorted({k for r in rows.values() for k in r} - {"epoch"})
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=keys, restval="")
+                out.writeheader()
+                for e in sorted(rows):
+                    out.writerow(rows[e])
+        files.atomic_write(self.path, write, ".csv")
 
 
 class ClusterBackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -884,18 +1099,29 @@ class ClusterBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     Each worker saves to its own ``backup_dir`` (no two processes write one file) but all
     restore ``restore_dir`` (the chief's), so a restarted cluster resumes at one epoch even if
-    a worker died between the chief's save and its own.
+    a worker died between the chief's save and its own. ``settings`` (the run's settings) are
+    stored beside the first backup. The backup is NOT deleted at the end of training: the
+    driver deletes it once the final outputs are written, so a kill in between resumes with
+    nothing to re-train.
     """
 
-    def __init__(self, backup_dir: str, restore_dir: str | None = None):
+    def __init__(self, backup_dir: str, restore_dir: str | None = None,
+                 settings: dict | None = None):
         super().__init__(backup_dir)
         self.restore_dir = restore_dir or backup_dir
+        self.settings = settings
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        pass  # keep the backup until the outputs are written (see the class docstring)
 
     def _save_model(self) -> None:
         """Save weights, then the epoch, each atomically: a kill never leaves half a file.
 
         A kill between the two re-runs the last epoch on resume; nothing is lost.
         """
+        if self.settings is not None:
+            files.write_json(os.path.join(os.path.dirname(self._weights_path), SETTINGS_FILE),
+                             self.settings)
         files.atomic_write(self._weights_path,
                            lambda p: self.model.save_weights(p, overwrite=True), ".weights.h5")
         files.write_json(self._training_metadata_path,

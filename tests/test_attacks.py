@@ -133,7 +133,7 @@ def test_fgsm_pgd_trace_in_tf_function_and_replica_context(model_fn, test_slice,
 @pytest.fixture(scope="module")
 def sgd_result(model_fn, search_set):
     x, y = search_set
-    return attacks.targeted_universal(model_fn, x, y, 10, EPS, method="sgd", targets=[2, 3, 8],
+    return attacks.targeted_universal(model_fn, x, y, EPS, method="sgd", targets=[2, 3, 8],
                                       delta=0.2, max_passes=6, batch_size=50, seed=0)
 
 
@@ -162,7 +162,7 @@ def test_success_rate_matches_direct_count(model_fn, sgd_result, held_out):
 def test_l2_search_respects_bound_exactly(model_fn, search_set, held_out):
     x, y = search_set
     eps = 4.0
-    V, stats = attacks.targeted_universal(model_fn, x, y, 10, eps, norm="l2", targets=[3, 8],
+    V, stats = attacks.targeted_universal(model_fn, x, y, eps, norm="l2", targets=[3, 8],
                                           max_passes=4, batch_size=50, seed=1)
     norms = np.sqrt((V.astype(np.float64) ** 2).reshape(10, -1).sum(1))
     assert np.all(norms <= eps) and norms[3] > 0.9 * eps
@@ -172,14 +172,14 @@ def test_l2_search_respects_bound_exactly(model_fn, search_set, held_out):
 
 def test_batched_and_reference_search(model_fn, search_set, held_out):
     x, y = search_set
-    V, stats = attacks.targeted_universal(model_fn, x, y, 10, EPS, method="batched",
+    V, stats = attacks.targeted_universal(model_fn, x, y, EPS, method="batched",
                                           targets=[2, 8], max_passes=3, batch_size=50,
                                           inner_steps=5, seed=0)
     assert stats["method"] == "batched" and np.abs(V).max() <= EPS
     rate = attacks.targeted_success_rate(model_fn, *held_out, V, targets=[2, 8])
     assert np.all(rate[[2, 8]] > 0.2), rate
     xs, ys = x[:60], y[:60]  # the per-image reference loop on a tiny slice
-    Vr, sr = attacks.targeted_universal(model_fn, xs, ys, 10, EPS, method="reference",
+    Vr, sr = attacks.targeted_universal(model_fn, xs, ys, EPS, method="reference",
                                         targets=[2], max_passes=2, inner_steps=5, seed=0)
     assert np.abs(Vr).max() <= EPS and np.abs(Vr[2]).max() > 0
     rate = attacks.targeted_success_rate(model_fn, *held_out, Vr, targets=[2])
@@ -190,15 +190,15 @@ def test_batched_and_reference_search(model_fn, search_set, held_out):
 def test_mirrored_search_matches_default(model_fn, search_set, per_source, mirrored_2cpu):
     x, y = search_set[0][:120], search_set[1][:120]
     kw = dict(targets=[2, 3], max_passes=2, batch_size=40, seed=5, per_source=per_source)
-    V1, s1 = attacks.targeted_universal(model_fn, x, y, 10, EPS, **kw)
-    V2, s2 = attacks.targeted_universal(model_fn, x, y, 10, EPS, strategy=mirrored_2cpu, **kw)
+    V1, s1 = attacks.targeted_universal(model_fn, x, y, EPS, **kw)
+    V2, s2 = attacks.targeted_universal(model_fn, x, y, EPS, strategy=mirrored_2cpu, **kw)
     assert s2["num_replicas"] == 2 and np.abs(V1[..., 2, :, :, :] if per_source else V1[2]
                                               ).max() > 0.1
     diff = np.abs(V1 - V2)
     assert diff.mean() < 0.01 * EPS, diff.mean()
     np.testing.assert_allclose(s1["success_rate"][2], s2["success_rate"][2], atol=0.03)
     tf.keras.utils.set_random_seed(123)  # the search order does not depend on global seeds
-    V3, _ = attacks.targeted_universal(model_fn, x, y, 10, EPS, **kw)
+    V3, _ = attacks.targeted_universal(model_fn, x, y, EPS, **kw)
     np.testing.assert_array_equal(V1, V3)  # deterministic for a seed
 
 
@@ -206,20 +206,20 @@ def test_cached_search_is_reused_without_retracing(model_fn, search_set):
     x, y = search_set[0][:120], search_set[1][:120]
     kw = dict(targets=[2, 3], max_passes=2, batch_size=40)
     cache: dict = {}
-    V1, s1 = attacks.targeted_universal(model_fn, x, y, 10, EPS, seed=4, cache=cache, **kw)
+    V1, s1 = attacks.targeted_universal(model_fn, x, y, EPS, seed=4, cache=cache, **kw)
     (search,) = cache.values()
-    V2, s2 = attacks.targeted_universal(model_fn, x, y, 10, EPS, seed=5, cache=cache, **kw)
+    V2, s2 = attacks.targeted_universal(model_fn, x, y, EPS, seed=5, cache=cache, **kw)
     assert list(cache.values()) == [search] and s2["traces"] == 1  # reused, not traced again
-    V3, _ = attacks.targeted_universal(model_fn, x, y, 10, EPS, seed=5, **kw)
+    V3, _ = attacks.targeted_universal(model_fn, x, y, EPS, seed=5, **kw)
     np.testing.assert_array_equal(V2, V3)  # a reused search starts afresh from V = 0
     assert np.abs(V1 - V2).max() > 0  # another seed, another order
-    attacks.targeted_universal(model_fn, x, y, 10, 0.2, seed=5, cache=cache, **kw)
+    attacks.targeted_universal(model_fn, x, y, 0.2, seed=5, cache=cache, **kw)
     assert list(cache.values()) != [search]  # other settings: a new search replaces it
 
 
 def test_per_source_search_holds_one_perturbation_per_class_pair(model_fn, search_set, tmp_path):
     x, y = search_set
-    V, stats = attacks.targeted_universal(model_fn, x, y, 10, EPS, targets=[2, 3, 8],
+    V, stats = attacks.targeted_universal(model_fn, x, y, EPS, targets=[2, 3, 8],
                                           max_passes=3, batch_size=50, seed=0, per_source=True)
     assert V.shape == (10, 10, 28, 28, 1) and np.abs(V).max() <= EPS
     assert stats["per_source"] and stats["traces"] == 1
@@ -240,7 +240,7 @@ def test_per_source_search_holds_one_perturbation_per_class_pair(model_fn, searc
             assert stats["success_rate_pairs"][s][t] == pytest.approx(np.mean(pred == t),
                                                                        abs=1e-6)
     # The batched (paper-style) update per source: bounded, and it fools on the search images.
-    Vb, sb = attacks.targeted_universal(model_fn, x, y, 10, EPS, method="batched", targets=[8],
+    Vb, sb = attacks.targeted_universal(model_fn, x, y, EPS, method="batched", targets=[8],
                                         max_passes=2, batch_size=50, inner_steps=3, seed=0,
                                         per_source=True)
     assert np.abs(Vb).max() <= EPS and not Vb[8, 8].any() and np.abs(Vb[3, 8]).max() > 0
@@ -249,7 +249,7 @@ def test_per_source_search_holds_one_perturbation_per_class_pair(model_fn, searc
     assert sb["success_rate"][8] > 0.2
     # A source class absent from the search images gets no perturbation and no rate.
     keep = y != 4
-    V4, s4 = attacks.targeted_universal(model_fn, x[keep], y[keep], 10, EPS, targets=[8],
+    V4, s4 = attacks.targeted_universal(model_fn, x[keep], y[keep], EPS, targets=[8],
                                         max_passes=1, batch_size=50, per_source=True)
     assert not V4[4].any() and s4["success_rate_pairs"][4][8] is None and V4[3, 8].any()
     with pytest.raises(ValueError, match="per source"):
@@ -267,8 +267,8 @@ def test_per_source_search_holds_one_perturbation_per_class_pair(model_fn, searc
 def test_xla_compiled_search_matches(model_fn, search_set):
     x, y = search_set[0][:80], search_set[1][:80]
     kw = dict(targets=[3], max_passes=1, batch_size=40, seed=2)
-    V1, _ = attacks.targeted_universal(model_fn, x, y, 10, EPS, **kw)
-    V2, s2 = attacks.targeted_universal(model_fn, x, y, 10, EPS, jit_compile=True, **kw)
+    V1, _ = attacks.targeted_universal(model_fn, x, y, EPS, **kw)
+    V2, s2 = attacks.targeted_universal(model_fn, x, y, EPS, jit_compile=True, **kw)
     assert np.abs(V1[3]).max() > 0 and np.abs(V2).max() <= EPS
     assert np.mean(np.abs(V1 - V2)) < 0.02 * EPS
 
@@ -287,22 +287,22 @@ def test_bad_inputs_raise_clear_errors(model_fn, search_set, mirrored_2cpu):
     x, y = search_set[0][:20], search_set[1][:20]
     tu = attacks.targeted_universal
     with pytest.raises(ValueError, match="eps"):
-        tu(model_fn, x, y, 10, -0.1)
+        tu(model_fn, x, y, -0.1)
     with pytest.raises(ValueError, match="norm"):
-        tu(model_fn, x, y, 10, 0.1, norm="l1")
+        tu(model_fn, x, y, 0.1, norm="l1")
     with pytest.raises(ValueError, match="method"):
-        tu(model_fn, x, y, 10, 0.1, method="adam")
+        tu(model_fn, x, y, 0.1, method="adam")
     with pytest.raises(ValueError, match="out of range"):
-        tu(model_fn, x, y, 10, 0.1, targets=[3, 10])
+        tu(model_fn, x, y, 0.1, targets=[3, 10])
     with pytest.raises(ValueError, match="logits"):
-        tu(model_fn, x, y, 7, 0.1)  # the model returns 10 logits, not 7
+        tu(model_fn, x, y, 0.1, num_classes=7)  # the model returns 10 logits, not 7
     with pytest.raises(ValueError, match="delta"):
-        tu(model_fn, x, y, 10, 0.1, delta=1.5)
+        tu(model_fn, x, y, 0.1, delta=1.5)
     with pytest.raises(ValueError, match="shape"):
-        tu(model_fn, np.zeros((4, 32, 32, 3), np.float32), np.zeros(4, np.int32), 10, 0.1)
+        tu(model_fn, np.zeros((4, 32, 32, 3), np.float32), np.zeros(4, np.int32), 0.1)
     with mirrored_2cpu.scope():
         with pytest.raises(ValueError, match="sequential"):
-            tu(model_fn, x, y, 10, 0.1, method="reference")
+            tu(model_fn, x, y, 0.1, method="reference")
     with pytest.raises(ValueError, match="perturbations must be"):
         attacks.targeted_success_rate(model_fn, x, y, np.zeros((10, 32, 32, 3)))
     with pytest.raises(ValueError, match="logits"):

@@ -41,9 +41,9 @@ def combinations(**axes):
 def v_path(mnist_model, mnist_arrays, tmp_path_factory):
     """Targeted universal perturbations of the pretrained model (a quick, small search)."""
     x, y = mnist_arrays[0][:300], mnist_arrays[1][:300]
-    v, _ = attacks.targeted_universal(mnist_model, x, y, 10, 0.3, max_passes=1, seed=0)
+    v, _ = attacks.targeted_universal(mnist_model, x, y, 0.3, max_passes=1, seed=0)
     path = attacks.save_perturbations(str(tmp_path_factory.mktemp("v") / "v.npz"), v)
-    v, _ = attacks.targeted_universal(mnist_model, x, y, 10, 0.3, max_passes=1, seed=0,
+    v, _ = attacks.targeted_universal(mnist_model, x, y, 0.3, max_passes=1, seed=0,
                                       per_source=True)  # [K,K,...] for rat_per_source
     attacks.save_perturbations(path.replace(".npz", "_per_source.npz"), v)
     return path

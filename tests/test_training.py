@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rat_tf import attacks, models, training
+from rat_tf import attacks, files, models, training
 from rat_tf import data as data_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -249,7 +249,7 @@ def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnis
                                                     mnist_model_path, tmp_path):
     x_train, y_train, x_test, y_test = mnist_arrays
     sub_x, sub_y = data_lib.balanced_subset(x_train, y_train, 100, seed=0)  # train()'s subset
-    v, _ = attacks.targeted_universal(mnist_model, sub_x[:300], sub_y[:300], 10, 0.3,
+    v, _ = attacks.targeted_universal(mnist_model, sub_x[:300], sub_y[:300], 0.3,
                                       max_passes=3, seed=0)
     v_path = attacks.save_perturbations(str(tmp_path / "v.npz"), v)
     cfg = _config(tmp_path, "rat", model="mnist_cnn", method="rat", epochs=3, batch_size=50,
@@ -266,7 +266,7 @@ def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnis
     x_eval, y_eval = x_test[5000:6000], y_test[5000:6000]
 
     def fresh_tup_success(model):
-        fresh, _ = attacks.targeted_universal(model, x_search, y_search, 10, 0.3, max_passes=3,
+        fresh, _ = attacks.targeted_universal(model, x_search, y_search, 0.3, max_passes=3,
                                               seed=1)
         return float(np.mean(attacks.targeted_success_rate(model, x_eval, y_eval, fresh)))
 
@@ -287,13 +287,12 @@ def test_resumed_rat_run_keeps_v_and_epoch_count(data_dir, tmp_path):
     rng = np.random.default_rng(0)
     v0 = rng.uniform(-0.2, 0.2, (10, 28, 28, 1)).astype(np.float32)
     v0_path = attacks.save_perturbations(str(tmp_path / "v0.npz"), v0)
-    zeros_path = attacks.save_perturbations(str(tmp_path / "zeros.npz"), np.zeros_like(v0))
     cfg = _config(tmp_path, "rat", method="rat", epochs=3, data_dir=data_dir,
                   perturbations_path=v0_path)
     with pytest.raises(RuntimeError, match="simulated crash"):
         training.train(cfg, callbacks=[_Interrupt(at=1)])
     # The resumed run must take V from the backup, not from the (now different) file.
-    cfg.perturbations_path = zeros_path
+    attacks.save_perturbations(v0_path, np.full_like(v0, 0.1))
     metrics = training.train(cfg)
     assert metrics["resumed"] and metrics["epochs_run_this_session"] == 2
     assert metrics["history"]["epoch"] == [0, 1, 2]
@@ -453,3 +452,80 @@ def test_mixed_precision_uses_loss_scaling(data_dir, tmp_path):
         assert trainer.perturbations.dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy(before)
+
+# --------------------------------------------------------------------------- nothing lost
+def _small(tmp_path, **kw) -> training.TrainConfig:
+    """A few short epochs on 200 images: the resume and settings checks, not the numbers."""
+    return _config(tmp_path, **{**dict(epochs=3, batch_size=50, steps_per_epoch=4,
+                                       train_subset=200, test_subset=100), **kw})
+
+
+def test_rat_refresh_run_resumes_to_the_end_with_aligned_history(data_dir, tmp_path):
+    cfg = _small(tmp_path, method="rat", epochs=4, refresh_every=2, search_passes=1,
+                  data_dir=data_dir)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.train(cfg, callbacks=[_Interrupt(at=3)])  # after the refresh of epoch 2
+    metrics = training.train(cfg)
+    assert metrics["resumed"] and metrics["epochs_run_this_session"] == 1
+    history = metrics["history"]
+    assert history["epoch"] == [0, 1, 2, 3]
+    rate = history["refresh_success_rate"]
+    assert rate[0] is None and rate[2] is None and 0 <= rate[1] <= 1 and 0 <= rate[3] <= 1
+    assert all(0 <= a <= 1 for a in history["accuracy"])  # no column shifted into another
+    for name in ("model.keras", "metrics.json", "perturbations.npz"):
+        assert (tmp_path / "run" / name).exists()
+    assert not (tmp_path / "run" / "backup").exists()  # deleted once the outputs are written
+
+
+def test_a_kill_after_fit_resumes_without_training_again(data_dir, tmp_path, monkeypatch):
+    cfg = _small(tmp_path, epochs=2, data_dir=data_dir)
+    real = files.atomic_write
+
+    def killed_while_saving_the_model(path, write, suffix=""):
+        if path.endswith("model.keras"):
+            raise KeyboardInterrupt  # the process dies after fit, before model.keras
+        return real(path, write, suffix)
+
+    monkeypatch.setattr(files, "atomic_write", killed_while_saving_the_model)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(cfg)
+    monkeypatch.setattr(files, "atomic_write", real)
+    backup = tmp_path / "run" / "backup" / "training_metadata.json"
+    assert json.loads(backup.read_text())["epoch"] == 2  # the backup survived the end of fit
+    (tmp_path / "run" / ".tmp_leftover.keras").write_bytes(b"")  # a kill mid-write leaves one
+    metrics = training.train(cfg)
+    assert metrics["resumed"] and metrics["epochs_run_this_session"] == 0
+    assert metrics["history"]["epoch"] == [0, 1]
+    assert keras.models.load_model(str(tmp_path / "run" / "model.keras")).name == "tiny_cnn"
+    assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(".tmp_")]
+
+
+def test_a_stale_backup_is_refused_naming_each_difference(data_dir, tmp_path):
+    cfg = _small(tmp_path, epochs=3, data_dir=data_dir)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.train(cfg, callbacks=[_Interrupt(at=2)])
+    other = _small(tmp_path, epochs=3, data_dir=data_dir, method="fgsm_at", lr=3e-3,
+                    train_subset=100, batch_size=25, model="mnist_cnn")
+    with pytest.raises(ValueError, match="other settings") as err:
+        training.train(other)
+    for diff in ("method: backup 'standard', now 'fgsm_at'", "lr: backup 0.001, now 0.003",
+                 "train_subset: backup 200, now 100", "batch_size: backup 50, now 25",
+                 "model: backup 'tiny_cnn', now 'mnist_cnn'", "--restart"):
+        assert diff in str(err.value)
+    # The same settings resume; restart=True starts over.
+    assert training.train(cfg)["resumed"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.train(cfg, callbacks=[_Interrupt(at=1)])
+    fresh = training.train(training.TrainConfig(**{**cfg.__dict__, "restart": True,
+                                                   "lr": 3e-3}))
+    assert not fresh["resumed"] and fresh["epochs_run_this_session"] == 3
+
+
+def test_perturbation_file_outside_its_radius_is_refused_by_train(data_dir, tmp_path):
+    path = attacks.save_perturbations(str(tmp_path / "v.npz"),
+                                      np.full((10, 28, 28, 1), 5.0, np.float32), eps=0.3,
+                                      norm="linf")
+    cfg = _small(tmp_path, method="rat", data_dir=data_dir, perturbations_path=path)
+    with pytest.raises(ValueError, match="outside their radius eps 0.3"):
+        training.train(cfg)
+    assert not (tmp_path / "run" / "model.keras").exists()
