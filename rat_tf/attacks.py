@@ -74,6 +74,7 @@ def _setup(model_fn, x, norm, eps, step_size, clip_values):
     ops.check_radius(eps)
     ops.check_radius(step_size, "step_size")
     clip_values = ops.check_clip_values(clip_values)
+    ops.check_box_radius(eps, norm, clip_values)
     ops.check_pixel_range(x, clip_values)
     return models.as_model_fn(model_fn), tf.convert_to_tensor(x), norm, clip_values
 
@@ -472,7 +473,14 @@ class UniversalSearch:
         self.v.assign(tf.zeros_like(self.v))
         train_iter, steps = self._iterator(x, y, max_passes, seed)
         active = np.ones(self.rows, bool)
-        bar = keras.utils.Progbar(max_passes, unit_name="pass") if progress else None
+        stage = "targeted universal search" if self.targeted else "universal search"
+        bar = None
+        if progress:  # current values (not averages over passes), shown from the start
+            print(f"{stage}: {self.rows} perturbations, {len(x)} images, up to {max_passes} "
+                  f"passes", flush=True)
+            bar = keras.utils.Progbar(max_passes, unit_name="pass",
+                                      stateful_metrics=["success", "active rows"])
+            bar.update(0)
         history, passes = [], 0
         lr = tf.constant(self.step_size, tf.float32)
         for passes in range(1, max_passes + 1):
@@ -485,8 +493,9 @@ class UniversalSearch:
                 active &= running < 1.0 - delta
             mean = float(running[reachable].mean()) if reachable.any() else 0.0
             if bar is not None:
-                bar.update(passes, [("success", mean), ("active", float(active.sum()))])
-            logging.info("universal search pass %d: running rate %.4f, %d rows active", passes,
+                bar.update(passes, [("success", mean), ("active rows", int(active.sum()))],
+                           finalize=passes == max_passes or not active.any())
+            logging.info("%s pass %d: running rate %.4f, %d rows active", stage, passes,
                          mean, active.sum())
             if not active.any():
                 break
@@ -535,6 +544,7 @@ def targeted_universal(model_fn: ModelFn, x, y, eps: float, *, num_classes: int 
     if num_classes is not None:
         num_classes = _check_positive_int(num_classes, "num_classes")
     clip_values = ops.check_clip_values(clip_values)
+    ops.check_box_radius(eps, norm, clip_values)
     max_passes = _check_positive_int(max_passes, "max_passes")
     batch_size = _check_positive_int(batch_size, "batch_size")
     inner_steps = _check_positive_int(inner_steps, "inner_steps")
@@ -621,6 +631,7 @@ def untargeted_universal(model_fn: ModelFn, x, y, eps: float, *, norm: str = "li
         step_size = _default_step(eps, norm, "sgd")
     ops.check_radius(step_size, "step_size")
     clip_values = ops.check_clip_values(clip_values)
+    ops.check_box_radius(eps, norm, clip_values)
     x, y = _check_images(x, y, clip_values)
     model_fn = models.as_model_fn(model_fn)
     _check_model(model_fn, x)

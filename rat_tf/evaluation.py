@@ -303,7 +303,22 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
     s, bs = settings, settings.batch_size
     stages = (["clean"] + [f"fgsm {e:g}" for e in s.fgsm_eps] + [f"pgd {e:g}" for e in s.pgd_eps]
               + (["tup given"] if given_v is not None else []) + ["tup fresh", "uap"])
-    bar = keras.utils.Progbar(len(stages), unit_name="stage") if progress else None
+    # Progress in units of cost (forward+backward passes over the test set, roughly), so the
+    # ETA weighs PGD and the searches as they deserve; the bar shows the last stage's result.
+    n_pgd_share = (len(x_test) if s.n_pgd is None else min(int(s.n_pgd), len(x_test))) / max(
+        1, len(x_test))
+    search_share = len(xs) * num_classes / max(1, len(x_test))
+    cost = {"clean": 1.0, "tup given": float(num_classes), "uap": 2.0 * s.uap_passes *
+            len(xs) / max(1, len(x_test)) + 2.0, "tup fresh": 2.0 * s.tup_passes * search_share
+            + num_classes}
+    cost.update({f"fgsm {e:g}": 3.0 for e in s.fgsm_eps})
+    cost.update({f"pgd {e:g}": 2.0 * s.pgd_steps * s.pgd_restarts * n_pgd_share
+                 for e in s.pgd_eps})
+    bar = None
+    if progress:
+        print(f"evaluating {name or description}: {', '.join(stages)}", flush=True)
+        bar = keras.utils.Progbar(sum(cost[st] for st in stages), unit_name="cost",
+                                  stateful_metrics=["stage", "result"])
     seconds: dict[str, float] = {}
     n_pgd = len(x_test) if s.n_pgd is None else min(int(s.n_pgd), len(x_test))
     report = Report(name=name or description, model=description, dataset=s.dataset,
@@ -312,11 +327,14 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                                                   ).hexdigest()[:16],
                     settings=s.to_dict(), class_names=class_names)
 
-    def done(stage: str, t0: float) -> None:
+    def done(stage: str, t0: float, result: float | None = None) -> None:
         seconds[stage] = round(time.time() - t0, 2)
-        logging.info("%s: %s done in %.1fs", report["name"], stage, seconds[stage])
+        logging.info("%s: stage %d/%d (%s) done in %.1fs%s", report["name"], len(seconds),
+                     len(stages), stage, seconds[stage],
+                     "" if result is None else f": {result:.4f}")
         if bar is not None:
-            bar.add(1)
+            values = [("stage", len(seconds))] + ([] if result is None else [("result", result)])
+            bar.add(cost[stage], values)
 
     clean_step = _compiled(model_fn)
     fgsm_step = _compiled(model_fn, lambda x, y, eps: attacks.fgsm(model_fn, x, y, eps))
@@ -327,13 +345,13 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
     t0 = time.time()
     clean = _correct(clean_step, x_test, y_test, bs)
     report["clean_accuracy"] = float(clean.mean())
-    done("clean", t0)
+    done("clean", t0, report["clean_accuracy"])
 
     fgsm_ok: dict[str, np.ndarray] = {}
     for eps in s.fgsm_eps:
         t0 = time.time()
         fgsm_ok[f"{eps:g}"] = _correct(fgsm_step, x_test, y_test, bs, eps)
-        done(f"fgsm {eps:g}", t0)
+        done(f"fgsm {eps:g}", t0, float(fgsm_ok[f"{eps:g}"].mean()))
 
     def fgsm_at(eps: float, n: int) -> np.ndarray:
         """FGSM correctness on the first n test images (from the sweep when it has eps)."""
@@ -350,7 +368,7 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
         pgd_acc[f"{eps:g}"] = float(
             _correct(pgd_step, x_test[:n_pgd], y_test[:n_pgd], bs, eps).mean())
         pgd_fgsm[f"{eps:g}"] = float(fgsm_at(eps, n_pgd).mean())
-        done(f"pgd {eps:g}", t0)
+        done(f"pgd {eps:g}", t0, pgd_acc[f"{eps:g}"])
     report["pgd_accuracy"] = pgd_acc
     report["pgd_fgsm_accuracy"] = pgd_fgsm  # FGSM at the PGD radii on the PGD images
 
@@ -368,7 +386,7 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                                "mean": _mean_over_targets(rates, given_v),
                                "linf": _linf(given_v), "meta": _jsonable_meta(given_meta)}
         report.arrays["tup_given"] = given_v
-        done("tup given", t0)
+        done("tup given", t0, report["tup_given"]["mean"])
 
     t0 = time.time()
     fresh_v, stats = attacks.targeted_universal(
@@ -384,7 +402,7 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
         "passes": int(stats.get("passes", 0)), "linf": _linf(fresh_v),
         "norm": files.floats(stats.get("norm", []))}
     report.arrays["tup_fresh"] = fresh_v
-    done("tup fresh", t0)
+    done("tup fresh", t0, report["tup_fresh"]["mean"])
 
     t0 = time.time()
     uap_eps = float(s.uap_eps or s.tup_eps)
@@ -398,7 +416,7 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                      "search_fooling_rate": _float_or_none(ustats.get("fooling_rate")),
                      "passes": int(ustats.get("passes", 0))}
     report.arrays["uap"] = v
-    done("uap", t0)
+    done("uap", t0, report["uap"]["fooling_rate"])
     report["seconds"] = seconds
     return report
 

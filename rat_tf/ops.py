@@ -45,6 +45,15 @@ def check_clip_values(clip_values) -> tuple[float, float]:
     return lo, hi
 
 
+def check_box_radius(eps, norm: str, clip_values=PIXEL_RANGE) -> None:
+    """Refuse an L-inf radius (a Python number) larger than the pixel range itself."""
+    lo, hi = check_clip_values(clip_values)
+    if (check_norm(norm) == "linf" and isinstance(eps, numbers.Number)
+            and float(eps) > hi - lo):
+        raise ValueError(f"eps {eps:g} (L-inf) is larger than the whole pixel range "
+                         f"[{lo:g}, {hi:g}]: every image could be turned into any other")
+
+
 def check_pixel_range(x, clip_values=PIXEL_RANGE, what: str = "images") -> None:
     """Raise ValueError unless the values of a concrete array lie in ``clip_values``.
 

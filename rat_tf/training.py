@@ -327,14 +327,14 @@ class RATModel(StandardModel):
         return np.asarray(keras.ops.convert_to_numpy(self.perturbations))
 
     def fit(self, *args, **kwargs):
-        """``Model.fit``, refused while V is all zero (no perturbations were given) unless a
-        :class:`RefreshPerturbations` callback will search one."""
-        searched = any(isinstance(c, RefreshPerturbations) for c in kwargs.get("callbacks") or ())
-        if self.perturbed_fraction > 0 and not searched and not np.any(self.get_perturbations()):
-            raise ValueError(
-                "RATModel has no perturbations (V is all zero): pass perturbations= (e.g. "
-                "from rat_tf.attacks.targeted_universal) or call set_perturbations(V) first")
-        return super().fit(*args, **kwargs)
+        """``Model.fit``, refused if V is all zero once training begins (after callbacks such
+        as ``BackupAndRestore`` restored theirs), unless a :class:`RefreshPerturbations`
+        callback will search one."""
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if self.perturbed_fraction > 0 and not any(
+                isinstance(c, RefreshPerturbations) for c in callbacks):
+            callbacks.append(_RequirePerturbations())
+        return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def perturbed_batch(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The perturbed copies clip(x + V[t]) for targets t != y, with their TRUE labels."""
@@ -493,14 +493,14 @@ class RefreshPerturbations(keras.callbacks.Callback):
     def __init__(self, x: np.ndarray, y: np.ndarray, every: int, *, eps: float,
                  norm: str = "linf", method: str = "sgd", max_passes: int = 10,
                  delta: float = 0.2, step_size: float | None = None, batch_size: int = 128,
-                 seed: int = 0):
+                 seed: int = 0, progress: bool = False):
         super().__init__()
         if int(every) < 1:
             raise ValueError(f"refresh interval must be >= 1 epoch, got {every}")
         self.x, self.y, self.every = x, y, int(every)
         self.kwargs = dict(eps=eps, norm=norm, method=method, max_passes=max_passes,
                            delta=delta, step_size=step_size, batch_size=batch_size)
-        self.seed = seed
+        self.seed, self.progress = seed, progress
         self.history: list[dict] = []
         self._cache: dict = {}  # the compiled search, traced once and reused every refresh
 
@@ -510,8 +510,11 @@ class RefreshPerturbations(keras.callbacks.Callback):
         if not isinstance(self.model, RATModel):
             raise ValueError("RefreshPerturbations needs a RATModel")
         start = time.time()
+        logging.info("epoch %d: refreshing V against the current weights (%d images)",
+                     epoch + 1, len(self.x))
         v, stats = attacks.targeted_universal(
             self.model, self.x, self.y, num_classes=self.model.num_classes,
+            progress=self.progress,
             seed=self.seed + epoch + 1, strategy=self.model.distribute_strategy,
             cache=self._cache, per_source=self.model.per_source,
             clip_values=self.model.clip_values, **self.kwargs)
@@ -523,6 +526,16 @@ class RefreshPerturbations(keras.callbacks.Callback):
                      rate, time.time() - start)
         if logs is not None:
             logs["refresh_success_rate"] = rate
+
+
+class _RequirePerturbations(keras.callbacks.Callback):
+    """Stops a RAT fit before its first step if the trainer holds no V (all zero)."""
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if not np.any(self.model.get_perturbations()):
+            raise ValueError(
+                "RATModel has no perturbations (V is all zero): pass perturbations= (e.g. "
+                "from rat_tf.attacks.targeted_universal) or call set_perturbations(V) first")
 
 
 def _mean_rate(stats: dict) -> float:
@@ -937,7 +950,8 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
                          config.norm, eps, config.search_method)
             v, search_stats = attacks.targeted_universal(
                 trainer, x_train, y_train, num_classes=info.num_classes, seed=config.seed,
-                strategy=strategy, per_source=config.per_source, **search_kwargs)
+                strategy=strategy, per_source=config.per_source,
+                progress=_verbose(config) == 1, **search_kwargs)
             logging.info("V found in %.1fs: mean targeted success %.3f on the training subset",
                          time.time() - t, _mean_rate(search_stats))
         trainer.set_perturbations(v)
@@ -946,7 +960,8 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
     cbs: list = [RaiseOnNaN()]
     if config.method == "rat" and config.refresh_every:
         cbs.append(RefreshPerturbations(x_train, y_train, config.refresh_every,
-                                        seed=config.seed, **search_kwargs))
+                                        seed=config.seed, progress=_verbose(config) == 1,
+                                        **search_kwargs))
     timer = _EpochTimer()
     cbs += extra_callbacks + [
         timer,

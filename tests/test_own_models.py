@@ -319,6 +319,9 @@ def test_bad_inputs_give_clear_errors(slices, tmp_path):
         attacks.targeted_universal(model, x, y, 10, 0.3)
     with pytest.raises(ValueError, match="unknown norm"):
         attacks.fgsm(model, x[:16], y[:16], 0.1, norm=1)
+    with pytest.raises(ValueError, match="larger than the whole pixel range"):
+        attacks.targeted_universal(model, x, y, 5.0)  # L-inf 5 on [0, 1] images
+    attacks.fgsm(model, x[:16] * 255, y[:16], 5.0, clip_values=(0, 255))  # fine in 0..255
 
 
 def test_served_model_refuses_inputs_it_was_not_trained_on(slices, tmp_path):
