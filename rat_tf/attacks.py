@@ -740,7 +740,8 @@ def fooling_rate(model_fn: ModelFn, x, v, *, batch_size: int = 500,
 
 # ----------------------------------------------------------------------------- files
 def save_perturbations(path: str, V, search_images: np.ndarray | None = None, **meta) -> str:
-    """Save perturbations and JSON metadata in one .npz (readable with allow_pickle=False).
+    """Save perturbations and JSON metadata in one .npz (readable with allow_pickle=False),
+    written atomically.
 
     ``search_images``: the images V was searched on; their fingerprints are stored so that an
     evaluation can refuse to measure V on them.
@@ -751,9 +752,9 @@ def save_perturbations(path: str, V, search_images: np.ndarray | None = None, **
     if V.ndim not in (3, 4, 5):
         raise ValueError(f"perturbations must be [H,W,C], [K,H,W,C] or per source [K,K,H,W,C], "
                          f"got shape {V.shape}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, perturbations=V, meta=np.array(json.dumps(meta, default=files.jsonable)))
-    return path if path.endswith(".npz") else path + ".npz"
+    path = path if path.endswith(".npz") else path + ".npz"
+    text = np.array(json.dumps(meta, default=files.jsonable))
+    return files.atomic_write(path, lambda p: np.savez(p, perturbations=V, meta=text), ".npz")
 
 
 def write_search(out_dir: str, V, stats: dict, search_images: np.ndarray, *,

@@ -21,6 +21,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from rat_tf import ops
+
 ENV_DATA_DIR = "RAT_DATA_DIR"
 SPLITS = ("train", "test")
 _verify_checksums = False  # what load_files does when not told (see set_verify_checksums)
@@ -424,14 +426,7 @@ def fingerprints(x: np.ndarray) -> np.ndarray:
 
 def check_pixels(images: np.ndarray, what: str = "images") -> None:
     """Raise ValueError unless every value of ``images`` is finite and in [0, 1]."""
-    images = np.asarray(images)
-    finite = np.isfinite(images)
-    if not finite.all():
-        raise ValueError(f"{what} must be finite pixel values in [0, 1], got "
-                         f"{int(images.size - finite.sum())} NaN or infinite values")
-    if images.size and (images.min() < 0 or images.max() > 1):
-        raise ValueError(f"{what} must be finite pixel values in [0, 1], got range "
-                         f"[{images.min()}, {images.max()}]")
+    ops.check_pixel_range(np.asarray(images), ops.PIXEL_RANGE, what)
 
 
 def balanced_subset(images: np.ndarray, labels: np.ndarray, n_per_class: int,

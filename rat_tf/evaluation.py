@@ -579,8 +579,8 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str,
     paths = {"json": os.path.join(out_dir, "report.json"),
              "markdown": os.path.join(out_dir, "report.md")}
     files.write_json(paths["json"], {name: dict(r) for name, r in reports.items()}, indent=1)
-    with open(paths["markdown"], "w") as f:
-        f.write(report_markdown(reports, title) + extra_markdown)
+    files.write_bytes(paths["markdown"],
+                      (report_markdown(reports, title) + extra_markdown).encode(), ".md")
     curves = {}
     for name, r in reports.items():
         curve = {0.0: r["clean_accuracy"]}
@@ -603,8 +603,8 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str,
             rows.append(arrays["tup_fresh"])
             labels.append(f"{name}: fresh")
         if arrays and save_arrays:
-            np.savez_compressed(os.path.join(out_dir, f"perturbations_{_safe(name)}.npz"),
-                                **{k: v for k, v in arrays.items()})
+            files.atomic_write(os.path.join(out_dir, f"perturbations_{_safe(name)}.npz"),
+                               lambda p, a=arrays: np.savez_compressed(p, **a), ".npz")
     if rows:
         first = next(iter(reports.values()))
         paths["perturbations"] = plots.perturbation_grid(

@@ -65,14 +65,16 @@ def check_pixel_range(x, clip_values=PIXEL_RANGE, what: str = "images") -> None:
     a = np.asarray(x)
     if a.size == 0:
         return
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{what} contain NaN or infinite values")
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise ValueError(f"{what} must be finite pixel values in [{lo:g}, {hi:g}], got "
+                         f"{int(a.size - finite.sum())} NaN or infinite values")
     amin, amax = float(a.min()), float(a.max())
     if amin < lo or amax > hi:
-        hint = (" (0..255 images? divide them by 255, or pass clip_values=(0, 255))"
+        hint = ("; 0..255 images? divide them by 255, or pass clip_values=(0, 255)"
                 if hi <= 1.0 and amax > 1.0 else "")
-        raise ValueError(f"{what} must be in [{lo:g}, {hi:g}] (clip_values), got values in "
-                         f"[{amin:g}, {amax:g}]{hint}")
+        raise ValueError(f"{what} must be finite pixel values in [{lo:g}, {hi:g}], got range "
+                         f"[{amin:g}, {amax:g}] (the range is clip_values){hint}")
 
 
 def check_radius(eps, name: str = "eps") -> None:

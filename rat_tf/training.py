@@ -1038,10 +1038,8 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
             if config.perturbations_path and not config.refresh_every:  # V searched elsewhere
                 _, given = attacks.load_perturbations(config.perturbations_path)
                 meta = {attacks.FINGERPRINT_KEY: given.get(attacks.FINGERPRINT_KEY, [])}
-            files.atomic_write(
-                os.path.join(model_dir, "perturbations.npz"),
-                lambda p: attacks.save_perturbations(p, v, eps=eps, norm=config.norm, **meta),
-                ".npz")
+            attacks.save_perturbations(os.path.join(model_dir, "perturbations.npz"), v, eps=eps,
+                                       norm=config.norm, **meta)
         files.write_json(os.path.join(model_dir, "metrics.json"), metrics)
         shutil.rmtree(chief_backup, ignore_errors=True)  # every output is written
     else:

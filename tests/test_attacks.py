@@ -329,3 +329,36 @@ def test_save_load_round_trip(tmp_path):
     np.savez(str(tmp_path / "other.npz"), a=np.zeros(3))
     with pytest.raises(ValueError, match="perturbations"):
         attacks.load_perturbations(str(tmp_path / "other.npz"))
+
+
+def test_search_progress_shows_current_values_and_finishes_on_an_early_stop(
+        model_fn, search_set, capsys):
+    x, y = search_set[0][:200], search_set[1][:200]
+    search = attacks.UniversalSearch(model_fn, x.shape[1:], list(range(10)), EPS)
+    # delta 1: every target has reached 1 - delta = 0 after the first pass (1 of up to 4).
+    _, _, passes, history = search.run(x, y, max_passes=4, delta=1.0, progress=True)
+    out = capsys.readouterr().out
+    assert passes == 1 and "targeted universal search: 10 perturbations, 200 images" in out
+    rate = float(np.mean(history[-1]))
+    assert f"success: {rate:.4f}" in out and "active rows: 0" in out  # the values of pass 1
+    assert "1/4" in out and out.endswith("\n")  # the bar was finished at the early stop
+
+
+def test_save_perturbations_is_atomic(tmp_path, monkeypatch):
+    import errno
+
+    path = str(tmp_path / "v.npz")
+    attacks.save_perturbations(path, np.zeros((10, 28, 28, 1)), eps=0.3, norm="linf")
+    before = open(path, "rb").read()
+
+    def disk_full(file, **arrays):
+        with open(file, "wb") as f:
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="v.npz"):
+        attacks.save_perturbations(path, np.ones((10, 28, 28, 1)) * 0.1, eps=0.3, norm="linf")
+    assert open(path, "rb").read() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npz"]
+

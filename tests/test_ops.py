@@ -176,7 +176,7 @@ def test_bad_input_errors(batch):
     with pytest.raises(ValueError, match="norm"):
         ops.project(batch, 0.1, "l1")
     with pytest.raises(ValueError, match="norm"):
-        ops.batch_norms(batch, "inf")
+        ops.batch_norms(batch, "linfinity")
     with pytest.raises(ValueError, match="eps"):
         ops.project(batch, -0.1)
     with pytest.raises(ValueError, match="eps"):

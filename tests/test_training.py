@@ -529,3 +529,17 @@ def test_perturbation_file_outside_its_radius_is_refused_by_train(data_dir, tmp_
     with pytest.raises(ValueError, match="outside their radius eps 0.3"):
         training.train(cfg)
     assert not (tmp_path / "run" / "model.keras").exists()
+
+
+def test_rat_run_logs_no_fingerprints(data_dir, tmp_path, caplog):
+    x, y = data_lib.load_arrays("mnist", "train", data_dir=data_dir)
+    path = attacks.save_perturbations(str(tmp_path / "v.npz"),
+                                      np.full((10, 28, 28, 1), 0.1, np.float32), eps=0.3,
+                                      norm="linf", search_images=x[:500])
+    cfg = _small(tmp_path, method="rat", epochs=1, data_dir=data_dir, perturbations_path=path)
+    with caplog.at_level("INFO"):
+        training.train(cfg)
+    fingerprint = data_lib.fingerprints(x[:1])[0]
+    assert fingerprint not in caplog.text
+    assert max(len(r.getMessage()) for r in caplog.records) < 400
+
