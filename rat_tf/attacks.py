@@ -103,6 +103,11 @@ def _bcast(mask: tf.Tensor, rank: int) -> tf.Tensor:
 
 
 # ----------------------------------------------------------------------------- FGSM / PGD
+def pgd_step_size(eps, steps: int, step_size=None):
+    """``step_size`` if given, else the PGD default 2.5 * eps / steps (Madry et al. 2018)."""
+    return 2.5 * eps / steps if step_size is None else step_size
+
+
 def _start(x: tf.Tensor, eps, norm: str, seed, init: tf.Tensor | None) -> tf.Tensor:
     """A random start in the ball: ``init`` (checked, projected) or a fresh uniform draw."""
     if init is None:
@@ -151,9 +156,7 @@ def pgd(model_fn: ModelFn, x, y, eps, *, step_size=None, steps: int = 40, norm: 
     steps = _check_positive_int(steps, "steps")
     restarts = _check_positive_int(restarts, "restarts")
     y = _labels(model_fn, x, y)
-    if step_size is None:
-        step_size = 2.5 * eps / steps
-    step_size = tf.cast(step_size, x.dtype)
+    step_size = tf.cast(pgd_step_size(eps, steps, step_size), x.dtype)
     rank = x.shape.rank
 
     def body(i, delta):
@@ -838,8 +841,7 @@ def load_perturbations(path: str) -> tuple[np.ndarray, dict]:
     return V, meta
 
 
-__all__ = ["fgsm", "pgd", "UniversalSearch", "targeted_universal", "untargeted_universal",
-           "targeted_success_rate",
-           "fooling_rate", "save_perturbations", "load_perturbations", "write_search",
-           "enforce_bound", "check_bound",
-           "TU_METHODS"]
+__all__ = ["fgsm", "pgd", "pgd_step_size", "UniversalSearch", "targeted_universal",
+           "untargeted_universal", "targeted_success_rate", "fooling_rate",
+           "save_perturbations", "load_perturbations", "write_search", "enforce_bound",
+           "check_bound", "TU_METHODS"]

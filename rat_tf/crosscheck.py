@@ -107,7 +107,8 @@ def art_correct(path: str, x: np.ndarray, y: np.ndarray, *, fgsm_eps: Sequence[f
         np.random.seed(seed)
         for eps in pgd_eps:
             attack = pgd_cls(classifier, norm=np.inf, eps=float(eps),
-                             eps_step=float(pgd_step_size or 2.5 * eps / pgd_steps),
+                             eps_step=float(attacks.pgd_step_size(eps, pgd_steps,
+                                                                  pgd_step_size)),
                              max_iter=int(pgd_steps), num_random_init=int(pgd_restarts),
                              batch_size=batch_size, verbose=False)
             x_adv = attack.generate(x=x, y=onehot)
@@ -123,13 +124,13 @@ def rat_tf_correct(path: str, x: np.ndarray, y: np.ndarray, *, fgsm_eps: Sequenc
                    seed: int = 0) -> dict[str, Any]:
     """The same per-image correctness from rat_tf's evaluation code path (as in the report)."""
     model_fn, _ = evaluation.load_model_fn(path)
-    fgsm_step = evaluation._compiled(model_fn, lambda xb, yb, eps: attacks.fgsm(
+    fgsm_step = evaluation.correct_fn(model_fn, lambda xb, yb, eps: attacks.fgsm(
         model_fn, xb, yb, eps))
-    pgd_step = evaluation._compiled(model_fn, lambda xb, yb, eps: attacks.pgd(
-        model_fn, xb, yb, eps, step_size=(pgd_step_size or 2.5 * eps / pgd_steps),
+    pgd_step = evaluation.correct_fn(model_fn, lambda xb, yb, eps: attacks.pgd(
+        model_fn, xb, yb, eps, step_size=attacks.pgd_step_size(eps, pgd_steps, pgd_step_size),
         steps=pgd_steps, rand_init=True, restarts=pgd_restarts, seed=seed))
-    acc = lambda step, eps=0.0: evaluation._correct(step, x, y, batch_size, eps)  # noqa: E731
-    return {"clean": acc(evaluation._compiled(model_fn)),
+    acc = lambda step, eps=0.0: evaluation.correct_on(step, x, y, batch_size, eps)  # noqa: E731
+    return {"clean": acc(evaluation.correct_fn(model_fn)),
             "fgsm": {f"{e:g}": acc(fgsm_step, e) for e in fgsm_eps},
             "pgd": {f"{e:g}": acc(pgd_step, e) for e in pgd_eps}}
 

@@ -149,7 +149,8 @@ def _read_bytes(path: str, dataset: str, verify: bool) -> bytes:
         got = hashlib.md5(raw).hexdigest()
         if got != OFFICIAL_GZ_MD5[dataset][base]:
             raise DataError(f"{path}: md5 {got} differs from the official "
-                            f"{OFFICIAL_GZ_MD5[dataset][base]} (corrupted or not the official file)")
+                            f"{OFFICIAL_GZ_MD5[dataset][base]} (corrupted or not the official "
+                            f"file)")
     if raw[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(raw)

@@ -173,7 +173,7 @@ def _pad(a: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([a, np.zeros((size - len(a),) + a.shape[1:], a.dtype)])
 
 
-def _compiled(model_fn: ModelFn, attack: Callable | None = None) -> Callable:
+def correct_fn(model_fn: ModelFn, attack: Callable | None = None) -> Callable:
     """A compiled (x, y, eps) -> correct [B] of a fixed-size batch, attacked if ``attack``.
 
     ``eps`` is a tensor argument, so one trace serves every radius of a sweep.
@@ -187,7 +187,7 @@ def _compiled(model_fn: ModelFn, attack: Callable | None = None) -> Callable:
     return step
 
 
-def _correct(step: Callable, x: np.ndarray, y: np.ndarray, batch_size: int,
+def correct_on(step: Callable, x: np.ndarray, y: np.ndarray, batch_size: int,
              eps: float = 0.0) -> np.ndarray:
     """Boolean [N]: whether each image is classified correctly by compiled ``step``."""
     out = []
@@ -336,28 +336,28 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
             values = [("stage", len(seconds))] + ([] if result is None else [("result", result)])
             bar.add(cost[stage], values)
 
-    clean_step = _compiled(model_fn)
-    fgsm_step = _compiled(model_fn, lambda x, y, eps: attacks.fgsm(model_fn, x, y, eps))
-    pgd_step = _compiled(model_fn, lambda x, y, eps: attacks.pgd(
-        model_fn, x, y, eps, step_size=(s.pgd_step_size or 2.5 * eps / s.pgd_steps),
+    clean_step = correct_fn(model_fn)
+    fgsm_step = correct_fn(model_fn, lambda x, y, eps: attacks.fgsm(model_fn, x, y, eps))
+    pgd_step = correct_fn(model_fn, lambda x, y, eps: attacks.pgd(
+        model_fn, x, y, eps, step_size=attacks.pgd_step_size(eps, s.pgd_steps, s.pgd_step_size),
         steps=s.pgd_steps, rand_init=True, restarts=s.pgd_restarts, seed=s.seed))
 
     t0 = time.time()
-    clean = _correct(clean_step, x_test, y_test, bs)
+    clean = correct_on(clean_step, x_test, y_test, bs)
     report["clean_accuracy"] = float(clean.mean())
     done("clean", t0, report["clean_accuracy"])
 
     fgsm_ok: dict[str, np.ndarray] = {}
     for eps in s.fgsm_eps:
         t0 = time.time()
-        fgsm_ok[f"{eps:g}"] = _correct(fgsm_step, x_test, y_test, bs, eps)
+        fgsm_ok[f"{eps:g}"] = correct_on(fgsm_step, x_test, y_test, bs, eps)
         done(f"fgsm {eps:g}", t0, float(fgsm_ok[f"{eps:g}"].mean()))
 
     def fgsm_at(eps: float, n: int) -> np.ndarray:
         """FGSM correctness on the first n test images (from the sweep when it has eps)."""
         if f"{eps:g}" in fgsm_ok:
             return fgsm_ok[f"{eps:g}"][:n]
-        return _correct(fgsm_step, x_test[:n], y_test[:n], bs, eps)
+        return correct_on(fgsm_step, x_test[:n], y_test[:n], bs, eps)
 
     report["fgsm_accuracy"] = {k: float(ok.mean()) for k, ok in fgsm_ok.items()}
     fgsm_class = fgsm_at(s.class_eps, len(x_test))
@@ -366,7 +366,7 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
     for eps in s.pgd_eps:
         t0 = time.time()
         pgd_acc[f"{eps:g}"] = float(
-            _correct(pgd_step, x_test[:n_pgd], y_test[:n_pgd], bs, eps).mean())
+            correct_on(pgd_step, x_test[:n_pgd], y_test[:n_pgd], bs, eps).mean())
         pgd_fgsm[f"{eps:g}"] = float(fgsm_at(eps, n_pgd).mean())
         done(f"pgd {eps:g}", t0, pgd_acc[f"{eps:g}"])
     report["pgd_accuracy"] = pgd_acc

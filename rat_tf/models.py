@@ -211,7 +211,11 @@ def describe(classifier: keras.Model, *, input_shape: Sequence[int] | None = Non
                          f"image: a classifier of K >= 2 classes is needed")
     if from_logits is None:
         from_logits = _softmax_input(out) is None
-        if from_logits and tf.executing_eagerly():
+        if not from_logits:
+            logging.info("classifier %s ends in a softmax: its probabilities are used as "
+                         "from_logits=False (the logits before the softmax feed the attacks)",
+                         classifier.name)
+        elif tf.executing_eagerly():
             probe = np.random.default_rng(0).uniform(0, 1, (8, *image_shape)).astype(np.float32)
             p = np.asarray(classifier(probe, training=False), np.float64)
             if np.all(p >= 0) and np.allclose(p.sum(-1), 1.0, atol=1e-4):
@@ -219,10 +223,6 @@ def describe(classifier: keras.Model, *, input_shape: Sequence[int] | None = Non
                     f"classifier {classifier.name!r} returns rows that sum to 1, like "
                     f"probabilities, but no final softmax was found: pass from_logits=False "
                     f"if they are probabilities, from_logits=True if they are logits")
-        else:
-            logging.info("classifier %s ends in a softmax: its probabilities are used as "
-                         "from_logits=False (the logits before the softmax feed the attacks)",
-                         classifier.name)
     return ClassifierInfo(image_shape, num_classes, bool(from_logits))
 
 

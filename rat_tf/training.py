@@ -235,10 +235,6 @@ class StandardModel(keras.Model):
         self.compute_metrics(x, y, outputs, sw)
         return self._results()
 
-    def predict_step(self, data):
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return self.classifier(x, training=False)
-
     def settings(self) -> dict:
         """The method settings (for logs and metrics.json)."""
         return {"method": self.method, "seed": self.seed, "from_logits": self.from_logits,
@@ -434,7 +430,7 @@ class AdversarialTrainingModel(StandardModel):
         if int(steps) < 1:
             raise ValueError(f"PGD steps must be >= 1, got {steps}")
         self.eps, self.norm, self.steps = float(eps), norm, int(steps)
-        self.step_size = float(step_size) if step_size else 2.5 * self.eps / self.steps
+        self.step_size = float(attacks.pgd_step_size(self.eps, self.steps, step_size or None))
         if not self.step_size > 0:
             raise ValueError(f"step_size must be positive, got {step_size}")
         self.adversarial_accuracy = keras.metrics.SparseCategoricalAccuracy(
@@ -1039,7 +1035,7 @@ def _train(config: TrainConfig, strategy: tf.distribute.Strategy,
                 _, given = attacks.load_perturbations(config.perturbations_path)
                 meta = {attacks.FINGERPRINT_KEY: given.get(attacks.FINGERPRINT_KEY, [])}
             attacks.save_perturbations(os.path.join(model_dir, "perturbations.npz"), v, eps=eps,
-                                       norm=config.norm, **meta)
+                                       norm_type=config.norm, **meta)
         files.write_json(os.path.join(model_dir, "metrics.json"), metrics)
         shutil.rmtree(chief_backup, ignore_errors=True)  # every output is written
     else:
