@@ -260,10 +260,10 @@ def as_model_fn(model: keras.Model | Callable[[tf.Tensor], tf.Tensor]
                 ) -> Callable[[tf.Tensor], tf.Tensor]:
     """An inference ``x -> logits`` callable: a Keras classifier (logits or softmax, detected
     by :func:`describe`) or a trainer wrapping one; any other callable is taken as it is."""
-    classifier = getattr(model, "classifier", model)
-    if not isinstance(classifier, keras.Model):
-        return model
+    if not isinstance(model, keras.Model):
+        return model  # a callable (e.g. one this function returned) is taken as it is
     fn = getattr(model, "_rat_tf_logits", None)  # a trainer's
+    classifier = model.classifier if fn is not None else model
     if fn is None:
         fn = logits_fn(classifier, describe(classifier).from_logits)
     wrapped = lambda x: fn(x, training=False)  # noqa: E731
