@@ -1,4 +1,4 @@
-"""Benchmark of training (issue 2): accuracy and speed of train(), and its overhead vs model.fit.
+"""Benchmark of training: accuracy and speed of train(), and its overhead vs model.fit.
 
     python bin/bench_train.py --out=results/bench_train.json
 

@@ -1,4 +1,4 @@
-"""Benchmark of the training methods (issue 4): cost per example and time to robustness.
+"""Benchmark of the training methods: cost per example and time to robustness.
 
     python bin/bench_training.py --out=results/bench_training.json
 

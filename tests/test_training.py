@@ -276,7 +276,7 @@ def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnis
 
     before, after = measure(mnist_model), measure(rat_model)
     print("before", before, "after", after)
-    # Measured (2026-11-26): TUP success 0.133 -> 0.020, FGSM(0.2) accuracy 0.532 -> 0.678,
+    # Measured when written: TUP success 0.133 -> 0.020, FGSM(0.2) accuracy 0.532 -> 0.678,
     # clean 0.982 -> 0.981. Thresholds: about half of each effect; clean may drop 2 points.
     assert after["tup"] <= before["tup"] - 0.06
     assert after["fgsm"] >= before["fgsm"] + 0.07
