@@ -190,14 +190,13 @@ class StandardModel(keras.Model):
                              f"{self.num_classes}], got shape {y.shape}")
         y = tf.cast(y, tf.int32)
         lo, hi = self.clip_values
-        tf.debugging.assert_greater_equal(
-            tf.reduce_min(tf.cast(x, tf.float32)), tf.constant(lo, tf.float32),
-            message=f"images must be finite and in [{lo:g}, {hi:g}] (clip_values); for 0..255 "
-                    f"images divide by 255 or pass clip_values=(0, 255)")
-        tf.debugging.assert_less_equal(
-            tf.reduce_max(tf.cast(x, tf.float32)), tf.constant(hi, tf.float32),
-            message=f"images must be finite and in [{lo:g}, {hi:g}] (clip_values); for 0..255 "
-                    f"images divide by 255 or pass clip_values=(0, 255)")
+        message = (f"images must be finite and in [{lo:g}, {hi:g}] (clip_values); for 0..255 "
+                   f"images divide by 255 or pass clip_values=(0, 255)")
+        pixels = tf.cast(x, tf.float32)
+        tf.debugging.assert_greater_equal(tf.reduce_min(pixels), tf.constant(lo, tf.float32),
+                                          message=message)
+        tf.debugging.assert_less_equal(tf.reduce_max(pixels), tf.constant(hi, tf.float32),
+                                       message=message)
         tf.debugging.assert_non_negative(y, message="labels must be class ids >= 0")
         tf.debugging.assert_less(y, self.num_classes,
                                  message=f"labels must be class ids < {self.num_classes}")
