@@ -3,8 +3,9 @@
     python3 bin/experiment.py --dataset=mnist --budget=small --output_dir=results/mnist_small
 
 Stages already done in --output_dir are skipped (rerun the same command to resume). The
-layout of the results directory is documented in rat_tf/experiment.py; report.md holds the
-side-by-side table.
+budget presets and the layout of the results directory are documented in rat_tf/experiment.py
+(the tuning runs behind the presets in docs/experiments.md); report.md holds the side-by-side
+table. README.md gives the run time of the MNIST small run.
 """
 
 import os
@@ -17,7 +18,7 @@ _D = experiment.ExperimentConfig()
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", _D.dataset, ["mnist", "fashion_mnist", "cifar10"], "Dataset.")
 flags.DEFINE_enum("budget", _D.budget, experiment.BUDGETS,
-                  "Size preset: tiny (tests), small (~10 min MNIST on 2 CPU cores), full.")
+                  "Size preset: tiny (tests), small (a 2-core CPU; run time in README.md), full.")
 flags.DEFINE_string("output_dir", None, "Results directory (resumed if it exists).")
 cli.define_data_flags(data_source_default=_D.data_source)
 flags.DEFINE_string("model", None, "Model name (default from the budget preset).")

@@ -13,46 +13,17 @@ Stages (each skipped when its outputs already exist, so a killed run resumes):
     (:func:`rat_tf.evaluation.robustness_report`), side by side.
 
 ``budget`` presets (tiny | small | full) set every size; single fields override them.
-tiny: a minute or two, for tests/CI (static V); small: ~40 min for MNIST on a 2-core CPU
-(CIFAR-10 with ResNet-20 on a subset, a few tens of minutes); full: paper-sized (GPU).
+tiny: the smallest sizes, for tests and CI (static V); small: sized for a 2-core CPU (MNIST and
+Fashion-MNIST with ``wide_mnist_cnn``; CIFAR-10 with ResNet-20 on a subset of the training
+set); full: paper-sized (GPU). README.md gives the run time of the MNIST small experiment.
 
-MNIST RAT defaults (small/full), tuned with real runs (1,000 fine-tuning images, first 1,000 test
-images, fresh TUPs at 0.3 searched on a balanced training subset drawn with another seed): the
-``wide_mnist_cnn`` model (see below); V radius 0.3 (at 0.2 the searched V fooled only ~4% of
-images: a weak training signal); a start model of ~99.3% (3 epochs, cosine) so clean accuracy
-survives fine-tuning; V refreshed against the current model every epoch (beyond the paper; the
-search runs on the fine-tuning subset) with 3 search passes; one random target per image; 8 epochs;
-perturbed_fraction 0.5; one V per (source class, target) (see below). Measured with ``mnist_cnn``
-unless said (clean / FGSM 0.2 / FGSM 0.3 / PGD-20 0.3 / fresh TUP 0.3 success, %): 3-epoch start
-99.1 / 42.4 / 6.6 / 0.0 / 42.9; RAT from it, refresh, 5 epochs 98.7 / 65.4 / 35.3 / 0.0 / 6.6; RAT
-with a static V (searched once; 10 epochs, 1-epoch start) 97.3 / 59.8 / 36.2 / 0.7 / 9.8. All K-1
-targets, 3 search passes, perturbed_fraction 0.7 or 10 epochs cost 2-3x the time and lost clean
-accuracy without a clear robustness gain. Later runs from the same start (clean / FGSM 0.2 / FGSM
-0.3 / fresh TUP 0.3 searched on another subset, so TUP differs from the table's): one V per target
-(the paper) 98.5 / 65.8 / 35.8 / 3.9; ``batch_mode="replace"`` (the cost of a standard step) 98.4 /
-63.4 / 33.5 / 4.0, with perturbed_fraction 0.75 98.0 / 64.0 / 35.0 / 4.2; V radius 0.4 98.1 / 65.1
-/ 34.2 / 2.7. Uniform noise on the perturbed copies (0.1, 0.2, 0.3) or a random scale of V in [0,
-1] did not help (FGSM 0.2 60.6-66.6). One V per (source class, target) (``per_source``, beyond the
-paper; the small/full default since): 98.5 / 70.5 / 42.5 / 2.0 at the same fit time; with 3 search
-passes 98.3 / 71.0 / 44.4 / 1.8; 10 epochs 98.1 / 70.9 / 45.6 / 1.5 (a per-class search loop);
-perturbed_fraction 0.7 or all K-1 targets per image 70.6-70.8 at FGSM 0.2; per source with
-``batch_mode="replace"`` 98.5 / 69.5 / 40.1 / 2.2; V radius 0.4 97.2 / 67.7 / 44.7 / 2.4; lr 1e-3
-97.6 / 69.5 / 47.4 / 1.4; 8 epochs with 3 search passes 98.3 / 73.2 / 47.8 / 1.0 (more robust,
-below the 98.5% clean target, 1.7x the time); ``targets_per_image="worst"`` 98.2 / 72.6 / 48.6 /
-1.5. Capacity mattered most (per source, each from its own 3-epoch start model): conv 32-64-128 +
-dense 512 98.6 / 74.0 / 51.7 / 0.9 (with "worst" 98.8 / 74.9 / 53.8 / 0.8); ``wide_mnist_cnn``
-(64-128-256 + 1,024) 99.0 / 77.7 / 60.1 / 0.6 (with "worst" 98.6 / 76.8 / 58.9 / 0.7), with 8
-epochs and 3 search passes 98.7 / 79.0 / 63.4 / 0.5 (2.6x the fit time of 5 epochs): the small/full
-preset since; 12 epochs 98.5 / 77.0 / 61.7 / 0.7 (no better). A Madry-style 5x5 convnet (32-64 +
-1,024) gave 98.1 / 55.6 / 31.7 / 2.1. From the small preset's own start model, 8 epochs x 3 passes
-(79.0 / 63.4 at FGSM 0.2 / 0.3 on these 1,000 images): V radius 0.35 98.3 / 79.3 / 61.9 / 0.4;
-perturbed_fraction 0.6 98.8 / 78.5 / 62.0 / 0.6; lr 1e-3 with cosine decay 98.5 / 79.1 / 63.9 /
-0.4; a TRADES-like KL(f(x) || f(x + v)) term added to the loss (weight 3, a prototype not in the
-library) 98.7 / 79.9 / 61.2 / 0.4: a plateau. The first 1,000 test images are harder for these
-models than the whole test set (the same RAT model: FGSM 0.2 79.0% on them, 82.5% on all 10,000),
-so the small preset evaluates on the whole MNIST test set, PGD on its first 1,000. PGD at 0.3
-breaks every RAT model: its gain is against universal and single-step attacks, not worst-case
-(per-image, multi-step) robustness.
+MNIST RAT settings of small/full: the ``wide_mnist_cnn`` model; V radius 0.3; a start model
+trained 3 epochs with a cosine schedule; one V per (source class, target) (``per_source``,
+beyond the paper), searched again against the current model before every epoch, on the
+fine-tuning subset (``refresh_every=1``, beyond the paper), with 3 search passes (small) or 5
+(full); one random target per image; perturbed_fraction 0.5; 8 fine-tuning epochs (small) or 50
+(full). The small preset evaluates on the whole MNIST test set, PGD on its first 1,000 images.
+docs/experiments.md holds the tuning runs behind these choices.
 
 Result directory layout (``output_dir``)::
 
