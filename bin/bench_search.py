@@ -46,7 +46,7 @@ flags.DEFINE_string("output", "results/bench_search.json", "JSON output path.")
 
 def _train_model(x, y):
     keras.utils.set_random_seed(FLAGS.seed)
-    model = models.build_model("mnist_cnn", (28, 28, 1), 10)
+    model = models.build_model("mnist_cnn", "mnist")
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])

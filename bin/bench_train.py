@@ -35,7 +35,7 @@ flags.DEFINE_integer("cifar_test", 2000, "CIFAR-10 test images for the accuracy 
 def _plain_fit(x, y, epochs: int, batch_size: int) -> float:
     """Wall seconds of a plain compile + fit of mnist_cnn (the baseline of the overhead)."""
     keras.utils.set_random_seed(0)
-    model = models.build_model("mnist_cnn", (28, 28, 1), 10)
+    model = models.build_model("mnist_cnn", "mnist")
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])

@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 from absl import app, flags, logging
 
-from rat_tf import attacks, cli, data, files, training
+from rat_tf import callbacks, cli, data, files, perturbation_files, training
 
 FLAGS = flags.FLAGS
 cli.define_data_flags(data_source=False)
@@ -78,8 +78,8 @@ def main(argv):
     results = {"cost": {}, "time_to_robustness": {}}
 
     # 1. cost per example seen (V's values do not change the cost: zeros)
-    zeros = attacks.save_perturbations(os.path.join(work, "zeros.npz"),
-                                       np.zeros((10, 28, 28, 1), np.float32))
+    zeros = perturbation_files.save(os.path.join(work, "zeros.npz"),
+                                       np.zeros((10, 28, 28, 1), np.float32), eps=0.3)
     for name, (kw, examples) in (_COST_METHODS.items() if FLAGS.cost_steps else ()):
         cfg = training.TrainConfig(**base, epochs=2, steps_per_epoch=FLAGS.cost_steps,
                                    train_subset=6000, model_dir=os.path.join(work, "cost_" + name),
@@ -107,7 +107,7 @@ def main(argv):
     x_eval, y_eval = x_test[-FLAGS.eval_images:], y_test[-FLAGS.eval_images:]
     for method in FLAGS.robust_methods:
         kw = settings[method]
-        monitor = training.RobustnessMonitor(x_eval, y_eval, FLAGS.fgsm_eps, target=FLAGS.target,
+        monitor = callbacks.RobustnessMonitor(x_eval, y_eval, FLAGS.fgsm_eps, target=FLAGS.target,
                                              time_limit=FLAGS.time_cap)
         cfg = training.TrainConfig(**{**base, **kw}, init_from=init_from,
                                    epochs=FLAGS.max_epochs, test_subset=FLAGS.eval_images,

@@ -1,4 +1,4 @@
-"""Robustness report of one or more models side by side (METHOD.md section 3).
+"""Robustness report of one or more models side by side (docs/method.md, section 3).
 
     python3 bin/evaluate.py --dataset=mnist --models=std=runs/std/model.keras,rat=export/rat \\
         --perturbations=runs/rat/perturbations.npz --output_dir=results/eval

@@ -12,7 +12,7 @@ import os
 
 from absl import flags, logging
 
-from rat_tf import attacks, cli, data, distribute, experiment, ops, training
+from rat_tf import attacks, cli, data, distribute, experiment, ops, trainers
 
 _D = experiment.ExperimentConfig()
 FLAGS = flags.FLAGS
@@ -43,13 +43,13 @@ flags.DEFINE_float("finetune_lr", None, "(c,d) learning rate (Adam; default 5e-4
 flags.DEFINE_integer("refresh_every", None,
                      "(c) re-search V every N epochs (0: static V, the paper; default from "
                      "the budget preset: MNIST small/full refresh every epoch).")
-flags.DEFINE_enum("targets_per_image", None, list(training.TARGET_MODES),
+flags.DEFINE_enum("targets_per_image", None, list(trainers.TARGET_MODES),
                   "(c) one random target per image, all K-1, or the worst (highest-loss) one "
                   "(default from the budget preset).")
 flags.DEFINE_float("perturbed_fraction", None,
                    "(c) weight of the perturbed examples in the RAT loss (default 0.5); with "
                    "--batch_mode=replace, the probability that an image is swapped.")
-flags.DEFINE_enum("batch_mode", None, list(training.BATCH_MODES),
+flags.DEFINE_enum("batch_mode", None, list(trainers.BATCH_MODES),
                   "(c) append the perturbed copies to the clean batch (default), or replace "
                   "images by them (the cost of a standard step).")
 flags.DEFINE_bool("per_source", None,

@@ -1,7 +1,7 @@
 """Search targeted universal perturbations against a trained model and write them out.
 
 Searches V on a balanced subset of TRAINING images, measures per-target success on held-out
-TEST images, and writes to --output_dir (:func:`rat_tf.attacks.write_search`):
+TEST images, and writes to --output_dir (:func:`rat_tf.perturbation_files.write_search`):
 perturbations.npz, perturbations.png and search.json (settings, success on search and test
 images, norms, wall time).
 
@@ -13,7 +13,7 @@ Example:
 import keras
 from absl import flags, logging
 
-from rat_tf import attacks, cli, data, distribute, ops
+from rat_tf import attacks, cli, data, distribute, ops, perturbation_files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "mnist", "Dataset name (mnist, fashion_mnist, cifar10).")
@@ -75,7 +75,7 @@ def main(argv):
         "dataset", "model_path", "inner_steps", "n_per_class", "batch_size", "seed", "strategy",
         "num_cpu_devices", "jit_compile", "per_source")}
     if distribute.is_chief(strategy):
-        report = attacks.write_search(FLAGS.output_dir, V, stats, x, class_names=info.class_names,
+        report = perturbation_files.write_search(FLAGS.output_dir, V, stats, x, class_names=info.class_names,
                                       settings=settings, success_test=success_test,
                                       num_test_images=len(x_test))
         logging.info("mean held-out success %.4f (passes %d, %.1fs); wrote %s",

@@ -13,11 +13,11 @@ import json
 
 from absl import flags, logging
 
-from rat_tf import cli, data, distribute, ops, training
+from rat_tf import cli, data, distribute, ops, trainers, training
 
 _D = training.TrainConfig()
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("method", _D.method, training.METHODS, "Training method.")
+flags.DEFINE_enum("method", _D.method, trainers.METHODS, "Training method.")
 flags.DEFINE_string("dataset", _D.dataset, "mnist, fashion_mnist or cifar10.")
 cli.define_data_flags(data_source_default=_D.data_source)
 flags.DEFINE_string("model", _D.model, "Model zoo name (rat_tf.models) to train from scratch; "
@@ -43,12 +43,12 @@ flags.DEFINE_enum("search_method", _D.search_method, training.SEARCH_METHODS, "R
 flags.DEFINE_integer("search_passes", _D.search_passes, "RAT: max passes of the V search.")
 flags.DEFINE_float("search_delta", _D.search_delta, "RAT: stop a target at 1-delta success.")
 flags.DEFINE_integer("refresh_every", 0, "RAT: search V again every N epochs (0: static V).")
-flags.DEFINE_enum("targets_per_image", _D.targets_per_image, training.TARGET_MODES,
+flags.DEFINE_enum("targets_per_image", _D.targets_per_image, trainers.TARGET_MODES,
                   "RAT: one random target per image, all K-1, or the worst (highest-loss) one.")
 flags.DEFINE_float("perturbed_fraction", _D.perturbed_fraction,
                    "RAT: weight of the perturbed examples in the loss (append), or the "
                    "probability that an image is swapped for its perturbed copy (replace).")
-flags.DEFINE_enum("batch_mode", _D.batch_mode, training.BATCH_MODES,
+flags.DEFINE_enum("batch_mode", _D.batch_mode, trainers.BATCH_MODES,
                   "RAT: append the perturbed copies to the clean batch, or replace images by "
                   "them (the cost of a standard step).")
 flags.DEFINE_bool("per_source", _D.per_source,

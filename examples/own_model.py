@@ -1,5 +1,5 @@
 import keras
-from rat_tf import attacks, data, export, training
+from rat_tf import attacks, data, evaluation, export, trainers
 
 # Real MNIST from $RAT_DATA_DIR, as float32 images in [0, 1] and integer labels.
 x, y = data.load_arrays("mnist", "train")
@@ -14,12 +14,12 @@ model = keras.Sequential([
     keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])
 model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
 model.fit(x, y, epochs=2, batch_size=64, verbose=2)
-print("FGSM 0.2 accuracy before RAT:", training.adversarial_accuracy(model, x_test, y_test, 0.2))
+print("FGSM 0.2 accuracy before RAT:", evaluation.adversarial_accuracy(model, x_test, y_test, 0.2))
 
 # One targeted universal perturbation per class, searched on 1,000 images ...
 V, stats = attacks.targeted_universal(model, x[:1000], y[:1000], eps=0.3, max_passes=3)
 # ... and RAT: fine-tune on those images plus their perturbed copies, with their true labels.
-rat = training.RATModel(model, V, eps=0.3)
+rat = trainers.RATModel(model, V, eps=0.3)
 rat.compile(optimizer=keras.optimizers.Adam(5e-4))
 rat.fit(x[:1000], y[:1000], epochs=5, batch_size=50, verbose=2,
         validation_data=(x_test, y_test),
@@ -27,5 +27,5 @@ rat.fit(x[:1000], y[:1000], epochs=5, batch_size=50, verbose=2,
                                                    save_best_only=True)])
 
 rat = keras.models.load_model("rat.keras")  # the trainer: its classifier, V and optimizer
-print("FGSM 0.2 accuracy after RAT:", training.adversarial_accuracy(rat, x_test, y_test, 0.2))
+print("FGSM 0.2 accuracy after RAT:", evaluation.adversarial_accuracy(rat, x_test, y_test, 0.2))
 export.export_saved_model(rat, "rat_savedmodel", overwrite=True)  # serves without rat_tf

@@ -11,7 +11,7 @@ keyword-only. :func:`fgsm` and
 compiled passes with fixed shapes: each pass is one ``tf.function`` that loops over padded,
 masked batches of a distributed dataset, so nothing retraces between passes.
 
-Targeted universal perturbations (see METHOD.md, section 1) are searched for all targets at
+Targeted universal perturbations (docs/method.md, section 1) are searched for all targets at
 once as one tensor V [K,H,W,C]: every batch of B images is tiled against the K perturbations
 (one [K*B] forward pass), and images whose label equals the target are left out of that
 target's loss and statistics. Under a ``tf.distribute`` strategy every replica works on its
@@ -21,9 +21,8 @@ V; the search is deterministic for a given seed.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import numbers
-import os
 import time
 from typing import Callable, Sequence
 
@@ -32,11 +31,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import data, files, models, ops
+from rat_tf import files, models, ops
 
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
 TU_METHODS = ("reference", "batched", "sgd")
-FINGERPRINT_KEY = "search_fingerprints"  # metadata of a perturbation file: its search images
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -511,6 +509,25 @@ def _default_step(eps: float, norm: str, method: str) -> float:
     return eps / 10.0 if method == "sgd" else eps / 5.0
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """The settings of a targeted universal search (see :func:`targeted_universal`)."""
+
+    eps: float
+    norm: str = "linf"
+    method: str = "sgd"
+    max_passes: int = 10
+    delta: float = 0.2
+    step_size: float | None = None
+    batch_size: int = 128
+    inner_steps: int = 10
+    per_source: bool = False
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of :func:`targeted_universal`."""
+        return dataclasses.asdict(self)
+
+
 def targeted_universal(model_fn: ModelFn, x, y, eps: float, *, num_classes: int | None = None,
                        norm: str = "linf", method: str = "sgd",
                        targets: Sequence[int] | None = None, delta: float = 0.2,
@@ -614,6 +631,12 @@ def targeted_universal(model_fn: ModelFn, x, y, eps: float, *, num_classes: int 
         full = full[0]
     stats["success_rate"], stats["norm"] = files.floats(success[0]), norms[0].tolist()
     return full, stats
+
+
+def mean_success_rate(stats: dict) -> float:
+    """The mean targeted success rate over the targets of a search's ``stats`` (0 if none)."""
+    rates = [r for r in stats["success_rate"] if r is not None]
+    return float(np.mean(rates)) if rates else 0.0
 
 
 def untargeted_universal(model_fn: ModelFn, x, y, eps: float, *, norm: str = "linf",
@@ -742,106 +765,6 @@ def fooling_rate(model_fn: ModelFn, x, v, *, batch_size: int = 500,
 
 
 # ----------------------------------------------------------------------------- files
-def save_perturbations(path: str, V, search_images: np.ndarray | None = None, **meta) -> str:
-    """Save perturbations and JSON metadata in one .npz (readable with allow_pickle=False),
-    written atomically.
-
-    ``search_images``: the images V was searched on; their fingerprints are stored so that an
-    evaluation can refuse to measure V on them.
-    """
-    V = np.asarray(V, np.float32)
-    if search_images is not None:
-        meta[FINGERPRINT_KEY] = data.fingerprints(search_images).tolist()
-    if V.ndim not in (3, 4, 5):
-        raise ValueError(f"perturbations must be [H,W,C], [K,H,W,C] or per source [K,K,H,W,C], "
-                         f"got shape {V.shape}")
-    path = path if path.endswith(".npz") else path + ".npz"
-    text = np.array(json.dumps(meta, default=files.jsonable))
-    return files.atomic_write(path, lambda p: np.savez(p, perturbations=V, meta=text), ".npz")
-
-
-def write_search(out_dir: str, V, stats: dict, search_images: np.ndarray, *,
-                 class_names: Sequence[str], settings: dict | None = None,
-                 success_test: Sequence[float | None] | None = None,
-                 num_test_images: int = 0) -> dict:
-    """Write a search's outputs to ``out_dir``: search.json, perturbations.png, then the npz.
-
-    ``stats`` is what :func:`targeted_universal` returned; ``success_test`` the per-target
-    success on held-out images, if measured. The npz (with the search images' fingerprints,
-    so evaluation refuses them) is written last: its presence marks the search as done.
-    Returns the JSON report.
-    """
-    from rat_tf import plots  # matplotlib only where figures are written
-
-    searched = [t for t, r in enumerate(stats["success_rate"]) if r is not None]
-    settings = {**(settings or {}), **{k: stats[k] for k in (
-        "method", "eps", "norm_type", "delta", "step_size", "targets")}}
-    report = {
-        "settings": settings,
-        "success_search": stats["success_rate"],
-        "mean_success_search": float(np.mean([stats["success_rate"][t] for t in searched])),
-        "success_test": None if success_test is None else list(success_test),
-        "mean_success_test": None if success_test is None else float(
-            np.mean([success_test[t] for t in searched])),
-        "norm": stats["norm"], "passes": stats["passes"], "converged": stats["converged"],
-        "num_search_images": int(len(search_images)), "num_test_images": int(num_test_images),
-        "num_replicas": stats["num_replicas"], "wall_seconds": stats["seconds"],
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    files.write_json(os.path.join(out_dir, "search.json"), report)
-    shown = success_test if success_test is not None else stats["success_rate"]
-    titles = [f"{n}\n{'-' if r is None else f'{100 * r:.0f}%'}" for n, r in zip(class_names, shown)]
-    per_source = np.ndim(V) == 5  # rows: source classes, columns: targets
-    plots.perturbation_grid(list(V) if per_source else V,
-                            os.path.join(out_dir, "perturbations.png"), titles=titles,
-                            row_labels=[f"from {n}" for n in class_names] if per_source else ["V"],
-                            dpi=64 if per_source else 80)
-    save_perturbations(os.path.join(out_dir, "perturbations.npz"), V,
-                       search_images=search_images, **settings,
-                       mean_success_rate=report["mean_success_search"],
-                       success_test=report["success_test"])
-    return report
-
-
-def check_bound(V, eps: float, norm: str = "linf", what: str = "perturbations") -> None:
-    """Raise ValueError unless every slice of V (rows along axis 0) has norm <= eps."""
-    V = np.asarray(V, np.float32)
-    if not np.all(np.isfinite(V)):
-        raise ValueError(f"{what} contain NaN or infinite values")
-    flat = V.reshape((-1,) + V.shape[-3:]) if V.ndim >= 4 else V[None]
-    worst = float(np.max(ops.batch_norms(flat, norm))) if flat.size else 0.0
-    if worst > float(eps) * (1 + 1e-5) + 1e-7:
-        raise ValueError(f"{what} have {ops.check_norm(norm)} norm up to {worst:.4g}, outside "
-                         f"their radius eps {float(eps):g}")
-
-
-def load_perturbations(path: str) -> tuple[np.ndarray, dict]:
-    """Load (V, metadata) saved by :func:`save_perturbations` (no pickle).
-
-    V outside the radius its metadata states (``eps``, ``norm_type``) is refused.
-    """
-    try:
-        f = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        kind = "no such file" if isinstance(e, FileNotFoundError) else "not a readable .npz file"
-        raise ValueError(f"perturbations file {path}: {kind} (rat_tf writes V as .npz with "
-                         f"bin/perturb.py or bin/train.py --method=rat)") from None
-    if not isinstance(f, np.lib.npyio.NpzFile):
-        raise ValueError(f"perturbations file {path}: a bare array, not an .npz archive with "
-                         f"'perturbations' and 'meta'")
-    with f:
-        if "perturbations" not in f.files:
-            raise ValueError(f"perturbations file {path} holds no 'perturbations' array (keys: "
-                             f"{f.files})")
-        meta = json.loads(str(f["meta"])) if "meta" in f.files else {}
-        V = f["perturbations"].astype(np.float32)
-    norm = meta.get("norm_type", meta.get("norm"))
-    if meta.get("eps") is not None and isinstance(norm, str):
-        check_bound(V, meta["eps"], norm, what=f"the perturbations in {path}")
-    return V, meta
-
-
 __all__ = ["fgsm", "pgd", "pgd_step_size", "UniversalSearch", "targeted_universal",
            "untargeted_universal", "targeted_success_rate", "fooling_rate",
-           "save_perturbations", "load_perturbations", "write_search", "enforce_bound",
-           "check_bound", "TU_METHODS"]
+           "enforce_bound", "mean_success_rate", "SearchSettings", "TU_METHODS"]

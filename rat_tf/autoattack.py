@@ -528,7 +528,8 @@ def _batch_attack(name: str, model_fn: ModelFn, batch_shape, eps, norm: str, cli
     return tf.function(attack, input_signature=spec)
 
 
-def _check_attacks(attacks, version: str, norm: str) -> list[str]:
+def check_attacks(attacks: Sequence[str] | str | None, version: str, norm: str) -> list[str]:
+    """The attack names of ``attacks`` (None: the version's sequence), checked for ``norm``."""
     if version not in VERSIONS:
         raise ValueError(f"unknown version {version!r}; choose one of {sorted(VERSIONS)}")
     names = list(VERSIONS[version] if attacks is None else
@@ -562,7 +563,7 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
     robust) and ``seconds`` per attack.
     """
     norm = ops.check_norm(norm)
-    names = _check_attacks(attacks, version, norm)
+    names = check_attacks(attacks, version, norm)
     ops.check_radius(eps)
     clip = ops.check_clip_values(clip_values)
     ops.check_box_radius(eps, norm, clip)

@@ -15,13 +15,13 @@ import os
 import pickle
 import struct
 import zlib
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import ops
+from rat_tf import ops, registry
 
 ENV_DATA_DIR = "RAT_DATA_DIR"
 SPLITS = ("train", "test")
@@ -32,41 +32,130 @@ class DataError(ValueError):
     """A data file is missing, truncated, corrupted or of the wrong format."""
 
 
+Reader = Callable[[str, "str | None", bool], "tuple[np.ndarray, np.ndarray]"]
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about a dataset: image shape, classes, counts and the files it comes in."""
+    """Every fact rat_tf uses about a dataset: one entry of :data:`DATASETS` per dataset.
+
+    ``reader(split, data_dir, verify_checksums)`` returns a whole split as (uint8 NHWC
+    images, integer labels) or raises :class:`DataError`. ``mean`` / ``std`` are per-channel
+    pixel statistics in [0, 1] units (the zoo models normalise with them). Radii, in pixel
+    units: ``eps`` of V (RAT), ``adv_eps`` of FGSM-AT / PGD-AT, and the evaluation's FGSM sweep
+    ``fgsm_eps``, PGD radii ``pgd_eps`` and per-class FGSM radius ``class_eps``.
+    ``radius_denominator`` (e.g. 255) writes radii as k/255 in tables; ``preset_family`` names
+    the experiment presets (:data:`rat_tf.experiment.PRESETS`). ``subdirs`` and ``layouts``
+    describe the standard files the built-in readers look for (empty for other readers).
+    """
 
     name: str
     image_shape: tuple[int, int, int]
     num_classes: int
     class_names: tuple[str, ...]
-    num_examples: dict  # split -> count
-    subdirs: tuple[str, ...]  # candidate folders below the data dir
-    tfds_name: str
+    num_examples: Mapping[str, int]  # split -> count
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    eps: float
+    adv_eps: float
+    fgsm_eps: tuple[float, ...]
+    pgd_eps: tuple[float, ...]
+    class_eps: float
+    preset_family: str
+    reader: Reader
+    radius_denominator: int | None = None
+    subdirs: tuple[str, ...] = ()  # candidate folders below the data dir
+    layouts: Mapping[str, tuple[tuple[str, tuple[str, ...]], ...]] = dataclasses.field(
+        default_factory=dict)  # split -> ((layout, file names), ...) in order of preference
+    tfds_name: str | None = None
+
+    def __post_init__(self) -> None:
+        c = self.image_shape[-1] if len(self.image_shape) == 3 else 0
+        problems = [
+            (len(self.image_shape) == 3 and all(int(d) > 0 for d in self.image_shape),
+             f"image_shape must be (H, W, C), got {self.image_shape}"),
+            (int(self.num_classes) >= 2, f"num_classes must be >= 2, got {self.num_classes}"),
+            (len(self.class_names) == self.num_classes,
+             f"{len(self.class_names)} class_names for {self.num_classes} classes"),
+            (set(self.num_examples) == set(SPLITS),
+             f"num_examples must give the count of each split {SPLITS}, got "
+             f"{dict(self.num_examples)}"),
+            (len(self.mean) == c and len(self.std) == c and all(v > 0 for v in self.std),
+             f"mean and std must hold one value per channel ({c}), std > 0"),
+            (all(e > 0 for e in (self.eps, self.adv_eps, self.class_eps, *self.fgsm_eps,
+                                 *self.pgd_eps)) and self.fgsm_eps and self.pgd_eps,
+             "eps, adv_eps, class_eps, fgsm_eps and pgd_eps must be positive radii"),
+            (callable(self.reader), "reader must be callable (split, data_dir, verify)"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ValueError(f"dataset {self.name!r}: {message}")
+
+
+def _read_standard_files(name: str) -> Reader:
+    """The reader of a built-in dataset: its standard distribution files (:func:`load_files`)."""
+    def read(split: str, data_dir: str | None, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+        return _read_files(name, split, data_dir, verify)
+
+    return read
 
 
 _DIGITS = tuple(str(i) for i in range(10))
-DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", (28, 28, 1), 10, _DIGITS, {"train": 60000, "test": 10000},
-                         ("mnist", "MNIST", "MNIST/raw", ""), "mnist"),
-    "fashion_mnist": DatasetInfo(
-        "fashion_mnist", (28, 28, 1), 10,
-        ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-         "ankle_boot"),
-        {"train": 60000, "test": 10000},
-        ("fashion_mnist", "fashion-mnist", "FashionMNIST", "FashionMNIST/raw"), "fashion_mnist"),
-    "cifar10": DatasetInfo(
-        "cifar10", (32, 32, 3), 10,
-        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-        {"train": 50000, "test": 10000},
-        ("cifar10", "cifar-10-batches-bin", "cifar-10-batches-py", "CIFAR10", ""), "cifar10"),
-}
-
-# Official md5 of the decompressed files (the IDX / CIFAR binary releases).
 _IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+_IDX_LAYOUTS = {split: (("idx", names),) for split, names in _IDX_NAMES.items()}
+_CIFAR_RECORD = 1 + 32 * 32 * 3
+_CIFAR_BIN = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+              "test": ("test_batch.bin",)}
+_CIFAR_PY = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+_MNIST_SWEEP = dict(fgsm_eps=(0.05, 0.1, 0.2, 0.3), class_eps=0.1)
+DATASETS: registry.Registry[DatasetInfo] = registry.Registry("dataset")
+DATASETS.update({
+    "mnist": DatasetInfo(
+        "mnist", (28, 28, 1), 10, _DIGITS, {"train": 60000, "test": 10000},
+        mean=(0.1307,), std=(0.3081,), eps=0.3, adv_eps=0.3, pgd_eps=(0.1, 0.3),
+        preset_family="mnist", reader=_read_standard_files("mnist"),
+        subdirs=("mnist", "MNIST", "MNIST/raw", ""), layouts=_IDX_LAYOUTS, tfds_name="mnist",
+        **_MNIST_SWEEP),
+    "fashion_mnist": DatasetInfo(
+        "fashion_mnist", (28, 28, 1), 10,
+        ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+         "ankle_boot"),
+        {"train": 60000, "test": 10000}, mean=(0.2860,), std=(0.3530,), eps=0.1, adv_eps=0.1,
+        pgd_eps=(0.1,), preset_family="mnist", reader=_read_standard_files("fashion_mnist"),
+        subdirs=("fashion_mnist", "fashion-mnist", "FashionMNIST", "FashionMNIST/raw"),
+        layouts=_IDX_LAYOUTS, tfds_name="fashion_mnist", **_MNIST_SWEEP),
+    "cifar10": DatasetInfo(
+        "cifar10", (32, 32, 3), 10,
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        {"train": 50000, "test": 10000}, mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616), eps=8 / 255, adv_eps=8 / 255,
+        fgsm_eps=(2 / 255, 4 / 255, 8 / 255), pgd_eps=(8 / 255,), class_eps=8 / 255,
+        preset_family="cifar10", reader=_read_standard_files("cifar10"),
+        radius_denominator=255,
+        subdirs=("cifar10", "cifar-10-batches-bin", "cifar-10-batches-py", "CIFAR10", ""),
+        layouts={split: (("cifar_bin", _CIFAR_BIN[split]), ("cifar_py", _CIFAR_PY[split]))
+                 for split in ("train", "test")},
+        tfds_name="cifar10"),
+})
+DATASETS.freeze()
+
+
+def register(info: DatasetInfo) -> DatasetInfo:
+    """Add a dataset to :data:`DATASETS` (a new name; the entry is validated on creation)."""
+    if not isinstance(info, DatasetInfo):
+        raise TypeError(f"register takes a DatasetInfo, got {type(info).__name__}")
+    return DATASETS.add(info.name, info)
+
+
+def unregister(name: str) -> None:
+    """Remove a dataset added by :func:`register` (the built-in ones stay)."""
+    DATASETS.remove(name)
+
+
+# Official md5 of the decompressed files (the IDX / CIFAR binary releases).
 OFFICIAL_MD5: dict[str, dict[str, str]] = {
     "mnist": {
         "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -100,17 +189,9 @@ OFFICIAL_GZ_MD5: dict[str, dict[str, str]] = {
     "cifar10": {},
 }
 
-_CIFAR_RECORD = 1 + 32 * 32 * 3
-_CIFAR_BIN = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
-              "test": ("test_batch.bin",)}
-_CIFAR_PY = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
-
-
 def get_info(name: str) -> DatasetInfo:
     """Return the :class:`DatasetInfo` of a dataset, or a clear error for an unknown name."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name]
+    return DATASETS.get_entry(name)
 
 
 def set_verify_checksums(verify: bool) -> None:
@@ -281,8 +362,7 @@ def files_available(name: str, data_dir: str | None = None) -> bool:
     data_dir = resolve_data_dir(data_dir)
     if not data_dir:
         return False
-    probes = (["test_batch.bin", "test_batch"] if name == "cifar10"
-              else [_IDX_NAMES["test"][0]])
+    probes = [bases[0] for _, bases in info.layouts.get("test", ())]
     return any(_dataset_folder(info, data_dir, p) for p in probes)
 
 
@@ -296,18 +376,11 @@ def _check(images: np.ndarray, labels: np.ndarray, info: DatasetInfo, split: str
     check_labels(labels, info.num_classes, where, f"{split} label")
 
 
-def _layouts(name: str, split: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """The file sets a split can come in: (layout, file names), in order of preference."""
-    if name == "cifar10":
-        return ("cifar_bin", _CIFAR_BIN[split]), ("cifar_py", _CIFAR_PY[split])
-    return (("idx", _IDX_NAMES[split]),)
-
-
 def _missing(name: str, split: str, data_dir: str | None) -> DataError:
     """The error for a split whose files are nowhere: what was looked for where, and the fix."""
     info = get_info(name)
     wanted = " or ".join(", ".join(f"{b}[.gz]" for b in bases)
-                         for _, bases in _layouts(name, split))
+                         for _, bases in info.layouts.get(split, ()))
     how = (f"point ${ENV_DATA_DIR} (or --data_dir) at the folder holding them (see README, "
            f"Data), or ask for tensorflow_datasets with --data_source=tfds")
     if not data_dir:
@@ -330,7 +403,7 @@ def locate_files(name: str, split: str, data_dir: str | None = None) -> tuple[st
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     data_dir = resolve_data_dir(data_dir)
     if data_dir:
-        for layout, bases in _layouts(name, split):
+        for layout, bases in info.layouts.get(split, ()):
             folder = _dataset_folder(info, data_dir, bases[0])
             if folder is None:
                 continue
@@ -345,18 +418,34 @@ def locate_files(name: str, split: str, data_dir: str | None = None) -> tuple[st
 
 def load_files(name: str, split: str, data_dir: str | None = None,
                verify_checksums: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read a split from the standard distribution files: (uint8 NHWC images, int32 labels).
+    """Read a split through the dataset's reader (for the built-in datasets, their standard
+    distribution files), checked: (uint8 NHWC images, int32 labels).
 
     ``verify_checksums`` None: the default of :func:`set_verify_checksums` (off).
     """
     info = get_info(name)
-    layout, paths = locate_files(name, split, data_dir)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     if verify_checksums is None:
         verify_checksums = _verify_checksums
+    images, labels = info.reader(split, resolve_data_dir(data_dir), bool(verify_checksums))
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8:
+        raise DataError(f"{name} {split}: the reader returned {images.dtype} images, readers "
+                        f"return uint8 pixels")
+    _check(images, labels.astype(np.int32), info, split, f"{name} {split}")
+    return images, labels.astype(np.int32)
+
+
+def _read_files(name: str, split: str, data_dir: str | None, verify: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a built-in dataset's standard files (IDX or CIFAR-10 binary / python version)."""
+    info = get_info(name)
+    layout, paths = locate_files(name, split, data_dir)
     if layout == "idx":
         img_path, lbl_path = paths
-        images = read_idx(img_path, name, verify_checksums)
-        labels = read_idx(lbl_path, name, verify_checksums).astype(np.int32)
+        images = read_idx(img_path, name, verify)
+        labels = read_idx(lbl_path, name, verify).astype(np.int32)
         if images.ndim != 3:
             raise DataError(f"{img_path}: not an image file (shape {images.shape})")
         if labels.ndim != 1:
@@ -367,8 +456,8 @@ def load_files(name: str, split: str, data_dir: str | None = None,
                             f"{labels.shape[0]} labels")
         images, where = images[..., None], f"{img_path} / {lbl_path}"
     else:
-        parts = [read_cifar10_bin(p, verify_checksums) if layout == "cifar_bin"
-                 else read_cifar10_py(p, verify_checksums) for p in paths]
+        parts = [read_cifar10_bin(p, verify) if layout == "cifar_bin"
+                 else read_cifar10_py(p, verify) for p in paths]
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         where = os.path.dirname(paths[0])
@@ -379,6 +468,9 @@ def load_files(name: str, split: str, data_dir: str | None = None,
 def load_tfds(name: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load a split through ``tensorflow_datasets`` (needs a download or a prepared tfds dir)."""
     info = get_info(name)
+    if not info.tfds_name:
+        raise DataError(f"{name} is not in tensorflow_datasets: read it with "
+                        f"--data_source=files")
     try:
         import tensorflow_datasets as tfds  # heavy import, only when used
 

@@ -1,6 +1,6 @@
 """Robustness reports: clean, FGSM sweep, PGD, targeted and untargeted universal perturbations.
 
-The protocol of METHOD.md section 3. Every number is measured on held-out test images; the
+The protocol of docs/method.md, section 3. Every number is measured on held-out test images; the
 universal perturbations are searched on *other* images (``x_search``, e.g. training images)
 and :func:`robustness_report` refuses to run when the two sets share an image. A report is a
 JSON-ready dict that also records every setting; :func:`write_report` turns several reports
@@ -22,31 +22,24 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import attacks, data, files, models, ops, plots
+from rat_tf import attacks, autoattack, data, files, models, ops, perturbation_files, plots
+from rat_tf import registry
 
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
-
-# Per-dataset defaults: FGSM sweep, PGD radii, per-class FGSM radius, TUP radius (the RAT
-# radius of rat_tf.training.DEFAULT_EPS, so "given" and "fresh" perturbations are comparable).
-_DEFAULTS = {
-    "mnist": dict(fgsm_eps=(0.05, 0.1, 0.2, 0.3), pgd_eps=(0.1, 0.3), class_eps=0.1,
-                  tup_eps=0.3),
-    "fashion_mnist": dict(fgsm_eps=(0.05, 0.1, 0.2, 0.3), pgd_eps=(0.1,), class_eps=0.1,
-                          tup_eps=0.1),
-    "cifar10": dict(fgsm_eps=(2 / 255, 4 / 255, 8 / 255), pgd_eps=(8 / 255,), class_eps=8 / 255,
-                    tup_eps=8 / 255),
-}
-
+DEFAULT_MEASURES = ("clean", "fgsm", "pgd", "per_class", "tup_given", "tup_fresh", "uap",
+                    "autoattack", "masking")
 
 @dataclasses.dataclass
 class EvalSettings:
-    """Attack settings of a robustness report; :meth:`for_dataset` fills per-dataset defaults.
+    """Attack settings of a robustness report; :meth:`for_dataset` fills the dataset's radii.
 
     All radii are L-inf except the universal ones, which use ``tup_norm``. ``class_eps`` is the
     FGSM radius of the per-class breakdown; ``uap_eps`` (None: ``tup_eps``) the radius of the
     untargeted universal perturbation; ``n_test`` limits the test images (None: all); PGD, the
     costly attack, runs on the first ``n_pgd`` of them (None: all), and the report then also
-    holds FGSM at the PGD radii on those same images (``pgd_fgsm_accuracy``).
+    holds FGSM at the PGD radii on those same images (``pgd_fgsm_accuracy``). AutoAttack
+    (:func:`rat_tf.autoattack.autoattack`) runs at ``aa_eps`` on the first ``aa_n`` test
+    images. ``measures`` names the measures of the report, in order (:data:`MEASURES`).
     """
 
     dataset: str = "mnist"
@@ -69,16 +62,27 @@ class EvalSettings:
     batch_size: int = 250
     n_test: int | None = 1000
     n_pgd: int | None = None
+    aa_eps: float | None = None  # None: the largest PGD radius
+    aa_version: str = "standard"
+    aa_attacks: tuple[str, ...] | None = None  # None: the version's sequence
+    aa_steps: int = 100
+    aa_queries: int = 5000
+    aa_n: int | None = 1000  # AutoAttack on the first aa_n test images (None: all)
+    masking_steps: int = 20  # PGD steps of the gradient-masking check at the whole-box radius
+    masking_n: int = 200  # its test images
+    measures: tuple[str, ...] = DEFAULT_MEASURES
     seed: int = 0
 
     @classmethod
     def for_dataset(cls, dataset: str, **overrides: Any) -> "EvalSettings":
-        """Settings with the defaults of ``dataset``, then the overrides that are not None."""
-        data.get_info(dataset)
+        """Settings with the radii of ``dataset``, then the overrides that are not None."""
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown evaluation settings {sorted(unknown)}")
-        base = dict(_DEFAULTS[dataset], dataset=dataset)
+        info = data.get_info(dataset)
+        # The TUP radius is the RAT radius of V, so "given" and "fresh" V are comparable.
+        base = dict(dataset=dataset, fgsm_eps=info.fgsm_eps, pgd_eps=info.pgd_eps,
+                    class_eps=info.class_eps, tup_eps=info.eps)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -89,12 +93,14 @@ class EvalSettings:
                 raise ValueError(f"{name} must be a non-empty list of positive radii, got "
                                  f"{getattr(self, name)}")
             setattr(self, name, radii)
-        for name in ("class_eps", "tup_eps", "uap_eps", "pgd_step_size", "tup_step_size"):
+        for name in ("class_eps", "tup_eps", "uap_eps", "pgd_step_size", "tup_step_size",
+                     "aa_eps"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
         for name in ("pgd_steps", "pgd_restarts", "tup_passes", "tup_n_per_class",
-                     "uap_passes", "batch_size", "tup_batch_size"):
+                     "uap_passes", "batch_size", "tup_batch_size", "aa_steps", "aa_queries",
+                     "masking_steps", "masking_n"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         ops.check_norm(self.tup_norm)
@@ -103,16 +109,33 @@ class EvalSettings:
                              f"{self.tup_method!r}")
         if not 0.0 <= self.tup_delta <= 1.0:
             raise ValueError(f"tup_delta must be in [0, 1], got {self.tup_delta}")
-        for name in ("n_test", "n_pgd"):
+        for name in ("n_test", "n_pgd", "aa_n"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+        self.measures = tuple(self.measures)
+        if self.aa_attacks is not None:
+            self.aa_attacks = tuple(self.aa_attacks)
+        unknown = [m for m in self.measures if m not in MEASURES]
+        if unknown or not self.measures or len(set(self.measures)) != len(self.measures):
+            raise ValueError(f"measures must be distinct names of {list(MEASURES)}, got "
+                             f"{list(self.measures)}")
+        for name in self.measures:
+            MEASURES[name].check(self)
 
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict (with the resolved UAP radius)."""
         d = dataclasses.asdict(self)
         d["fgsm_eps"], d["pgd_eps"] = list(self.fgsm_eps), list(self.pgd_eps)
         d["uap_eps"] = float(self.uap_eps or self.tup_eps)
+        d["aa_eps"] = float(self.resolved_aa_eps())
+        d["measures"] = list(self.measures)
+        if self.aa_attacks is not None:
+            d["aa_attacks"] = list(self.aa_attacks)
         return d
+
+    def resolved_aa_eps(self) -> float:
+        """The AutoAttack radius: ``aa_eps``, or the largest PGD radius."""
+        return float(self.aa_eps) if self.aa_eps is not None else max(self.pgd_eps)
 
 
 class Report(dict):
@@ -199,6 +222,40 @@ def correct_on(step: Callable, x: np.ndarray, y: np.ndarray, batch_size: int,
     return np.concatenate(out) if out else np.zeros([0], bool)
 
 
+def fgsm_correct_fn(model_fn: ModelFn, norm: str = "linf") -> Callable:
+    """:func:`correct_fn` under the (untargeted, no random start) FGSM attack."""
+    return correct_fn(model_fn, lambda x, y, eps: attacks.fgsm(model_fn, x, y, eps, norm=norm))
+
+
+def _check_arrays(x: np.ndarray, y: np.ndarray) -> None:
+    if len(x) == 0:
+        raise ValueError("accuracy of an empty set")
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+
+
+def accuracy(model: keras.Model | ModelFn, x: np.ndarray, y: np.ndarray,
+             batch_size: int = 500) -> float:
+    """Clean accuracy of a classifier (or an x -> logits callable) on arrays."""
+    _check_arrays(x, y)
+    step = correct_fn(models.as_model_fn(model))
+    return float(correct_on(step, np.asarray(x, np.float32), np.asarray(y, np.int32),
+                            batch_size).mean())
+
+
+def adversarial_accuracy(model: keras.Model | ModelFn, x: np.ndarray, y: np.ndarray,
+                         eps: float, *, norm: str = "linf", batch_size: int = 500,
+                         step: Callable | None = None) -> float:
+    """Accuracy under the (untargeted, no random start) FGSM attack of radius ``eps``.
+
+    ``step``: a compiled :func:`fgsm_correct_fn` of the model, to reuse over calls.
+    """
+    _check_arrays(x, y)
+    step = step or fgsm_correct_fn(models.as_model_fn(model), norm)
+    return float(correct_on(step, np.asarray(x, np.float32), np.asarray(y, np.int32),
+                            batch_size, eps).mean())
+
+
 def _per_class(correct: np.ndarray, y: np.ndarray, k: int) -> list[float | None]:
     return [float(correct[y == c].mean()) if np.any(y == c) else None for c in range(k)]
 
@@ -223,6 +280,371 @@ def _linf(V: np.ndarray) -> list[float]:
     return np.max(np.abs(np.reshape(V, (V.shape[0], -1))), axis=1).astype(float).tolist()
 
 
+# --------------------------------------------------------------------------- measures
+@dataclasses.dataclass
+class Context:
+    """What the measures of one report share: the model, the images, the settings, compiled
+    steps and the per-image results of earlier measures (``correct``, by key)."""
+
+    model_fn: ModelFn
+    x_test: np.ndarray
+    y_test: np.ndarray
+    x_search: np.ndarray  # the balanced subset the universal perturbations are searched on
+    y_search: np.ndarray
+    settings: EvalSettings
+    num_classes: int
+    n_pgd: int
+    perturbations: np.ndarray | None = None  # V given (of training), if any
+    perturbation_meta: dict = dataclasses.field(default_factory=dict)
+    correct: dict = dataclasses.field(default_factory=dict)  # key -> bool [n] per test image
+    done: Callable = lambda stage, t0, result=None: None  # noqa: E731 (set by the report)
+    _steps: dict = dataclasses.field(default_factory=dict)
+
+    def step(self, key: str, attack: Callable | None = None) -> Callable:
+        """The compiled :func:`correct_fn` of ``key``, built once per report."""
+        if key not in self._steps:
+            self._steps[key] = correct_fn(self.model_fn, attack)
+        return self._steps[key]
+
+    def clean(self) -> np.ndarray:
+        """Per test image: classified correctly."""
+        if "clean" not in self.correct:
+            self.correct["clean"] = correct_on(self.step("clean"), self.x_test, self.y_test,
+                                               self.settings.batch_size)
+        return self.correct["clean"]
+
+    def fgsm(self, eps: float, n: int | None = None) -> np.ndarray:
+        """Per image of the first ``n`` test images: correct under FGSM at ``eps``."""
+        n = len(self.x_test) if n is None else n
+        key = f"fgsm {eps:g}"
+        if key not in self.correct or len(self.correct[key]) < n:
+            step = self.step("fgsm", lambda x, y, e: attacks.fgsm(self.model_fn, x, y, e))
+            self.correct[key] = correct_on(step, self.x_test[:n], self.y_test[:n],
+                                           self.settings.batch_size, eps)
+        return self.correct[key][:n]
+
+    def share(self, n: int) -> float:
+        """``n`` images as a fraction of the test set (for stage costs)."""
+        return n / max(1, len(self.x_test))
+
+
+class Measure:
+    """One named unit of a robustness report: its stages (with a rough cost in forward and
+    backward passes over the test set, for the progress bar), the report keys it fills, and
+    its columns in the Markdown table. Subclass it and :func:`register_measure` an instance."""
+
+    name = ""
+
+    def check(self, settings: EvalSettings) -> None:
+        """Raise ValueError naming a bad setting of this measure (called by EvalSettings)."""
+
+    def stages(self, ctx: Context) -> list[tuple[str, float]]:
+        """(stage name, cost) of each stage this measure will run."""
+        return [(self.name, 1.0)]
+
+    def run(self, ctx: Context, report: Mapping) -> dict:
+        """Measure; return the report entries. Call ``ctx.done(stage, t0, result)`` per stage."""
+        raise NotImplementedError
+
+    def columns(self, report: Mapping) -> list[tuple[str, str]]:
+        """(header, cell) pairs of this measure in the main Markdown table."""
+        return []
+
+
+MEASURES: registry.Registry[Measure] = registry.Registry("measure")
+
+
+def register_measure(measure: Measure) -> Measure:
+    """Add a measure to :data:`MEASURES` under its ``name`` (EvalSettings.measures picks it)."""
+    if not isinstance(measure, Measure):
+        raise ValueError("register_measure takes a Measure instance")
+    return MEASURES.add(measure.name, measure)
+
+
+def unregister_measure(name: str) -> None:
+    """Remove a measure added by :func:`register_measure` (the built-in ones stay)."""
+    MEASURES.remove(name)
+
+
+def _radius_of(report: Mapping, eps: float | str) -> str:
+    return _radius(eps, report["dataset"])
+
+
+class _Clean(Measure):
+    name = "clean"
+
+    def run(self, ctx, report):
+        t0 = time.time()
+        acc = float(ctx.clean().mean())
+        ctx.done("clean", t0, acc)
+        return {"clean_accuracy": acc}
+
+    def columns(self, report):
+        return [("clean", _pct(report.get("clean_accuracy")))]
+
+
+class _FGSM(Measure):
+    name = "fgsm"
+
+    def stages(self, ctx):
+        return [(f"fgsm {e:g}", 3.0) for e in ctx.settings.fgsm_eps]
+
+    def run(self, ctx, report):
+        out = {}
+        for eps in ctx.settings.fgsm_eps:
+            t0 = time.time()
+            out[f"{eps:g}"] = float(ctx.fgsm(eps).mean())
+            ctx.done(f"fgsm {eps:g}", t0, out[f"{eps:g}"])
+        return {"fgsm_accuracy": out}
+
+    def columns(self, report):
+        return [(f"FGSM {_radius_of(report, e)}", _pct(a))
+                for e, a in report.get("fgsm_accuracy", {}).items()]
+
+
+class _PGD(Measure):
+    """PGD with restarts on the first ``n_pgd`` test images, and FGSM on those same images."""
+
+    name = "pgd"
+
+    def stages(self, ctx):
+        s = ctx.settings
+        return [(f"pgd {e:g}", 2.0 * s.pgd_steps * s.pgd_restarts * ctx.share(ctx.n_pgd))
+                for e in s.pgd_eps]
+
+    def run(self, ctx, report):
+        s, n = ctx.settings, ctx.n_pgd
+        step = ctx.step("pgd", lambda x, y, eps: attacks.pgd(
+            ctx.model_fn, x, y, eps,
+            step_size=attacks.pgd_step_size(eps, s.pgd_steps, s.pgd_step_size),
+            steps=s.pgd_steps, rand_init=True, restarts=s.pgd_restarts, seed=s.seed))
+        acc, fgsm = {}, {}
+        for eps in s.pgd_eps:
+            t0 = time.time()
+            acc[f"{eps:g}"] = float(correct_on(step, ctx.x_test[:n], ctx.y_test[:n],
+                                               s.batch_size, eps).mean())
+            fgsm[f"{eps:g}"] = float(ctx.fgsm(eps, n).mean())
+            ctx.done(f"pgd {eps:g}", t0, acc[f"{eps:g}"])
+        # FGSM at the PGD radii on the PGD images
+        return {"pgd_accuracy": acc, "pgd_fgsm_accuracy": fgsm}
+
+    def columns(self, report):
+        st = report["settings"]
+        steps = f"PGD-{st['pgd_steps']}x{st['pgd_restarts']}"
+        if report.get("num_pgd", report["num_test"]) < report["num_test"]:
+            steps += f" (first {report['num_pgd']})"
+        return [(f"{steps} {_radius_of(report, e)}", _pct(a))
+                for e, a in report.get("pgd_accuracy", {}).items()]
+
+
+class _PerClass(Measure):
+    name = "per_class"
+
+    def stages(self, ctx):
+        return []
+
+    def run(self, ctx, report):
+        k, y = ctx.num_classes, ctx.y_test
+        return {"per_class": {
+            "count": np.bincount(y, minlength=k).astype(int).tolist(),
+            "clean": _per_class(ctx.clean(), y, k),
+            "fgsm": _per_class(ctx.fgsm(ctx.settings.class_eps), y, k),
+            "fgsm_eps": float(ctx.settings.class_eps)}}
+
+
+def _tup_column(report: Mapping, which: str) -> tuple[str, str]:
+    st = report["settings"]
+    tup = (_radius_of(report, st["tup_eps"])
+           + ("" if st["tup_norm"] == "linf" else f" {st['tup_norm']}"))
+    entry = report.get(f"tup_{which}")
+    return f"TUP {which} {tup} (succ.)", _pct(entry["mean"] if entry else None)
+
+
+class _TUPGiven(Measure):
+    """Success on the test images of the perturbations used in training (if given)."""
+
+    name = "tup_given"
+
+    def stages(self, ctx):
+        return [] if ctx.perturbations is None else [("tup given", float(ctx.num_classes))]
+
+    def run(self, ctx, report):
+        v = ctx.perturbations
+        if v is None:
+            return {"tup_given": None}
+        t0 = time.time()
+        rates = np.asarray(attacks.targeted_success_rate(
+            ctx.model_fn, ctx.x_test, ctx.y_test, v, batch_size=ctx.settings.batch_size * 2),
+            np.float64)
+        out = {"success_rate": files.floats(rates), "mean": _mean_over_targets(rates, v),
+               "linf": _linf(v), "meta": _jsonable_meta(ctx.perturbation_meta)}
+        report.arrays["tup_given"] = v
+        ctx.done("tup given", t0, out["mean"])
+        return {"tup_given": out}
+
+    def columns(self, report):
+        return [_tup_column(report, "given")]
+
+
+class _TUPFresh(Measure):
+    """Targeted universal perturbations searched again against the model, on other images."""
+
+    name = "tup_fresh"
+
+    def stages(self, ctx):
+        s = ctx.settings
+        search = ctx.share(len(ctx.x_search)) * ctx.num_classes
+        return [("tup fresh", 2.0 * s.tup_passes * search + ctx.num_classes)]
+
+    def run(self, ctx, report):
+        s, t0 = ctx.settings, time.time()
+        v, stats = attacks.targeted_universal(
+            ctx.model_fn, ctx.x_search, ctx.y_search, s.tup_eps, num_classes=ctx.num_classes,
+            norm=s.tup_norm, method=s.tup_method, delta=s.tup_delta, max_passes=s.tup_passes,
+            step_size=s.tup_step_size, batch_size=s.tup_batch_size, seed=s.seed)
+        v = np.asarray(v, np.float32)
+        rates = np.asarray(attacks.targeted_success_rate(
+            ctx.model_fn, ctx.x_test, ctx.y_test, v, batch_size=s.batch_size * 2), np.float64)
+        out = {"success_rate": files.floats(rates), "mean": _mean_over_targets(rates, v),
+               "search_success_rate": files.floats(stats.get("success_rate", [])),
+               "passes": int(stats.get("passes", 0)), "linf": _linf(v),
+               "norm": files.floats(stats.get("norm", []))}
+        report.arrays["tup_fresh"] = v
+        ctx.done("tup fresh", t0, out["mean"])
+        return {"tup_fresh": out}
+
+    def columns(self, report):
+        return [_tup_column(report, "fresh")]
+
+
+class _UAP(Measure):
+    """An untargeted universal perturbation searched on the search images; its fooling rate."""
+
+    name = "uap"
+
+    def stages(self, ctx):
+        return [("uap", 2.0 * ctx.settings.uap_passes * ctx.share(len(ctx.x_search)) + 2.0)]
+
+    def run(self, ctx, report):
+        s, t0 = ctx.settings, time.time()
+        eps = float(s.uap_eps or s.tup_eps)
+        v, stats = attacks.untargeted_universal(ctx.model_fn, ctx.x_search, ctx.y_search, eps,
+                                                norm=s.tup_norm, max_passes=s.uap_passes,
+                                                batch_size=s.tup_batch_size, seed=s.seed)
+        v = np.asarray(v, np.float32)
+        out = {"fooling_rate": float(attacks.fooling_rate(ctx.model_fn, ctx.x_test, v,
+                                                          batch_size=s.batch_size)),
+               "eps": eps, "norm": s.tup_norm,
+               "search_fooling_rate": _float_or_none(stats.get("fooling_rate")),
+               "passes": int(stats.get("passes", 0))}
+        report.arrays["uap"] = v
+        ctx.done("uap", t0, out["fooling_rate"])
+        return {"uap": out}
+
+    def columns(self, report):
+        return [(f"UAP {_radius_of(report, report['settings']['uap_eps'])} (fool.)",
+                 _pct(report["uap"]["fooling_rate"] if report.get("uap") else None))]
+
+
+def _aa_n(ctx: Context) -> int:
+    n = ctx.settings.aa_n
+    return len(ctx.x_test) if n is None else min(int(n), len(ctx.x_test))
+
+
+class _AutoAttack(Measure):
+    """AutoAttack (APGD-CE, APGD-T, FAB-T, Square): worst case per image, with the breakdown."""
+
+    name = "autoattack"
+
+    def check(self, settings):
+        autoattack.check_attacks(settings.aa_attacks, settings.aa_version, "linf")
+
+    def stages(self, ctx):
+        s, k = ctx.settings, min(9, ctx.num_classes - 1)
+        # an upper bound: every attack on every image (later ones only see the robust ones)
+        cost = 2.0 * s.aa_steps * (2 * k + 1) + s.aa_queries
+        return [("autoattack", cost * ctx.share(_aa_n(ctx)))]
+
+    def run(self, ctx, report):
+        s, n, t0 = ctx.settings, _aa_n(ctx), time.time()
+        eps = s.resolved_aa_eps()
+        names = autoattack.check_attacks(s.aa_attacks, s.aa_version, "linf")
+        if ctx.num_classes < 4 and s.aa_attacks is None:
+            names = [a for a in names if a != "apgd-t"]  # targeted DLR needs 4 classes
+        out = autoattack.autoattack(
+            ctx.model_fn, ctx.x_test[:n], ctx.y_test[:n], eps, attacks=names, seed=s.seed,
+            batch_size=s.batch_size, steps=s.aa_steps, n_queries=s.aa_queries,
+            n_target_classes=min(9, ctx.num_classes - 1))
+        broken = [b for b in out["broken_by"] if b not in (None, "clean")]
+        result = {"eps": eps, "num_images": n, "robust_accuracy": float(out["robust"].mean()),
+                  "after_each": out["robust_accuracy"],
+                  "broken_by": {a: broken.count(a) for a in out["robust_accuracy"]
+                                if a != "clean"},
+                  "seconds": {a: round(t, 2) for a, t in out["seconds"].items()}}
+        ctx.correct["autoattack"] = out["robust"]
+        ctx.done("autoattack", t0, result["robust_accuracy"])
+        return {"autoattack": result}
+
+    def columns(self, report):
+        aa = report.get("autoattack")
+        if not aa:
+            return [("AA", "-")]
+        first = "" if aa["num_images"] >= report["num_test"] else f" (first {aa['num_images']})"
+        return [(f"AA {_radius_of(report, aa['eps'])}{first}", _pct(aa["robust_accuracy"]))]
+
+
+class _Masking(Measure):
+    """Gradient-masking checks, said plainly: a black-box attack beating the white-box ones,
+    FGSM stronger than PGD at one radius, accuracy left at a radius covering the whole pixel
+    box, and the gap from FGSM to AutoAttack."""
+
+    name = "masking"
+
+    def stages(self, ctx):
+        s = ctx.settings
+        return [("masking", 2.0 * s.masking_steps * ctx.share(min(s.masking_n,
+                                                                   len(ctx.x_test))))]
+
+    def run(self, ctx, report):
+        s, t0 = ctx.settings, time.time()
+        n = min(s.masking_n, len(ctx.x_test))
+        box = float(ops.PIXEL_RANGE[1] - ops.PIXEL_RANGE[0])
+        step = ctx.step("box", lambda x, y, eps: attacks.pgd(
+            ctx.model_fn, x, y, eps, steps=s.masking_steps, rand_init=True, seed=s.seed))
+        box_acc = float(correct_on(step, ctx.x_test[:n], ctx.y_test[:n], s.batch_size,
+                                   box).mean())
+        checks, flags = {"box_radius": box, "box_accuracy": box_acc, "box_images": n}, []
+        if box_acc > 0.01:
+            flags.append(f"PGD at L-inf {box:g} (the whole pixel box) leaves "
+                         f"{100 * box_acc:.1f}% accuracy on {n} images: gradients do not "
+                         f"reach the decision (masking)")
+        for eps, pgd in report.get("pgd_accuracy", {}).items():
+            fgsm = report.get("pgd_fgsm_accuracy", {}).get(eps)
+            if fgsm is not None and fgsm < pgd - 0.01:
+                flags.append(f"FGSM accuracy {100 * fgsm:.1f}% is below PGD's "
+                             f"{100 * pgd:.1f}% at {eps}: the iterative attack is weaker than "
+                             f"one step (masking)")
+        aa = report.get("autoattack")
+        if aa:
+            black = aa["broken_by"].get("square", 0)
+            checks["square_only_breaks"] = black
+            if black > 0.005 * aa["num_images"]:
+                flags.append(f"Square (gradient-free) broke {black} of {aa['num_images']} "
+                             f"images the gradient attacks left robust (masking)")
+            fgsm = ctx.fgsm(aa["eps"], aa["num_images"]).mean()
+            checks["fgsm_at_aa_eps"] = float(fgsm)
+            checks["fgsm_to_aa_gap"] = float(fgsm - aa["robust_accuracy"])
+        checks["flags"] = flags
+        ctx.done("masking", t0, float(len(flags)))
+        return {"masking": checks}
+
+
+for _measure in (_Clean(), _FGSM(), _PGD(), _PerClass(), _TUPGiven(), _TUPFresh(), _UAP(),
+                 _AutoAttack(), _Masking()):
+    register_measure(_measure)
+MEASURES.freeze()
+
+
 # --------------------------------------------------------------------------- the report
 def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                       y_test: np.ndarray, *, x_search: np.ndarray, y_search: np.ndarray,
@@ -231,10 +653,10 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                       class_names: Sequence[str] | None = None,
                       search_fingerprints: np.ndarray | None = None,
                       name: str | None = None, progress: bool = True) -> Report:
-    """Measure one model's robustness (METHOD.md section 3) on held-out test images.
+    """Measure one model's robustness (docs/method.md, section 3) on held-out test images.
 
     ``perturbations`` are the targeted universal perturbations used in training (array
-    [K,H,W,C] or an .npz from :func:`rat_tf.attacks.save_perturbations`); fresh ones are
+    [K,H,W,C] or an .npz from :func:`rat_tf.perturbation_files.save`); fresh ones are
     searched against this model on a balanced subset of ``x_search``. Raises ValueError if the
     test images overlap the search images (or the fingerprints stored with the perturbations).
     """
@@ -263,11 +685,11 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
 
     given_v, given_meta = None, {}
     if isinstance(perturbations, (str, os.PathLike)):
-        given_v, given_meta = attacks.load_perturbations(os.fspath(perturbations))
+        given_v, given_meta = perturbation_files.load(os.fspath(perturbations))
     elif perturbations is not None:
         given_v = np.asarray(perturbations, np.float32)
-    if search_fingerprints is None and attacks.FINGERPRINT_KEY in given_meta:
-        search_fingerprints = given_meta[attacks.FINGERPRINT_KEY]
+    if search_fingerprints is None and perturbation_files.FINGERPRINT_KEY in given_meta:
+        search_fingerprints = given_meta[perturbation_files.FINGERPRINT_KEY]
     if given_v is not None and search_fingerprints is None:
         logging.warning("the given perturbations carry no fingerprints of the images they were "
                         "searched on: cannot check that the test images are not among them")
@@ -300,32 +722,25 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                                   num_classes=num_classes)
 
     model_fn, description = load_model_fn(model)
-    s, bs = settings, settings.batch_size
-    stages = (["clean"] + [f"fgsm {e:g}" for e in s.fgsm_eps] + [f"pgd {e:g}" for e in s.pgd_eps]
-              + (["tup given"] if given_v is not None else []) + ["tup fresh", "uap"])
-    # Progress in units of cost (forward+backward passes over the test set, roughly), so the
-    # ETA weighs PGD and the searches as they deserve; the bar shows the last stage's result.
-    n_pgd_share = (len(x_test) if s.n_pgd is None else min(int(s.n_pgd), len(x_test))) / max(
-        1, len(x_test))
-    search_share = len(xs) * num_classes / max(1, len(x_test))
-    cost = {"clean": 1.0, "tup given": float(num_classes), "uap": 2.0 * s.uap_passes *
-            len(xs) / max(1, len(x_test)) + 2.0, "tup fresh": 2.0 * s.tup_passes * search_share
-            + num_classes}
-    cost.update({f"fgsm {e:g}": 3.0 for e in s.fgsm_eps})
-    cost.update({f"pgd {e:g}": 2.0 * s.pgd_steps * s.pgd_restarts * n_pgd_share
-                 for e in s.pgd_eps})
+    n_pgd = len(x_test) if settings.n_pgd is None else min(int(settings.n_pgd), len(x_test))
+    ctx = Context(model_fn=model_fn, x_test=x_test, y_test=y_test, x_search=xs, y_search=ys,
+                  settings=settings, num_classes=num_classes, n_pgd=n_pgd,
+                  perturbations=given_v, perturbation_meta=given_meta)
+    units = [MEASURES[m] for m in settings.measures]
+    stages = {stage: cost for unit in units for stage, cost in unit.stages(ctx)}
     bar = None
     if progress:
         print(f"evaluating {name or description}: {', '.join(stages)}", flush=True)
-        bar = keras.utils.Progbar(sum(cost[st] for st in stages), unit_name="cost",
+        # Progress in units of cost (forward+backward passes over the test set, roughly), so
+        # the ETA weighs PGD and the searches as they deserve; it shows the last result.
+        bar = keras.utils.Progbar(sum(stages.values()), unit_name="cost",
                                   stateful_metrics=["stage", "result"])
     seconds: dict[str, float] = {}
-    n_pgd = len(x_test) if s.n_pgd is None else min(int(s.n_pgd), len(x_test))
-    report = Report(name=name or description, model=description, dataset=s.dataset,
+    report = Report(name=name or description, model=description, dataset=settings.dataset,
                     num_test=int(len(x_test)), num_pgd=int(n_pgd), num_search=int(len(xs)),
                     test_fingerprint=hashlib.sha1("".join(data.fingerprints(x_test)).encode()
                                                   ).hexdigest()[:16],
-                    settings=s.to_dict(), class_names=class_names)
+                    settings=settings.to_dict(), class_names=class_names)
 
     def done(stage: str, t0: float, result: float | None = None) -> None:
         seconds[stage] = round(time.time() - t0, 2)
@@ -334,96 +749,19 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                      "" if result is None else f": {result:.4f}")
         if bar is not None:
             values = [("stage", len(seconds))] + ([] if result is None else [("result", result)])
-            bar.add(cost[stage], values)
+            bar.add(stages.get(stage, 0.0), values)
 
-    clean_step = correct_fn(model_fn)
-    fgsm_step = correct_fn(model_fn, lambda x, y, eps: attacks.fgsm(model_fn, x, y, eps))
-    pgd_step = correct_fn(model_fn, lambda x, y, eps: attacks.pgd(
-        model_fn, x, y, eps, step_size=attacks.pgd_step_size(eps, s.pgd_steps, s.pgd_step_size),
-        steps=s.pgd_steps, rand_init=True, restarts=s.pgd_restarts, seed=s.seed))
-
-    t0 = time.time()
-    clean = correct_on(clean_step, x_test, y_test, bs)
-    report["clean_accuracy"] = float(clean.mean())
-    done("clean", t0, report["clean_accuracy"])
-
-    fgsm_ok: dict[str, np.ndarray] = {}
-    for eps in s.fgsm_eps:
-        t0 = time.time()
-        fgsm_ok[f"{eps:g}"] = correct_on(fgsm_step, x_test, y_test, bs, eps)
-        done(f"fgsm {eps:g}", t0, float(fgsm_ok[f"{eps:g}"].mean()))
-
-    def fgsm_at(eps: float, n: int) -> np.ndarray:
-        """FGSM correctness on the first n test images (from the sweep when it has eps)."""
-        if f"{eps:g}" in fgsm_ok:
-            return fgsm_ok[f"{eps:g}"][:n]
-        return correct_on(fgsm_step, x_test[:n], y_test[:n], bs, eps)
-
-    report["fgsm_accuracy"] = {k: float(ok.mean()) for k, ok in fgsm_ok.items()}
-    fgsm_class = fgsm_at(s.class_eps, len(x_test))
-
-    pgd_acc, pgd_fgsm = {}, {}
-    for eps in s.pgd_eps:
-        t0 = time.time()
-        pgd_acc[f"{eps:g}"] = float(
-            correct_on(pgd_step, x_test[:n_pgd], y_test[:n_pgd], bs, eps).mean())
-        pgd_fgsm[f"{eps:g}"] = float(fgsm_at(eps, n_pgd).mean())
-        done(f"pgd {eps:g}", t0, pgd_acc[f"{eps:g}"])
-    report["pgd_accuracy"] = pgd_acc
-    report["pgd_fgsm_accuracy"] = pgd_fgsm  # FGSM at the PGD radii on the PGD images
-
-    report["per_class"] = {
-        "count": np.bincount(y_test, minlength=num_classes).astype(int).tolist(),
-        "clean": _per_class(clean, y_test, num_classes),
-        "fgsm": _per_class(fgsm_class, y_test, num_classes), "fgsm_eps": float(s.class_eps)}
-
-    report["tup_given"] = None
-    if given_v is not None:
-        t0 = time.time()
-        rates = np.asarray(attacks.targeted_success_rate(model_fn, x_test, y_test, given_v,
-                                                         batch_size=bs * 2), np.float64)
-        report["tup_given"] = {"success_rate": files.floats(rates),
-                               "mean": _mean_over_targets(rates, given_v),
-                               "linf": _linf(given_v), "meta": _jsonable_meta(given_meta)}
-        report.arrays["tup_given"] = given_v
-        done("tup given", t0, report["tup_given"]["mean"])
-
-    t0 = time.time()
-    fresh_v, stats = attacks.targeted_universal(
-        model_fn, xs, ys, s.tup_eps, num_classes=num_classes, norm=s.tup_norm, method=s.tup_method,
-        delta=s.tup_delta, max_passes=s.tup_passes, step_size=s.tup_step_size,
-        batch_size=s.tup_batch_size, seed=s.seed)
-    fresh_v = np.asarray(fresh_v, np.float32)
-    rates = np.asarray(attacks.targeted_success_rate(model_fn, x_test, y_test, fresh_v,
-                                                     batch_size=bs * 2), np.float64)
-    report["tup_fresh"] = {
-        "success_rate": files.floats(rates), "mean": _mean_over_targets(rates, fresh_v),
-        "search_success_rate": files.floats(stats.get("success_rate", [])),
-        "passes": int(stats.get("passes", 0)), "linf": _linf(fresh_v),
-        "norm": files.floats(stats.get("norm", []))}
-    report.arrays["tup_fresh"] = fresh_v
-    done("tup fresh", t0, report["tup_fresh"]["mean"])
-
-    t0 = time.time()
-    uap_eps = float(s.uap_eps or s.tup_eps)
-    v, ustats = attacks.untargeted_universal(model_fn, xs, ys, uap_eps, norm=s.tup_norm,
-                                             max_passes=s.uap_passes,
-                                             batch_size=s.tup_batch_size, seed=s.seed)
-    v = np.asarray(v, np.float32)
-    report["uap"] = {"fooling_rate": float(attacks.fooling_rate(model_fn, x_test, v,
-                                                                batch_size=bs)),
-                     "eps": uap_eps, "norm": s.tup_norm,
-                     "search_fooling_rate": _float_or_none(ustats.get("fooling_rate")),
-                     "passes": int(ustats.get("passes", 0))}
-    report.arrays["uap"] = v
-    done("uap", t0, report["uap"]["fooling_rate"])
+    ctx.done = done
+    for unit in units:
+        results = unit.run(ctx, report)
+        report.update(results)
     report["seconds"] = seconds
     return report
 
 
 def _jsonable_meta(meta: Mapping) -> dict:
     """The small, JSON-ready part of a perturbation file's metadata (no fingerprint lists)."""
-    return {k: v for k, v in meta.items() if k != attacks.FINGERPRINT_KEY
+    return {k: v for k, v in meta.items() if k != perturbation_files.FINGERPRINT_KEY
             and isinstance(v, (str, int, float, bool, type(None)))}
 
 
@@ -482,39 +820,29 @@ def _pct(v: float | None) -> str:
 
 
 def _radius(eps: float | str, dataset: str) -> str:
-    """A radius for a table header: k/255 on CIFAR-10, plain decimals otherwise."""
-    eps = float(eps)
-    if dataset == "cifar10" and abs(eps * 255 - round(eps * 255)) < 1e-4:
-        return f"{round(eps * 255)}/255"
+    """A radius for a table header: k/d for a dataset with a radius denominator d (k/255 on
+    CIFAR-10), plain decimals otherwise."""
+    eps, d = float(eps), data.get_info(dataset).radius_denominator
+    if d and abs(eps * d - round(eps * d)) < 1e-4:
+        return f"{round(eps * d)}/{d}"
     return f"{eps:g}"
 
 
 def markdown_table(reports: Mapping[str, Mapping]) -> str:
-    """A Markdown table with one row per model: clean, FGSM sweep, PGD, TUP and UAP (in %)."""
+    """A Markdown table with one row per model and the columns of every measure (in %)."""
     if not reports:
         raise ValueError("no reports to tabulate")
-    first = next(iter(reports.values()))
-    st = first["settings"]
-    radii = list(first["fgsm_accuracy"])
-    pgd_radii = list(first["pgd_accuracy"])
-    steps = f"PGD-{st['pgd_steps']}x{st['pgd_restarts']}"
-    if first.get("num_pgd", first["num_test"]) < first["num_test"]:
-        steps += f" (first {first['num_pgd']})"
-    ds = st["dataset"]
-    tup = _radius(st["tup_eps"], ds) + ("" if st["tup_norm"] == "linf" else f" {st['tup_norm']}")
-    head = (["model", "clean"] + [f"FGSM {_radius(r, ds)}" for r in radii]
-            + [f"{steps} {_radius(r, ds)}" for r in pgd_radii]
-            + [f"TUP given {tup} (succ.)", f"TUP fresh {tup} (succ.)",
-               f"UAP {_radius(st['uap_eps'], ds)} (fool.)"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in reports.items():
-        given = r.get("tup_given")
-        row = ([name, _pct(r["clean_accuracy"])]
-               + [_pct(r["fgsm_accuracy"].get(e)) for e in radii]
-               + [_pct(r["pgd_accuracy"].get(e)) for e in pgd_radii]
-               + [_pct(given["mean"] if given else None), _pct(r["tup_fresh"]["mean"]),
-                  _pct(r["uap"]["fooling_rate"])])
-        lines.append("| " + " | ".join(row) + " |")
+    cells = []
+    for r in reports.values():
+        row: dict[str, str] = {}
+        for m in r["settings"].get("measures", DEFAULT_MEASURES):
+            if m in MEASURES:
+                row.update(MEASURES[m].columns(r))
+        cells.append(row)
+    head = list(dict.fromkeys(h for row in cells for h in row))
+    lines = ["| " + " | ".join(["model"] + head) + " |", "|" + "---|" * (len(head) + 1)]
+    for name, row in zip(reports, cells):
+        lines.append("| " + " | ".join([name] + [row.get(h, "-") for h in head]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -524,14 +852,17 @@ def _class_table(reports: Mapping[str, Mapping]) -> str:
     head = ["model", "measure"] + list(names)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in reports.items():
-        pc = r["per_class"]
-        lines.append("| " + " | ".join([name, "clean acc"] + [_pct(v) for v in pc["clean"]])
-                     + " |")
-        lines.append("| " + " | ".join([name, f"FGSM {_radius(pc['fgsm_eps'], r['dataset'])} acc"]
-                                       + [_pct(v) for v in pc["fgsm"]]) + " |")
-        lines.append("| " + " | ".join([name, "TUP fresh succ. (target)"]
-                                       + [_pct(v) for v in r["tup_fresh"]["success_rate"]])
-                     + " |")
+        pc = r.get("per_class")
+        if pc:
+            lines.append("| " + " | ".join([name, "clean acc"] + [_pct(v) for v in pc["clean"]])
+                         + " |")
+            lines.append("| " + " | ".join(
+                [name, f"FGSM {_radius(pc['fgsm_eps'], r['dataset'])} acc"]
+                + [_pct(v) for v in pc["fgsm"]]) + " |")
+        if r.get("tup_fresh"):
+            lines.append("| " + " | ".join([name, "TUP fresh succ. (target)"]
+                                           + [_pct(v) for v in r["tup_fresh"]["success_rate"]])
+                         + " |")
         if r.get("tup_given"):
             lines.append("| " + " | ".join([name, "TUP given succ. (target)"]
                                            + [_pct(v) for v in r["tup_given"]["success_rate"]])
@@ -542,8 +873,45 @@ def _class_table(reports: Mapping[str, Mapping]) -> str:
 def _pgd_fgsm(reports: Mapping[str, Mapping]) -> str:
     """FGSM accuracy at the PGD radii on the PGD images, per model, for the report's text."""
     return "; ".join(f"{name} " + ", ".join(f"{_radius(e, r['dataset'])} {_pct(a)}"
-                                            for e, a in r["pgd_fgsm_accuracy"].items())
+                                            for e, a in r.get("pgd_fgsm_accuracy", {}).items())
                      for name, r in reports.items())
+
+
+def _autoattack_section(reports: Mapping[str, Mapping]) -> str:
+    """AutoAttack's breakdown: robust accuracy after each attack, per model."""
+    rows = [(name, r["autoattack"]) for name, r in reports.items() if r.get("autoattack")]
+    if not rows:
+        return ""
+    attacks_run = list(dict.fromkeys(a for _, aa in rows for a in aa["after_each"]))
+    head = ["model", "images"] + [f"after {a}" for a in attacks_run]
+    radius = _radius(rows[0][1]["eps"], next(iter(reports.values()))["dataset"])
+    lines = ["\n## AutoAttack\n",
+             f"Robust accuracy (%) at L-inf {radius} "
+             f"after each attack of the sequence, each run only on the images still robust; "
+             f"the last column is the AA figure (worst case per image).\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, aa in rows:
+        lines.append("| " + " | ".join([name, str(aa["num_images"])] + [
+            _pct(aa["after_each"].get(a)) for a in attacks_run]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _masking_section(reports: Mapping[str, Mapping]) -> str:
+    """The gradient-masking checks, said plainly, per model."""
+    rows = [(name, r["masking"]) for name, r in reports.items() if r.get("masking")]
+    if not rows:
+        return ""
+    lines = ["\n## Gradient-masking checks\n"]
+    for name, m in rows:
+        gap = m.get("fgsm_to_aa_gap")
+        facts = (f"PGD at L-inf {m['box_radius']:g} (the whole pixel box): "
+                 f"{_pct(m['box_accuracy'])}% accuracy on {m['box_images']} images"
+                 + ("" if gap is None else f"; FGSM minus AA accuracy at the AA radius: "
+                    f"{100 * gap:.1f} points"))
+        verdict = ("; ".join(m["flags"]) if m["flags"] else
+                   "no sign of gradient masking")
+        lines.append(f"- **{name}**: {verdict}. ({facts}.)")
+    return "\n".join(lines) + "\n"
 
 
 def report_markdown(reports: Mapping[str, Mapping], title: str = "Robustness report") -> str:
@@ -559,7 +927,8 @@ def report_markdown(reports: Mapping[str, Mapping], title: str = "Robustness rep
              + (f" PGD runs on the first {first['num_pgd']} of the test images (FGSM on those "
                 f"same images: {_pgd_fgsm(reports)})."
                 if first.get("num_pgd", first["num_test"]) < first["num_test"] else "") + "\n",
-             markdown_table(reports), "\n## Per class\n", _class_table(reports),
+             markdown_table(reports), _autoattack_section(reports), _masking_section(reports),
+             "\n## Per class\n", _class_table(reports),
              "\n## Settings\n", "\n".join(f"- {k}: {json.dumps(v)}" for k, v in st.items())
              + "\n"]
     return "\n".join(parts)
@@ -581,13 +950,19 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str,
     files.write_json(paths["json"], {name: dict(r) for name, r in reports.items()}, indent=1)
     files.write_bytes(paths["markdown"],
                       (report_markdown(reports, title) + extra_markdown).encode(), ".md")
-    curves = {}
+    curves, points = {}, {}
     for name, r in reports.items():
-        curve = {0.0: r["clean_accuracy"]}
-        curve.update({float(e): a for e, a in r["fgsm_accuracy"].items()})
-        curves[name] = curve
-    paths["accuracy_vs_radius"] = plots.accuracy_vs_radius(
-        curves, os.path.join(out_dir, "accuracy_vs_radius.png"))
+        aa = r.get("autoattack")
+        points[name] = {"PGD": [(float(e), a) for e, a in r.get("pgd_accuracy", {}).items()],
+                        "AA": [(aa["eps"], aa["robust_accuracy"])] if aa else []}
+        curve = {0.0: r["clean_accuracy"]} if "clean_accuracy" in r else {}
+        curve.update({float(e): a for e, a in r.get("fgsm_accuracy", {}).items()})
+        if curve:
+            curves[name] = curve
+    if curves:
+        paths["accuracy_vs_radius"] = plots.accuracy_vs_radius(
+            curves, os.path.join(out_dir, "accuracy_vs_radius.png"),
+            title="FGSM accuracy (lines), PGD and AA (markers)", points=points)
     rows, labels = [], []
     for name, r in reports.items():
         arrays = getattr(r, "arrays", {})

@@ -35,7 +35,7 @@ Result directory layout (``output_dir``)::
     start/                       (a) model.keras, metrics.json, history.csv, logs/
     search/                      (b) perturbations.npz: V [K,H,W,C] + metadata (incl. the
                                  fingerprints of its images); perturbations.png; search.json
-                                 (:func:`rat_tf.attacks.write_search`)
+                                 (:func:`rat_tf.perturbation_files.write_search`)
     rat/ fgsm_at/ pgd_at/        (c)(d) model.keras, metrics.json, history.csv (rat: V used)
     saved_models/<model>/        (e) SavedModel of every classifier (serving_default, _uint8)
     evaluation/<model>.json|npz  (e) per-model report and the perturbations its evaluation
@@ -55,7 +55,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import attacks, data, evaluation, export, files, training
+from rat_tf import attacks, data, evaluation, export, files, perturbation_files, training
 
 BUDGETS = ("tiny", "small", "full")
 FINETUNE_METHODS = ("rat", "fgsm_at", "pgd_at", "standard")
@@ -67,8 +67,9 @@ _MNIST_LIKE = {
                  pretrain_batch_size=64, finetune_subset=200, finetune_epochs=1,
                  finetune_batch_size=50, search_passes=2, train_pgd_steps=3, test_subset=500,
                  eval=dict(n_test=200, pgd_steps=5, pgd_restarts=2, tup_passes=2,
-                           tup_n_per_class=10, tup_batch_size=50, uap_passes=1)),
-    # small/full: tuned on real MNIST (docs in the module docstring): a ~99% wide_mnist_cnn
+                           tup_n_per_class=10, tup_batch_size=50, uap_passes=1, aa_n=100,
+                           aa_steps=10, aa_queries=100, masking_steps=5, masking_n=100)),
+    # small/full: tuned on real MNIST (docs/experiments.md): a ~99% wide_mnist_cnn
     # start model (3 epochs, cosine), V per (source, target) refreshed against the current
     # model every epoch (3 search passes), one random target per image, 8 epochs.
     "small": dict(model="wide_mnist_cnn", pretrain_subset=0, pretrain_epochs=3,
@@ -83,7 +84,7 @@ _MNIST_LIKE = {
                  finetune_subset=1000, finetune_epochs=50, finetune_batch_size=50,
                  refresh_every=1, search_passes=5, per_source=True, train_pgd_steps=40,
                  test_subset=0,
-                 eval=dict(n_test=None, pgd_steps=40, pgd_restarts=5, tup_passes=10,
+                 eval=dict(n_test=None, aa_n=None, pgd_steps=40, pgd_restarts=5, tup_passes=10,
                            tup_n_per_class=100, uap_passes=5)),
 }
 _CIFAR = {
@@ -91,7 +92,8 @@ _CIFAR = {
                  pretrain_batch_size=64, finetune_subset=200, finetune_epochs=1,
                  finetune_batch_size=50, search_passes=2, train_pgd_steps=2, test_subset=500,
                  eval=dict(n_test=100, pgd_steps=3, pgd_restarts=2, tup_passes=1,
-                           tup_n_per_class=5, tup_batch_size=50, uap_passes=1)),
+                           tup_n_per_class=5, tup_batch_size=50, uap_passes=1, aa_n=50,
+                           aa_steps=5, aa_queries=50, masking_steps=3, masking_n=50)),
     "small": dict(model="resnet20", pretrain_subset=20000, pretrain_epochs=5,
                   pretrain_batch_size=128, finetune_subset=1000, finetune_epochs=5,
                   finetune_batch_size=50, search_passes=5, train_pgd_steps=5, test_subset=2000,
@@ -101,17 +103,23 @@ _CIFAR = {
                  pretrain_batch_size=128, pretrain_optimizer="momentum", pretrain_lr=0.1,
                  pretrain_lr_schedule="cosine", finetune_subset=1000, finetune_epochs=30,
                  finetune_batch_size=50, search_passes=20, train_pgd_steps=10, test_subset=0,
-                 eval=dict(n_test=None, pgd_steps=20, pgd_restarts=5, tup_passes=10,
+                 eval=dict(n_test=None, aa_n=None, pgd_steps=20, pgd_restarts=5, tup_passes=10,
                            tup_n_per_class=100, uap_passes=5)),
 }
 
 
+PRESETS = {"mnist": _MNIST_LIKE, "cifar10": _CIFAR}  # by DatasetInfo.preset_family
+
+
 def budget_preset(dataset: str, budget: str) -> dict:
     """The preset of ``budget`` for ``dataset`` (a copy; "eval" holds evaluation settings)."""
-    data.get_info(dataset)
+    family = data.get_info(dataset).preset_family
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; choose one of {BUDGETS}")
-    preset = (_CIFAR if dataset == "cifar10" else _MNIST_LIKE)[budget]
+    if family not in PRESETS:
+        raise ValueError(f"dataset {dataset!r} has preset family {family!r}, which has no "
+                         f"presets; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[family][budget]
     return {**preset, "eval": dict(preset["eval"])}
 
 
@@ -135,7 +143,7 @@ class ExperimentConfig:
     pretrain_optimizer: str | None = None  # default adam
     pretrain_lr_schedule: str | None = None  # default constant
     # (b) targeted universal perturbations
-    eps: float | None = None  # radius of V; None: training.DEFAULT_EPS of the dataset
+    eps: float | None = None  # radius of V; None: the dataset's (data.DatasetInfo.eps)
     norm: str = "linf"
     search_method: str = "sgd"
     search_passes: int | None = None
@@ -150,7 +158,7 @@ class ExperimentConfig:
     perturbed_fraction: float | None = None  # RAT: weight of the perturbed examples (0.5)
     batch_mode: str | None = None  # RAT: "append" (default) or "replace"
     per_source: bool | None = None  # RAT: one V per (source class, target); default per preset
-    adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: training.DEFAULT_ADV_EPS
+    adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
     # (e) evaluation: overrides of EvalSettings (None: budget preset, then dataset defaults)
@@ -164,8 +172,8 @@ class ExperimentConfig:
                         pretrain_lr_schedule="constant", finetune_lr=5e-4, refresh_every=0,
                         targets_per_image="one", perturbed_fraction=0.5, batch_mode="append",
                         per_source=False,
-                        eps=training.DEFAULT_EPS.get(self.dataset, 0.1),
-                        adv_eps=training.DEFAULT_ADV_EPS.get(self.dataset, 0.1))
+                        eps=data.get_info(self.dataset).eps,
+                        adv_eps=data.get_info(self.dataset).adv_eps)
         values = dataclasses.asdict(self)
         for key, value in {**defaults, **preset}.items():
             if values.get(key) is None:
@@ -182,7 +190,7 @@ class ExperimentConfig:
                     values["eval_overrides"][key] = [float(e) for e in radii]
                 except (TypeError, ValueError) as e:
                     raise ValueError(f"{key} must be a list of numbers, got {radii!r}") from e
-        for key in ("n_test", "n_pgd"):  # 0 = every test image
+        for key in ("n_test", "n_pgd", "aa_n"):  # 0 = every test image
             if values["eval_overrides"].get(key) == 0:
                 values["eval_overrides"][key] = None
         out = ExperimentConfig(**values)
@@ -232,7 +240,7 @@ class ExperimentConfig:
         """The evaluation settings of a resolved config (n_test / n_pgd None: every image)."""
         settings = evaluation.EvalSettings.for_dataset(self.dataset, seed=self.seed,
                                                        **self.eval_overrides)
-        every = {k: None for k in ("n_test", "n_pgd")
+        every = {k: None for k in ("n_test", "n_pgd", "aa_n")
                  if k in self.eval_overrides and self.eval_overrides[k] is None}
         return dataclasses.replace(settings, **every)
 
@@ -290,22 +298,19 @@ def _stage(name: str, done: bool, timings: dict, fn, *args, **kwargs):
 
 
 def _search(config: ExperimentConfig, classifier_path: str, out_dir: str,
-            strategy: tf.distribute.Strategy) -> None:
+            strategy: tf.distribute.Strategy, x_train: np.ndarray, y_train: np.ndarray) -> None:
     """Stage (b): V against the start model on the balanced fine-tuning subset; npz + png."""
     info = data.get_info(config.dataset)
-    x_train, y_train = data.load_arrays(config.dataset, "train", config.data_source,
-                                        config.data_dir)
     # The same balanced subset train() fine-tunes on (same function, size and seed).
     xs, ys = data.balanced_subset(x_train, y_train, config.finetune_subset // info.num_classes,
                                   config.seed)
+    rat = config.train_config("rat", out_dir, **config._rat_settings())
     with strategy.scope():
         classifier = keras.models.load_model(classifier_path, compile=False)
     v, stats = attacks.targeted_universal(
-        classifier, xs, ys, config.eps, num_classes=info.num_classes, norm=config.norm,
-        method=config.search_method, delta=config.search_delta, max_passes=config.search_passes,
-        batch_size=min(128, len(xs)), seed=config.seed, strategy=strategy, progress=True,
-        per_source=bool(config.per_source))
-    report = attacks.write_search(out_dir, v, stats, xs, class_names=info.class_names,
+        classifier, xs, ys, num_classes=info.num_classes, seed=config.seed, strategy=strategy,
+        progress=True, **rat.search_settings(num_images=len(xs)).kwargs())
+    report = perturbation_files.write_search(out_dir, v, stats, xs, class_names=info.class_names,
                                   settings={"dataset": config.dataset, "seed": config.seed})
     logging.info("V: mean targeted success %.3f on the %d search images after %d passes",
                  report["mean_success_search"], len(xs), stats["passes"])
@@ -360,6 +365,10 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
     start_model = os.path.join(start_dir, "model.keras")
     v_path = os.path.join(out, "search", "perturbations.npz")
     t_all = time.time()
+    # Read once, passed to every stage.
+    train_data = data.load_arrays(config.dataset, "train", config.data_source, config.data_dir)
+    test_data = data.load_arrays(config.dataset, "test", config.data_source, config.data_dir)
+    splits = dict(train_data=train_data, test_data=test_data)
 
     # (a) the start model
     _stage("a_pretrain", os.path.isfile(start_model), timings, training.train,
@@ -367,10 +376,10 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
                                batch_size=config.pretrain_batch_size, lr=config.pretrain_lr,
                                optimizer=config.pretrain_optimizer,
                                lr_schedule=config.pretrain_lr_schedule,
-                               train_subset=config.pretrain_subset), strategy)
+                               train_subset=config.pretrain_subset), strategy, **splits)
     # (b) V against the start model
     _stage("b_search", os.path.isfile(v_path), timings, _search, config, start_model,
-           os.path.dirname(v_path), strategy)
+           os.path.dirname(v_path), strategy, *train_data)
     # (c) RAT and (d) baselines from the same start model, subset and epochs
     model_dirs = {START: start_dir}
     for method in config.methods:
@@ -384,19 +393,16 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
                config.train_config(method, model_dir, epochs=config.finetune_epochs,
                                    batch_size=config.finetune_batch_size, lr=config.finetune_lr,
                                    train_subset=config.finetune_subset, init_from=start_model,
-                                   **extra), strategy)
+                                   **extra), strategy, **splits)
 
     # (e) export, then evaluate the SavedModels side by side on held-out test images
-    x_test, y_test = data.load_arrays(config.dataset, "test", config.data_source,
-                                      config.data_dir)
+    (x_train, y_train), (x_test, y_test) = train_data, test_data
     saved = {}
     for name, model_dir in model_dirs.items():
         saved[name] = os.path.join(out, "saved_models", name)
         _stage(f"e_export_{name}",
                os.path.isfile(os.path.join(saved[name], "saved_model.pb")), timings, _export,
                os.path.join(model_dir, "model.keras"), saved[name], x_test[:64])
-    x_train, y_train = data.load_arrays(config.dataset, "train", config.data_source,
-                                        config.data_dir)
     settings = config.eval_settings()
     reports: dict[str, evaluation.Report] = {}
     os.makedirs(os.path.join(out, "evaluation"), exist_ok=True)
@@ -432,6 +438,8 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
                            "tup_given": r["tup_given"]["mean"] if r["tup_given"] else None,
                            "tup_fresh": r["tup_fresh"]["mean"],
                            "uap": r["uap"]["fooling_rate"],
+                           "aa": r["autoattack"]["robust_accuracy"],
+                           "masking_flags": r["masking"]["flags"],
                            "fit_seconds": metrics[name]["fit_seconds"]}
                     for name, r in reports.items()},
     }

@@ -1,9 +1,10 @@
 """Classifiers: the model zoo, and what rat_tf needs to know about any built Keras classifier.
 
-Zoo models take [0, 1] images, normalize inside and return float32 logits. A user's own
-classifier (Sequential, functional or subclassed) is described by :func:`describe` (image
-shape, number of classes, logits or probabilities) and turned into an ``x -> logits``
-callable by :func:`logits_fn`, which every attack and trainer uses.
+Zoo models are built for a dataset of :data:`rat_tf.data.DATASETS` (its image shape, classes
+and channel statistics): they take [0, 1] images, normalize inside and return float32 logits.
+A user's own classifier (Sequential, functional or subclassed) is described by
+:func:`describe` (image shape, number of classes, logits or probabilities) and turned into an
+``x -> logits`` callable by :func:`logits_fn`, which every attack and trainer uses.
 """
 
 from __future__ import annotations
@@ -17,31 +18,30 @@ import tensorflow as tf
 from absl import logging
 from keras import layers
 
-# Per-dataset channel statistics, used by the in-model normalization.
-_STATS = {
-    1: ((0.1307,), (0.3081,)),  # MNIST-like grayscale
-    3: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # CIFAR-10
-}
+from rat_tf import data
 
-
-def _inputs_normalized(input_shape: tuple[int, int, int]):
-    inputs = keras.Input(shape=input_shape, name="image")
-    mean, std = _STATS.get(input_shape[-1], ((0.5,) * input_shape[-1], (0.5,) * input_shape[-1]))
-    x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(
-        inputs)
+def _inputs_normalized(info: data.DatasetInfo):
+    """The image input and its normalisation by the dataset's channel statistics."""
+    inputs = keras.Input(shape=info.image_shape, name="image")
+    x = layers.Normalization(mean=list(info.mean), variance=[s * s for s in info.std],
+                             name="normalize")(inputs)
     return inputs, x
 
 
-def _logits(x, num_classes: int):
-    x = layers.Dense(num_classes, name="logits_dense")(x)
+def _info(dataset: str | data.DatasetInfo) -> data.DatasetInfo:
+    return dataset if isinstance(dataset, data.DatasetInfo) else data.get_info(dataset)
+
+
+def _logits(x, info: data.DatasetInfo, num_classes: int | None):
+    x = layers.Dense(num_classes or info.num_classes, name="logits_dense")(x)
     # float32 logits even under a mixed-precision policy.
     return layers.Activation("linear", dtype="float32", name="logits")(x)
 
 
-def _mnist_convnet(input_shape, num_classes: int, widths: tuple[int, int, int, int], name: str
-                   ) -> keras.Model:
+def _mnist_convnet(info: data.DatasetInfo, num_classes: int | None,
+                   widths: tuple[int, int, int, int], name: str) -> keras.Model:
     """conv3x3 - conv3x3 - pool - conv3x3 - pool - dense, with ``widths`` units in that order."""
-    inputs, x = _inputs_normalized(input_shape)
+    inputs, x = _inputs_normalized(info)
     x = layers.Conv2D(widths[0], 3, activation="relu", name="conv1")(x)
     x = layers.Conv2D(widths[1], 3, activation="relu", name="conv2")(x)
     x = layers.MaxPooling2D(2)(x)
@@ -49,29 +49,32 @@ def _mnist_convnet(input_shape, num_classes: int, widths: tuple[int, int, int, i
     x = layers.MaxPooling2D(2)(x)
     x = layers.Flatten()(x)
     x = layers.Dense(widths[3], activation="relu", name="fc1")(x)
-    return keras.Model(inputs, _logits(x, num_classes), name=name)
+    return keras.Model(inputs, _logits(x, info, num_classes), name=name)
 
 
-def mnist_cnn(input_shape=(28, 28, 1), num_classes: int = 10) -> keras.Model:
+def mnist_cnn(dataset: str | data.DatasetInfo = "mnist", num_classes: int | None = None
+              ) -> keras.Model:
     """Small convnet of the kind used for MNIST in adversarial-robustness papers (0.26M)."""
-    return _mnist_convnet(input_shape, num_classes, (32, 64, 64, 128), "mnist_cnn")
+    return _mnist_convnet(_info(dataset), num_classes, (32, 64, 64, 128), "mnist_cnn")
 
 
-def wide_mnist_cnn(input_shape=(28, 28, 1), num_classes: int = 10) -> keras.Model:
+def wide_mnist_cnn(dataset: str | data.DatasetInfo = "mnist", num_classes: int | None = None
+                   ) -> keras.Model:
     """``mnist_cnn`` with 64-128-256 channels and 1,024 dense units (6.9M, ~5x its compute).
 
     The MNIST model of the experiment's small/full budgets: with the same RAT budget it ends
-    more robust than ``mnist_cnn`` (capacity matters, as for adversarial training; measured in
-    ``rat_tf.experiment``).
+    more robust than ``mnist_cnn`` (capacity matters, as for adversarial training; see
+    docs/experiments.md).
     """
-    return _mnist_convnet(input_shape, num_classes, (64, 128, 256, 1024), "wide_mnist_cnn")
+    return _mnist_convnet(_info(dataset), num_classes, (64, 128, 256, 1024), "wide_mnist_cnn")
 
 
-def _resnet_v1(input_shape, num_classes: int, depth: int, width: int, name: str) -> keras.Model:
+def _resnet_v1(info: data.DatasetInfo, num_classes: int | None, depth: int, width: int,
+               name: str) -> keras.Model:
     if (depth - 2) % 6:
         raise ValueError(f"ResNet v1 depth must be 6n+2, got {depth}")
     n = (depth - 2) // 6
-    inputs, x = _inputs_normalized(input_shape)
+    inputs, x = _inputs_normalized(info)
 
     def conv(x, filters, stride=1):
         return layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
@@ -91,27 +94,31 @@ def _resnet_v1(input_shape, num_classes: int, depth: int, width: int, name: str)
                 x = layers.BatchNormalization()(x)
             x = layers.ReLU()(layers.Add()([x, y]))
     x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, _logits(x, num_classes), name=name)
+    return keras.Model(inputs, _logits(x, info, num_classes), name=name)
 
 
-def resnet20(input_shape=(32, 32, 3), num_classes: int = 10) -> keras.Model:
+def resnet20(dataset: str | data.DatasetInfo = "cifar10", num_classes: int | None = None
+             ) -> keras.Model:
     """CIFAR ResNet-20 v1 (He et al. 2016), 0.27M parameters."""
-    return _resnet_v1(input_shape, num_classes, 20, 16, "resnet20")
+    return _resnet_v1(_info(dataset), num_classes, 20, 16, "resnet20")
 
 
-def wide_resnet20(input_shape=(32, 32, 3), num_classes: int = 10) -> keras.Model:
+def wide_resnet20(dataset: str | data.DatasetInfo = "cifar10", num_classes: int | None = None
+                  ) -> keras.Model:
     """ResNet-20 v1 with 4x wider stages (64-128-256 channels): the wider CIFAR model."""
-    return _resnet_v1(input_shape, num_classes, 20, 64, "wide_resnet20")
+    return _resnet_v1(_info(dataset), num_classes, 20, 64, "wide_resnet20")
 
 
-def tiny_cnn(input_shape=(28, 28, 1), num_classes: int = 10) -> keras.Model:
+def tiny_cnn(dataset: str | data.DatasetInfo = "mnist", num_classes: int | None = None
+             ) -> keras.Model:
     """A very small convnet for fast tests on any dataset."""
-    inputs, x = _inputs_normalized(input_shape)
+    info = _info(dataset)
+    inputs, x = _inputs_normalized(info)
     x = layers.Conv2D(16, 3, strides=2, activation="relu", name="conv1")(x)
     x = layers.Conv2D(32, 3, strides=2, activation="relu", name="conv2")(x)
     x = layers.Flatten()(x)
     x = layers.Dense(64, activation="relu", name="fc1")(x)
-    return keras.Model(inputs, _logits(x, num_classes), name="tiny_cnn")
+    return keras.Model(inputs, _logits(x, info, num_classes), name="tiny_cnn")
 
 
 MODELS: dict[str, Callable[..., keras.Model]] = {
@@ -123,12 +130,13 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
 }
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int = 10
+def build_model(name: str, dataset: str | data.DatasetInfo, num_classes: int | None = None
                 ) -> keras.Model:
-    """Build a registered model by name; call inside the strategy scope."""
+    """A zoo model by name for the images, classes and channel statistics of ``dataset``
+    (``num_classes`` overrides its class count); call inside the strategy scope."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](tuple(input_shape), num_classes)
+    return MODELS[name](_info(dataset), num_classes)
 
 
 # --------------------------------------------------------------------------- any classifier

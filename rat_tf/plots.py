@@ -91,13 +91,27 @@ def fit_png(path: str, max_bytes: int = MAX_PNG_BYTES) -> str:
 
 def accuracy_vs_radius(curves: Mapping[str, Mapping[float, float]], path: str,
                        xlabel: str = "L-inf radius", title: str = "FGSM accuracy",
-                       dpi: int = 80) -> str:
-    """Write a PNG of accuracy against attack radius, one line per model ({name: {eps: acc}})."""
+                       dpi: int = 80,
+                       points: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]]
+                       | None = None
+                       ) -> str:
+    """Write a PNG of accuracy against attack radius, one line per model ({name: {eps: acc}}).
+
+    ``points``: per model, stronger attacks as markers {attack: [(eps, accuracy), ...]}, in
+    the colour of the model's line (e.g. PGD and AutoAttack).
+    """
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    markers = {}
     for name, curve in curves.items():
         eps = sorted(float(e) for e in curve)
-        ax.plot(eps, [curve[e] if e in curve else curve[str(e)] for e in eps], marker="o",
-                label=name)
+        (line,) = ax.plot(eps, [curve[e] if e in curve else curve[str(e)] for e in eps],
+                          marker="o", label=name)
+        for attack, xy in (points or {}).get(name, {}).items():
+            if not xy:
+                continue
+            marker = markers.setdefault(attack, "sxD^v"[len(markers) % 5])
+            ax.plot([e for e, _ in xy], [a for _, a in xy], marker=marker, linestyle="none",
+                    color=line.get_color(), markersize=7, label=f"{name}: {attack}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.01)

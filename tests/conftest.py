@@ -64,7 +64,7 @@ def mnist_model(mnist_arrays):
     """An ``mnist_cnn`` trained 1 epoch on 12,000 real MNIST images (about 97% test accuracy)."""
     x_train, y_train, _, _ = mnist_arrays
     keras.utils.set_random_seed(0)
-    model = models.build_model("mnist_cnn", (28, 28, 1), 10)
+    model = models.build_model("mnist_cnn", "mnist")
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])

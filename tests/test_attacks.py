@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rat_tf import attacks, data, ops
+from rat_tf import attacks, data, ops, perturbation_files
 
 EPS = 0.3  # the usual MNIST L-inf radius
 
@@ -255,12 +255,12 @@ def test_per_source_search_holds_one_perturbation_per_class_pair(model_fn, searc
     with pytest.raises(ValueError, match="per source"):
         attacks.targeted_success_rate(model_fn, x, y, V[:, :9])
     out = tmp_path / "pairs"  # written as a grid: one row per source class
-    report = attacks.write_search(str(out), V, stats, x, class_names=[str(c) for c in range(10)])
+    report = perturbation_files.write_search(str(out), V, stats, x, class_names=[str(c) for c in range(10)])
     assert report["mean_success_search"] == pytest.approx(
         np.mean([stats["success_rate"][t] for t in (2, 3, 8)]))
-    stored, meta = attacks.load_perturbations(str(out / "perturbations.npz"))
+    stored, meta = perturbation_files.load(str(out / "perturbations.npz"))
     np.testing.assert_array_equal(stored, V)
-    assert meta[attacks.FINGERPRINT_KEY] == data.fingerprints(x).tolist()
+    assert meta[perturbation_files.FINGERPRINT_KEY] == data.fingerprints(x).tolist()
     assert 1000 < (out / "perturbations.png").stat().st_size < 200_000
 
 
@@ -319,16 +319,16 @@ def test_bad_inputs_raise_clear_errors(model_fn, search_set, mirrored_2cpu):
 
 def test_save_load_round_trip(tmp_path):
     V = np.random.default_rng(0).uniform(-0.3, 0.3, (10, 28, 28, 1)).astype(np.float32)
-    path = attacks.save_perturbations(str(tmp_path / "v.npz"), V, eps=0.3, norm="linf",
+    path = perturbation_files.save(str(tmp_path / "v.npz"), V, eps=0.3, norm="linf",
                                       success=np.array([0.5, 0.25]), targets=[1, 2])
-    V2, meta = attacks.load_perturbations(path)
+    V2, meta = perturbation_files.load(path)
     np.testing.assert_array_equal(V, V2)
-    assert meta == {"eps": 0.3, "norm": "linf", "success": [0.5, 0.25], "targets": [1, 2]}
+    assert meta == {"eps": 0.3, "norm_type": "linf", "success": [0.5, 0.25], "targets": [1, 2]}
     with np.load(path, allow_pickle=False) as f:  # plain arrays, no pickled objects
         assert sorted(f.files) == ["meta", "perturbations"]
     np.savez(str(tmp_path / "other.npz"), a=np.zeros(3))
     with pytest.raises(ValueError, match="perturbations"):
-        attacks.load_perturbations(str(tmp_path / "other.npz"))
+        perturbation_files.load(str(tmp_path / "other.npz"))
 
 
 def test_search_progress_shows_current_values_and_finishes_on_an_early_stop(
@@ -348,7 +348,7 @@ def test_save_perturbations_is_atomic(tmp_path, monkeypatch):
     import errno
 
     path = str(tmp_path / "v.npz")
-    attacks.save_perturbations(path, np.zeros((10, 28, 28, 1)), eps=0.3, norm="linf")
+    perturbation_files.save(path, np.zeros((10, 28, 28, 1)), eps=0.3, norm="linf")
     before = open(path, "rb").read()
 
     def disk_full(file, **arrays):
@@ -358,7 +358,7 @@ def test_save_perturbations_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez", disk_full)
     with pytest.raises(OSError, match="v.npz"):
-        attacks.save_perturbations(path, np.ones((10, 28, 28, 1)) * 0.1, eps=0.3, norm="linf")
+        perturbation_files.save(path, np.ones((10, 28, 28, 1)) * 0.1, eps=0.3, norm="linf")
     assert open(path, "rb").read() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npz"]
 

@@ -65,7 +65,7 @@ def tiny_model_path(tmp_path_factory):
     from rat_tf import models
 
     path = str(tmp_path_factory.mktemp("tiny") / "model.keras")
-    models.build_model("tiny_cnn", (28, 28, 1), 10).save(path)
+    models.build_model("tiny_cnn", "mnist").save(path)
     return path
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rat_tf import attacks, distribute, models, training
+from rat_tf import attacks, distribute, models, perturbation_files, trainers, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,10 +42,10 @@ def v_path(mnist_model, mnist_arrays, tmp_path_factory):
     """Targeted universal perturbations of the pretrained model (a quick, small search)."""
     x, y = mnist_arrays[0][:300], mnist_arrays[1][:300]
     v, _ = attacks.targeted_universal(mnist_model, x, y, 0.3, max_passes=1, seed=0)
-    path = attacks.save_perturbations(str(tmp_path_factory.mktemp("v") / "v.npz"), v)
+    path = perturbation_files.save(str(tmp_path_factory.mktemp("v") / "v.npz"), v, eps=0.3)
     v, _ = attacks.targeted_universal(mnist_model, x, y, 0.3, max_passes=1, seed=0,
                                       per_source=True)  # [K,K,...] for rat_per_source
-    attacks.save_perturbations(path.replace(".npz", "_per_source.npz"), v)
+    perturbation_files.save(path.replace(".npz", "_per_source.npz"), v, eps=0.3)
     return path
 
 
@@ -98,8 +98,8 @@ def test_mirrored_matches_default(combo, data_dir, mnist_model_path, v_path, tmp
     assert got["num_replicas"] == 2 and got["strategy"] == "MirroredStrategy"
     _assert_close(method, got, want)
     if method.startswith("rat"):
-        v_got, _ = attacks.load_perturbations(str(tmp_path / "run" / "perturbations.npz"))
-        v_want, _ = attacks.load_perturbations(
+        v_got, _ = perturbation_files.load(str(tmp_path / "run" / "perturbations.npz"))
+        v_want, _ = perturbation_files.load(
             v_path.replace(".npz", "_per_source.npz") if method == "rat_per_source" else v_path)
         assert v_got.ndim == (5 if method == "rat_per_source" else 4)
         np.testing.assert_array_equal(v_got, v_want)
@@ -116,7 +116,7 @@ def test_mirrored_rat_search_and_variable_are_replicated(data_dir, mnist_model_p
     metrics = training.train(cfg, strategy)
     assert len(metrics["search_success_rate"]) == 10
     with strategy.scope():
-        trainer = training.make_trainer("rat", models.build_model("mnist_cnn", (28, 28, 1), 10))
+        trainer = trainers.make_trainer("rat", models.build_model("mnist_cnn", "mnist"))
     v = np.random.default_rng(0).uniform(-0.1, 0.1, (10, 28, 28, 1)).astype(np.float32)
     trainer.set_perturbations(v)
     for replica_value in strategy.experimental_local_results(trainer.perturbations.value):

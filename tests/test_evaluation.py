@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from rat_tf import attacks, data, evaluation, export
+from rat_tf import attacks, data, evaluation, export, perturbation_files
 
 N_TEST = 300
 
@@ -16,7 +16,8 @@ def settings():
     return evaluation.EvalSettings.for_dataset(
         "mnist", fgsm_eps=(0.05, 0.1, 0.2), pgd_eps=(0.1, 0.2), pgd_steps=10, pgd_restarts=2,
         class_eps=0.1, tup_passes=2, tup_n_per_class=10, tup_batch_size=25, uap_passes=1,
-        n_test=N_TEST, batch_size=150, seed=0)
+        n_test=N_TEST, batch_size=150, aa_n=100, aa_steps=10, aa_queries=100,
+        masking_steps=10, masking_n=100, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +33,9 @@ def given(split, tmp_path_factory):
     _, _, xs, _ = split
     v = np.random.default_rng(0).uniform(-0.2, 0.2, (10, 28, 28, 1)).astype(np.float32)
     path = str(tmp_path_factory.mktemp("given") / "v.npz")
-    attacks.save_perturbations(path, v, search_images=xs[:100], eps=0.2, norm="linf")
-    _, meta = attacks.load_perturbations(path)
-    assert meta[attacks.FINGERPRINT_KEY] == data.fingerprints(xs[:100]).tolist()
+    perturbation_files.save(path, v, search_images=xs[:100], eps=0.2, norm="linf")
+    _, meta = perturbation_files.load(path)
+    assert meta[perturbation_files.FINGERPRINT_KEY] == data.fingerprints(xs[:100]).tolist()
     return path
 
 
@@ -87,7 +88,7 @@ def test_report_contents(reports, settings):
     assert r.arrays["tup_fresh"].shape == (10, 28, 28, 1)
     assert sum(r["per_class"]["count"]) == N_TEST
     assert r["per_class"]["fgsm_eps"] == 0.1
-    assert r["tup_given"]["meta"] == {"eps": 0.2, "norm": "linf"}
+    assert r["tup_given"]["meta"] == {"eps": 0.2, "norm_type": "linf"}
 
 
 def test_json_serializable_with_every_setting(reports, settings):
@@ -232,3 +233,30 @@ def test_fit_png_shrinks_a_large_figure(tmp_path):
     assert plots.fit_png(path) == path and os.path.getsize(path) <= plots.MAX_PNG_BYTES
     with Image.open(path) as img:
         assert img.size == (400, 400)
+
+
+def test_autoattack_in_every_report_at_most_fgsm(reports, settings):
+    for name, r in reports.items():
+        aa = r["autoattack"]
+        assert aa["eps"] == pytest.approx(max(settings.pgd_eps)) and aa["num_images"] == 100
+        after = list(aa["after_each"].values())
+        assert after == sorted(after, reverse=True), (name, aa)  # never gains accuracy
+        assert aa["robust_accuracy"] == pytest.approx(after[-1])
+        assert list(aa["after_each"]) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+        # the worst case over four attacks is at least as strong as FGSM on the same images
+        assert r["masking"]["fgsm_to_aa_gap"] >= -0.01, (name, r["masking"])
+        assert aa["robust_accuracy"] <= r["pgd_accuracy"][f"{max(settings.pgd_eps):g}"] + 0.05
+
+
+def test_masking_checks_find_nothing_on_an_honest_model(reports):
+    for name, r in reports.items():
+        m = r["masking"]
+        assert m["box_accuracy"] <= 0.01 and m["flags"] == [], (name, m)
+
+
+def test_markdown_has_the_aa_column_and_sections(reports, tmp_path):
+    md = evaluation.report_markdown(reports)
+    head = md.split("\n| model |")[1].split("\n")[0]
+    assert "| AA 0.2 (first 100) |" in "|" + head + "|" or "AA 0.2 (first 100)" in head
+    assert "## AutoAttack" in md and "## Gradient-masking checks" in md
+    assert "no sign of gradient masking" in md

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from rat_tf import attacks, data, experiment
+from rat_tf import data, experiment, perturbation_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("start", "rat", "fgsm_at", "pgd_at")
@@ -63,11 +63,11 @@ def test_report_compares_all_models_on_held_out_images(run_dir, mnist_arrays):
         assert f"| {name} |" in md
     assert "## Training" in md
     # V carries the fingerprints of its search images: none of them is a test image
-    v, meta = attacks.load_perturbations(os.path.join(out, "search", "perturbations.npz"))
+    v, meta = perturbation_files.load(os.path.join(out, "search", "perturbations.npz"))
     assert v.shape == (10, 28, 28, 1) and np.max(np.abs(v)) <= 0.3 + 1e-6
-    assert len(meta[attacks.FINGERPRINT_KEY]) == 200 and meta["eps"] == 0.3
+    assert len(meta[perturbation_files.FINGERPRINT_KEY]) == 200 and meta["eps"] == 0.3
     test_prints = set(data.fingerprints(mnist_arrays[2][:200]).tolist())
-    assert not test_prints & set(meta[attacks.FINGERPRINT_KEY])
+    assert not test_prints & set(meta[perturbation_files.FINGERPRINT_KEY])
 
 
 def test_finetuning_shares_start_model_subset_and_epochs(run_dir):

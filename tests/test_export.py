@@ -204,7 +204,7 @@ def test_mixed_precision_model_exports_float32_logits(tmp_path):
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         keras.utils.set_random_seed(0)
-        model = models.build_model("tiny_cnn", (32, 32, 3), 10)
+        model = models.build_model("tiny_cnn", "cifar10")
     finally:
         keras.mixed_precision.set_global_policy("float32")
     path = export.export_saved_model(model, str(tmp_path / "sm"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rat_tf import attacks, export, models, training
+from rat_tf import attacks, export, models, perturbation_files, trainers, training
 
 EPS = 0.3
 
@@ -104,8 +104,8 @@ def test_own_classifier_end_to_end(kind, slices, tmp_path):
 
     w = np.linspace(0.5, 1.5, len(x)).astype(np.float32)
     ds = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(64)
-    for method in training.METHODS:
-        trainer = training.make_trainer(method, model, clip_values=clip,
+    for method in trainers.METHODS:
+        trainer = trainers.make_trainer(method, model, clip_values=clip,
                                         **_settings(method, clip))
         if method == "rat":
             trainer.set_perturbations(V)
@@ -122,7 +122,7 @@ def test_own_classifier_end_to_end(kind, slices, tmp_path):
         assert restored.predict(x_test[:8], verbose=0).shape == (8, 10)
 
     # A RAT trainer round-trips through .keras with its classifier, V and predictions.
-    rat = training.RATModel(model, V, eps=EPS * clip[1], clip_values=clip)
+    rat = trainers.RATModel(model, V, eps=EPS * clip[1], clip_values=clip)
     rat.compile(optimizer="adam")
     rat.fit(x, y, batch_size=64, epochs=1, verbose=0)
     path = str(tmp_path / "rat.keras")
@@ -161,7 +161,7 @@ def test_rat_fit_under_mirrored_strategy_matches_default(slices, mirrored_2cpu):
         with strategy.scope():
             model = _build(kind, x, y)
             V, _ = attacks.targeted_universal(model, x, y, EPS, max_passes=1, strategy=strategy)
-            rat = training.RATModel(model, V, eps=EPS)
+            rat = trainers.RATModel(model, V, eps=EPS)
             rat.compile(optimizer=keras.optimizers.SGD(0.05))
         hist = rat.fit(tf.data.Dataset.from_tensor_slices((x, y, w)).batch(64), epochs=1,
                        verbose=0)
@@ -184,7 +184,7 @@ def test_softmax_classifier_is_attacked_through_its_logits(slices):
                lambda m: attacks.pgd(m, x[:64], y[:64], 0.1, steps=3, seed=0)):
         np.testing.assert_allclose(fn(soft).numpy(), fn(twin).numpy(), atol=1e-6)
     # "worst" targets are chosen on the logits, and the loss matches Keras on probabilities.
-    rat = training.RATModel(soft, np.full((10, 28, 28, 1), 0.1, np.float32),
+    rat = trainers.RATModel(soft, np.full((10, 28, 28, 1), 0.1, np.float32),
                             targets_per_image="worst")
     rat.compile(optimizer="adam")
     loss = rat.evaluate(x, y, verbose=0, return_dict=True)["loss"]
@@ -196,12 +196,12 @@ def test_softmax_classifier_is_attacked_through_its_logits(slices):
     assert logits.max() > 0  # the pre-softmax values, not log-probabilities
 
 
-@pytest.mark.parametrize("method", training.METHODS)
+@pytest.mark.parametrize("method", trainers.METHODS)
 def test_sample_and_class_weights_are_honoured(method, slices):
     x, y, _, _ = slices
     model = _build("sequential_input", x, y)
     before = [a.copy() for a in model.get_weights()]
-    trainer = training.make_trainer(method, model, **_settings(method, (0, 1)))
+    trainer = trainers.make_trainer(method, model, **_settings(method, (0, 1)))
     if method == "rat":
         trainer.set_perturbations(np.full((10, 28, 28, 1), 0.2, np.float32))
     trainer.compile(optimizer=keras.optimizers.Adam(1e-2))
@@ -224,7 +224,7 @@ def test_sample_and_class_weights_are_honoured(method, slices):
 def test_compiled_metrics_and_one_hot_labels(slices):
     x, y, x_test, y_test = slices
     model = _build("sequential_input", x, y)
-    rat = training.RATModel(model, np.full((10, 28, 28, 1), 0.2, np.float32))
+    rat = trainers.RATModel(model, np.full((10, 28, 28, 1), 0.2, np.float32))
     rat.compile(optimizer="adam", metrics=["accuracy",
                                            keras.metrics.SparseTopKCategoricalAccuracy(k=3)])
     onehot = np.eye(10, dtype=np.float32)[y]
@@ -261,7 +261,7 @@ def test_bad_inputs_give_clear_errors(slices, tmp_path):
     V = np.full((10, 28, 28, 1), 0.2, np.float32)
 
     # 0..255 images: refused by the trainers (in the graph) and by the attacks.
-    rat = training.RATModel(model, V)
+    rat = trainers.RATModel(model, V)
     rat.compile(optimizer="adam")
     with pytest.raises(tf.errors.InvalidArgumentError, match="clip_values"):
         rat.fit(x * 255, y, batch_size=64, epochs=1, verbose=0)
@@ -273,25 +273,28 @@ def test_bad_inputs_give_clear_errors(slices, tmp_path):
         rat.fit(x, y + 10, batch_size=64, epochs=1, verbose=0)
 
     # A RATModel without V, and V outside its radius or the pixel range.
-    bare = training.RATModel(model)
+    bare = trainers.RATModel(model)
     bare.compile(optimizer="adam")
     with pytest.raises(ValueError, match="no perturbations"):
         bare.fit(x, y, epochs=1, verbose=0)
     with pytest.raises(ValueError, match="outside their radius eps 0.3"):
-        training.RATModel(model, V * 2, eps=0.3)
+        trainers.RATModel(model, V * 2, eps=0.3)
     with pytest.raises(ValueError, match="pixel range"):
-        training.RATModel(model, V * 10)
-    path = attacks.save_perturbations(str(tmp_path / "v.npz"), V * 25, eps=0.3, norm="linf")
+        trainers.RATModel(model, V * 10)
     with pytest.raises(ValueError, match="outside their radius"):
-        attacks.load_perturbations(path)
+        perturbation_files.save(str(tmp_path / "v.npz"), V * 25, eps=0.3, norm="linf")
+    path = str(tmp_path / "v.npz")  # written by hand: load() refuses it too
+    np.savez(path, perturbations=V * 25, meta=np.array('{"eps": 0.3, "norm_type": "linf"}'))
+    with pytest.raises(ValueError, match="outside their radius"):
+        perturbation_files.load(path)
     (tmp_path / "junk.npz").write_bytes(b"not an archive")
     with pytest.raises(ValueError, match="junk.npz: not a readable .npz") as err:
-        attacks.load_perturbations(str(tmp_path / "junk.npz"))
+        perturbation_files.load(str(tmp_path / "junk.npz"))
     assert "allow_pickle" not in str(err.value)
 
     # Unbuilt models, outputs that look like probabilities with no softmax.
     with pytest.raises(ValueError, match="not built"):
-        training.StandardModel(Net())
+        trainers.StandardModel(Net())
 
     class Normalized(keras.Model):
         def __init__(self):
@@ -327,7 +330,7 @@ def test_bad_inputs_give_clear_errors(slices, tmp_path):
 def test_served_model_refuses_inputs_it_was_not_trained_on(slices, tmp_path):
     x, y, x_test, _ = slices
     model = _build("uint8_range", x * 255, y)
-    trainer = training.StandardModel(model, clip_values=(0, 255))
+    trainer = trainers.StandardModel(model, clip_values=(0, 255))
     path = export.export_saved_model(trainer, str(tmp_path / "m"))
     assert export.verify_export(path, trainer) <= 1e-4  # both signatures, 0..255 range
     loaded = tf.saved_model.load(path)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from rat_tf import attacks
+from rat_tf import perturbation_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ def test_perturb_binary_writes_npz_png_json(mnist_model_path, data_dir, tmp_path
                     "--n_per_class=4", "--max_passes=2", "--batch_size=20", "--targets=2,8",
                     "--test_limit=300", "--eps=0.3", "--noprogress", f"--per_source={per_source}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    V, meta = attacks.load_perturbations(str(out / "perturbations.npz"))
+    V, meta = perturbation_files.load(str(out / "perturbations.npz"))
     if per_source:  # V[s, t]: one per (source, target)
         assert V.shape == (10, 10, 28, 28, 1) and meta["per_source"] is True
         V = V[5]  # the perturbations of source class 5

@@ -1,7 +1,7 @@
 """Training: standard, RAT, FGSM-AT and PGD-AT trainers, train(), resume, NaN and config errors.
 
-Real MNIST slices, fixed seeds. Robustness margins are about half of the effects measured
-when the tests were written (noted next to each threshold).
+Real MNIST slices, fixed seeds. Each robustness threshold is about half of the effect this
+seed gives (noted next to it), so the margin is safe.
 """
 
 import json
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rat_tf import attacks, files, models, training
+from rat_tf import attacks, callbacks, evaluation, files, keras_compat, models
+from rat_tf import perturbation_files, trainers, training
 from rat_tf import data as data_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,7 @@ class _Interrupt(keras.callbacks.Callback):
 
 
 def _fgsm_accuracy(model, x, y, eps=0.2):
-    return training.adversarial_accuracy(model, x, y, eps)
+    return evaluation.adversarial_accuracy(model, x, y, eps)
 
 
 # --------------------------------------------------------------------------- standard training
@@ -50,7 +51,7 @@ def test_standard_training_on_real_mnist(data_dir, mnist_arrays, tmp_path):
     cfg = _config(tmp_path, model="mnist_cnn", epochs=2, batch_size=128, steps_per_epoch=25,
                   train_subset=6000, test_subset=2000, data_dir=data_dir)
     metrics = training.train(cfg)
-    # 50 steps of 128 images: about 93-94% when written.
+    # 50 steps of 128 images give about 93-94%.
     assert metrics["test_accuracy"] > 0.90
     assert metrics["history"]["epoch"] == [0, 1]
     assert metrics["history"]["loss"][1] < metrics["history"]["loss"][0]
@@ -64,7 +65,7 @@ def test_standard_training_on_real_mnist(data_dir, mnist_arrays, tmp_path):
     classifier = keras.models.load_model(out / "model.keras")
     assert classifier.name == "mnist_cnn" and classifier.output_shape == (None, 10)
     x_test, y_test = mnist_arrays[2][:2000], mnist_arrays[3][:2000]
-    assert training.accuracy(classifier, x_test, y_test) == pytest.approx(
+    assert evaluation.accuracy(classifier, x_test, y_test) == pytest.approx(
         metrics["test_accuracy"], abs=1e-6)
 
 
@@ -87,10 +88,10 @@ def test_interrupted_training_resumes_without_losing_epochs(data_dir, tmp_path):
 
 
 def test_backup_is_written_atomically(tmp_path, monkeypatch):
-    trainer = training.make_trainer("standard", models.build_model("tiny_cnn", (28, 28, 1), 10))
+    trainer = trainers.make_trainer("standard", models.build_model("tiny_cnn", "mnist"))
     trainer.build((None, 28, 28, 1))
     trainer.compile(optimizer="adam")
-    backup = training.ClusterBackupAndRestore(str(tmp_path / "backup"))
+    backup = keras_compat.ClusterBackupAndRestore(str(tmp_path / "backup"))
     backup.set_model(trainer)
     backup._current_epoch, backup._last_batch_seen = 3, 0
     backup._save_model()
@@ -144,19 +145,19 @@ def test_killed_train_binary_resumes_from_backup(data_dir, tmp_path):
 
 # --------------------------------------------------------------------------- RAT
 def test_rat_perturbed_batches_use_targets_other_than_the_label():
-    classifier = models.build_model("tiny_cnn", (28, 28, 1), 10)
+    classifier = models.build_model("tiny_cnn", "mnist")
     v = np.zeros((10, 28, 28, 1), np.float32) + (np.arange(10, dtype=np.float32) * 0.01 + 0.01
                                                 ).reshape(10, 1, 1, 1)
     x = np.full((40, 28, 28, 1), 0.5, np.float32)
     y = np.arange(40, dtype=np.int32) % 10
-    one = training.make_trainer("rat", classifier, perturbations=v, targets_per_image="one")
+    one = trainers.make_trainer("rat", classifier, perturbations=v, targets_per_image="one")
     one.compile(optimizer="adam")
     x_p, y_p = one.perturbed_batch(tf.constant(x), tf.constant(y))
     targets = np.round((x_p.numpy()[:, 0, 0, 0] - 0.5) / 0.01).astype(int) - 1
     np.testing.assert_array_equal(y_p.numpy(), y)
     assert np.all(targets != y) and np.all((targets >= 0) & (targets < 10))
     assert len(set(targets.tolist())) > 3  # random targets, not a fixed shift
-    every = training.make_trainer("rat", classifier, perturbations=v, targets_per_image="all")
+    every = trainers.make_trainer("rat", classifier, perturbations=v, targets_per_image="all")
     x_p, y_p = every.perturbed_batch(tf.constant(x[:10]), tf.constant(y[:10]))
     assert x_p.shape == (90, 28, 28, 1)
     targets = (np.round((x_p.numpy()[:, 0, 0, 0] - 0.5) / 0.01).astype(int) - 1).reshape(10, 9)
@@ -172,7 +173,7 @@ def test_rat_perturbed_batches_use_targets_other_than_the_label():
     copies, copy_labels = every.perturbed_batch(tf.constant(x_r), tf.constant(y[:10]))
     probs = keras.ops.convert_to_numpy(keras.ops.softmax(classifier.predict(copies, verbose=0)))
     losses = -np.log(probs[np.arange(90), copy_labels.numpy()]).reshape(10, 9)
-    worst = training.make_trainer("rat", classifier, perturbations=v_r,
+    worst = trainers.make_trainer("rat", classifier, perturbations=v_r,
                                   targets_per_image="worst")
     x_w, y_w = worst.perturbed_batch(tf.constant(x_r), tf.constant(y[:10]))
     assert x_w.shape == (10, 28, 28, 1)
@@ -187,15 +188,15 @@ def test_rat_perturbed_batches_use_targets_other_than_the_label():
     with pytest.raises(ValueError, match="shape"):
         one.set_perturbations(np.zeros((9, 28, 28, 1)))
     with pytest.raises(ValueError, match="targets_per_image"):
-        training.make_trainer("rat", classifier, targets_per_image="some")
+        trainers.make_trainer("rat", classifier, targets_per_image="some")
 
 
 
 def _two_class_step(trainer_kw: dict, x, y, v=None):
     """Weights of a 2-class tiny_cnn after one SGD step of a trainer (same start every call)."""
     keras.utils.set_random_seed(3)
-    classifier = models.build_model("tiny_cnn", (28, 28, 1), 2)
-    trainer = training.make_trainer(**trainer_kw, classifier=classifier)
+    classifier = models.build_model("tiny_cnn", "mnist", 2)
+    trainer = trainers.make_trainer(**trainer_kw, classifier=classifier)
     if v is not None:
         trainer.set_perturbations(v)
     trainer.compile(optimizer=keras.optimizers.SGD(0.5))
@@ -239,10 +240,10 @@ def test_rat_replace_mode_swaps_images_for_their_perturbed_copies():
     for a, b in zip(worst, on_pairs):  # the worst of one target is that target
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="source, target"):
-        training.make_trainer("rat", models.build_model("tiny_cnn", (28, 28, 1), 2),
+        trainers.make_trainer("rat", models.build_model("tiny_cnn", "mnist", 2),
                               perturbations=v, per_source=True)
     with pytest.raises(ValueError, match="replace"):
-        training.make_trainer("rat", models.build_model("tiny_cnn", (28, 28, 1), 2),
+        trainers.make_trainer("rat", models.build_model("tiny_cnn", "mnist", 2),
                               batch_mode="replace", targets_per_image="all")
 
 def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnist_model,
@@ -251,14 +252,14 @@ def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnis
     sub_x, sub_y = data_lib.balanced_subset(x_train, y_train, 100, seed=0)  # train()'s subset
     v, _ = attacks.targeted_universal(mnist_model, sub_x[:300], sub_y[:300], 0.3,
                                       max_passes=3, seed=0)
-    v_path = attacks.save_perturbations(str(tmp_path / "v.npz"), v)
+    v_path = perturbation_files.save(str(tmp_path / "v.npz"), v, eps=0.3)
     cfg = _config(tmp_path, "rat", model="mnist_cnn", method="rat", epochs=3, batch_size=50,
                   steps_per_epoch=0, train_subset=1000, data_dir=data_dir, eps=0.3,
                   init_from=mnist_model_path, perturbations_path=v_path)
     metrics = training.train(cfg)
     assert metrics["train_images"] == 1000 and metrics["steps_per_epoch"] == 20
     rat_model = keras.models.load_model(tmp_path / "rat" / "model.keras")
-    stored, _ = attacks.load_perturbations(str(tmp_path / "rat" / "perturbations.npz"))
+    stored, _ = perturbation_files.load(str(tmp_path / "rat" / "perturbations.npz"))
     np.testing.assert_array_equal(stored, v)  # static V (the paper's mode)
 
     # Held-out test images only: fresh TUPs searched on one slice, measured on another.
@@ -272,12 +273,12 @@ def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnis
 
     def measure(model):
         return {"tup": fresh_tup_success(model), "fgsm": _fgsm_accuracy(model, x_eval, y_eval),
-                "clean": training.accuracy(model, x_eval, y_eval)}
+                "clean": evaluation.accuracy(model, x_eval, y_eval)}
 
     before, after = measure(mnist_model), measure(rat_model)
     print("before", before, "after", after)
-    # Measured when written: TUP success 0.133 -> 0.020, FGSM(0.2) accuracy 0.532 -> 0.678,
-    # clean 0.982 -> 0.981. Thresholds: about half of each effect; clean may drop 2 points.
+    # This seed gives TUP success 0.133 -> 0.020, FGSM(0.2) accuracy 0.532 -> 0.678, clean
+    # 0.982 -> 0.981. Thresholds: about half of each effect; clean may drop 2 points.
     assert after["tup"] <= before["tup"] - 0.06
     assert after["fgsm"] >= before["fgsm"] + 0.07
     assert after["clean"] >= before["clean"] - 0.02
@@ -286,33 +287,33 @@ def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnis
 def test_resumed_rat_run_keeps_v_and_epoch_count(data_dir, tmp_path):
     rng = np.random.default_rng(0)
     v0 = rng.uniform(-0.2, 0.2, (10, 28, 28, 1)).astype(np.float32)
-    v0_path = attacks.save_perturbations(str(tmp_path / "v0.npz"), v0)
+    v0_path = perturbation_files.save(str(tmp_path / "v0.npz"), v0, eps=0.3)
     cfg = _config(tmp_path, "rat", method="rat", epochs=3, data_dir=data_dir,
                   perturbations_path=v0_path)
     with pytest.raises(RuntimeError, match="simulated crash"):
         training.train(cfg, callbacks=[_Interrupt(at=1)])
     # The resumed run must take V from the backup, not from the (now different) file.
-    attacks.save_perturbations(v0_path, np.full_like(v0, 0.1))
+    perturbation_files.save(v0_path, np.full_like(v0, 0.1), eps=0.3)
     metrics = training.train(cfg)
     assert metrics["resumed"] and metrics["epochs_run_this_session"] == 2
     assert metrics["history"]["epoch"] == [0, 1, 2]
     assert "perturbed_accuracy" in metrics["history"]
-    stored, _ = attacks.load_perturbations(str(tmp_path / "rat" / "perturbations.npz"))
+    stored, _ = perturbation_files.load(str(tmp_path / "rat" / "perturbations.npz"))
     np.testing.assert_array_equal(stored, v0)
 
 
 def test_rat_refresh_searches_v_again(data_dir, tmp_path):
     v0 = np.zeros((10, 28, 28, 1), np.float32)
-    v0_path = attacks.save_perturbations(str(tmp_path / "v0.npz"), v0)
+    v0_path = perturbation_files.save(str(tmp_path / "v0.npz"), v0, eps=0.2)
     cfg = _config(tmp_path, "refresh", method="rat", epochs=1, data_dir=data_dir, eps=0.2,
                   train_subset=200, perturbations_path=v0_path, refresh_every=1,
                   search_passes=1)
     metrics = training.train(cfg)
-    stored, meta = attacks.load_perturbations(str(tmp_path / "refresh" / "perturbations.npz"))
+    stored, meta = perturbation_files.load(str(tmp_path / "refresh" / "perturbations.npz"))
     assert np.abs(stored).max() > 0  # searched again against the trained weights
     x_train, y_train = data_lib.load_arrays("mnist", "train", data_dir=data_dir)
     subset, _ = data_lib.balanced_subset(x_train, y_train, 20, seed=0)  # train()'s subset
-    assert meta[attacks.FINGERPRINT_KEY] == data_lib.fingerprints(subset).tolist()
+    assert meta[perturbation_files.FINGERPRINT_KEY] == data_lib.fingerprints(subset).tolist()
     assert np.abs(stored).max() <= 0.2 + 1e-6
     assert "refresh_success_rate" in metrics["history"]
 
@@ -321,7 +322,7 @@ def test_per_source_rat_searches_and_refreshes_one_v_per_class_pair(data_dir, tm
     cfg = _config(tmp_path, "pairs", method="rat", epochs=1, data_dir=data_dir, eps=0.2,
                   train_subset=200, refresh_every=1, search_passes=1, per_source=True)
     metrics = training.train(cfg)
-    stored, meta = attacks.load_perturbations(str(tmp_path / "pairs" / "perturbations.npz"))
+    stored, meta = perturbation_files.load(str(tmp_path / "pairs" / "perturbations.npz"))
     assert stored.shape == (10, 10, 28, 28, 1) and np.abs(stored).max() <= 0.2 + 1e-6
     assert not stored[np.arange(10), np.arange(10)].any()  # no V[s, s]
     off = ~np.eye(10, dtype=bool)
@@ -335,9 +336,10 @@ def test_per_source_rat_searches_and_refreshes_one_v_per_class_pair(data_dir, tm
 def test_refresh_callback_reuses_one_compiled_search(mnist_arrays):
     x, y = data_lib.balanced_subset(mnist_arrays[0], mnist_arrays[1], 10, seed=0)
     keras.utils.set_random_seed(0)
-    trainer = training.make_trainer("rat", models.build_model("tiny_cnn", (28, 28, 1), 10))
+    trainer = trainers.make_trainer("rat", models.build_model("tiny_cnn", "mnist"))
     trainer.compile(optimizer="adam")
-    refresh = training.RefreshPerturbations(x, y, 1, eps=0.2, max_passes=1, batch_size=50)
+    refresh = callbacks.RefreshPerturbations(
+        x, y, 1, attacks.SearchSettings(eps=0.2, max_passes=1, batch_size=50))
     seen = []
     keep = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: seen.append(trainer.get_perturbations()))
@@ -363,39 +365,39 @@ def test_adversarial_training_raises_fgsm_accuracy(method, data_dir, mnist_array
     before = _fgsm_accuracy(mnist_model, x_eval, y_eval)
     after = _fgsm_accuracy(model, x_eval, y_eval)
     print(method, "FGSM(0.2) accuracy", before, "->", after)
-    # Measured when written: 0.53 -> 0.83 for both.
+    # This seed gives 0.53 -> 0.83 for both.
     assert after >= before + 0.15
     assert metrics["test_accuracy"] > 0.93
 
 
 def test_adversarial_trainer_settings():
-    classifier = models.build_model("tiny_cnn", (28, 28, 1), 10)
-    fgsm = training.make_trainer("fgsm_at", classifier, eps=0.2)
+    classifier = models.build_model("tiny_cnn", "mnist")
+    fgsm = trainers.make_trainer("fgsm_at", classifier, eps=0.2)
     assert fgsm.steps == 1 and fgsm.step_size == pytest.approx(0.25)  # Wong et al.: 1.25 eps
-    pgd = training.make_trainer("pgd_at", classifier, eps=0.3, steps=10)
+    pgd = trainers.make_trainer("pgd_at", classifier, eps=0.3, steps=10)
     assert pgd.step_size == pytest.approx(0.075)  # Madry et al.: 2.5 eps / steps
     with pytest.raises(ValueError, match="eps"):
-        training.make_trainer("pgd_at", classifier, eps=0.0)
+        trainers.make_trainer("pgd_at", classifier, eps=0.0)
     with pytest.raises(ValueError, match="unknown training method"):
-        training.make_trainer("trades", classifier)
+        trainers.make_trainer("trades", classifier)
     with pytest.raises(ValueError, match="bad settings"):
-        training.make_trainer("standard", classifier, eps=0.3)
+        trainers.make_trainer("standard", classifier, eps=0.3)
 
 
 # --------------------------------------------------------------------------- errors, precision
 def test_nan_loss_stops_with_a_clear_error(data_dir, tmp_path):
     # A classifier whose output layer holds a NaN: every loss is NaN from the first batch.
-    classifier = models.build_model("tiny_cnn", (28, 28, 1), 10)
+    classifier = models.build_model("tiny_cnn", "mnist")
     dense = classifier.get_layer("logits_dense")
     kernel, bias = dense.get_weights()
     kernel[0, 0] = np.nan
     dense.set_weights([kernel, bias])
-    trainer = training.make_trainer("standard", classifier)
+    trainer = trainers.make_trainer("standard", classifier)
     trainer.compile(optimizer="adam")
     x = np.random.default_rng(0).uniform(0, 1, (64, 28, 28, 1)).astype(np.float32)
     y = np.arange(64, dtype=np.int32) % 10
     with pytest.raises(FloatingPointError, match="NaN loss"):
-        trainer.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[training.RaiseOnNaN()])
+        trainer.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[callbacks.RaiseOnNaN()])
     # Through train() (the callback is always installed), fine-tuning the broken model.
     path = str(tmp_path / "broken.keras")
     classifier.save(path)
@@ -446,7 +448,7 @@ def test_mixed_precision_uses_loss_scaling(data_dir, tmp_path):
     assert keras.mixed_precision.global_policy().name == before  # restored
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        trainer = training.make_trainer("rat", models.build_model("tiny_cnn", (28, 28, 1), 10))
+        trainer = trainers.make_trainer("rat", models.build_model("tiny_cnn", "mnist"))
         trainer.compile(optimizer="adam")
         assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
         assert trainer.perturbations.dtype == "float32"
@@ -522,9 +524,9 @@ def test_a_stale_backup_is_refused_naming_each_difference(data_dir, tmp_path):
 
 
 def test_perturbation_file_outside_its_radius_is_refused_by_train(data_dir, tmp_path):
-    path = attacks.save_perturbations(str(tmp_path / "v.npz"),
-                                      np.full((10, 28, 28, 1), 5.0, np.float32), eps=0.3,
-                                      norm="linf")
+    path = str(tmp_path / "v.npz")  # written by hand: save() refuses V outside its radius
+    np.savez(path, perturbations=np.full((10, 28, 28, 1), 5.0, np.float32),
+             meta=np.array(json.dumps({"eps": 0.3, "norm_type": "linf"})))
     cfg = _small(tmp_path, method="rat", data_dir=data_dir, perturbations_path=path)
     with pytest.raises(ValueError, match="outside their radius eps 0.3"):
         training.train(cfg)
@@ -533,9 +535,9 @@ def test_perturbation_file_outside_its_radius_is_refused_by_train(data_dir, tmp_
 
 def test_rat_run_logs_no_fingerprints(data_dir, tmp_path, monkeypatch):
     x, y = data_lib.load_arrays("mnist", "train", data_dir=data_dir)
-    path = attacks.save_perturbations(str(tmp_path / "v.npz"),
-                                      np.full((10, 28, 28, 1), 0.1, np.float32), eps=0.3,
-                                      norm="linf", search_images=x[:500])
+    path = perturbation_files.save(str(tmp_path / "v.npz"),
+                                   np.full((10, 28, 28, 1), 0.1, np.float32), eps=0.3,
+                                   norm="linf", search_images=x[:500])
     cfg = _small(tmp_path, method="rat", epochs=1, data_dir=data_dir, perturbations_path=path)
     messages = []
     monkeypatch.setattr(training.logging, "info",

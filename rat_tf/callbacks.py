@@ -1,0 +1,184 @@
+"""Keras callbacks of rat_tf: V refresh, NaN stop, robustness monitor, history, epoch timer."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+
+import keras
+import numpy as np
+from absl import logging
+
+from rat_tf import attacks, evaluation, files, models, trainers
+
+
+class RefreshPerturbations(keras.callbacks.Callback):
+    """Every ``every`` epochs, search V afresh against the current weights (RAT refresh mode).
+
+    Place it before ``BackupAndRestore`` in the callback list so the backup holds the new V.
+    """
+
+    searches_perturbations = True  # RATModel.fit needs no V before the first epoch
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, every: int,
+                 settings: attacks.SearchSettings, *, seed: int = 0, progress: bool = False):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"refresh interval must be >= 1 epoch, got {every}")
+        self.x, self.y, self.every, self.settings = x, y, int(every), settings
+        self.seed, self.progress = seed, progress
+        self.history: list[dict] = []
+        self._cache: dict = {}  # the compiled search, traced once and reused every refresh
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if (epoch + 1) % self.every:
+            return
+        if not isinstance(self.model, trainers.RATModel):
+            raise ValueError("RefreshPerturbations needs a RATModel")
+        start = time.time()
+        logging.info("epoch %d: refreshing V against the current weights (%d images)",
+                     epoch + 1, len(self.x))
+        search = {**self.settings.kwargs(), "per_source": self.model.per_source}
+        v, stats = attacks.targeted_universal(
+            self.model, self.x, self.y, num_classes=self.model.num_classes,
+            progress=self.progress, seed=self.seed + epoch + 1,
+            strategy=self.model.distribute_strategy, cache=self._cache,
+            clip_values=self.model.clip_values, **search)
+        self.model.set_perturbations(v)
+        rate = attacks.mean_success_rate(stats)
+        self.history.append({"epoch": epoch + 1, "success_rate": rate,
+                             "seconds": time.time() - start})
+        logging.info("epoch %d: refreshed V (mean targeted success %.3f, %.1fs)", epoch + 1,
+                     rate, time.time() - start)
+        if logs is not None:
+            logs["refresh_success_rate"] = rate
+
+
+class RaiseOnNaN(keras.callbacks.Callback):
+    """Stop training with a clear ``FloatingPointError`` as soon as the loss is NaN or inf.
+
+    Keras' ``TerminateOnNaN`` only stops ``fit``, which then returns normally: a run would
+    write its diverged model as if it had finished.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise FloatingPointError(
+                f"NaN loss: training loss became {float(loss)} at epoch {self._epoch + 1}, "
+                f"batch {batch + 1}; training diverged (lower the learning rate, check the "
+                f"data and the precision policy)")
+
+
+class RobustnessMonitor(keras.callbacks.Callback):
+    """After every epoch, FGSM accuracy of the classifier on held-out images (logged).
+
+    Stops training once it reaches ``target`` or when ``time_limit`` seconds of training
+    (evaluation time excluded) have passed; ``records`` holds (epoch, train seconds, acc).
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, eps: float, *, norm: str = "linf",
+                 target: float | None = None, time_limit: float | None = None,
+                 batch_size: int = 500):
+        super().__init__()
+        self.x, self.y, self.eps, self.norm = x, y, float(eps), norm
+        self.target, self.time_limit, self.batch_size = target, time_limit, batch_size
+        self.records: list[dict] = []
+        self.time_to_target: float | None = None
+        self._train_seconds = 0.0
+        self._t0 = 0.0
+        self._step = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._t0 = time.time()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._train_seconds += time.time() - self._t0
+        if self._step is None:  # compiled once, reused every epoch
+            model_fn = models.as_model_fn(getattr(self.model, "classifier", self.model))
+            self._step = evaluation.fgsm_correct_fn(model_fn, self.norm)
+        acc = evaluation.adversarial_accuracy(None, self.x, self.y, self.eps,
+                                              batch_size=self.batch_size, step=self._step)
+        self.records.append({"epoch": epoch + 1, "train_seconds": self._train_seconds,
+                             "fgsm_accuracy": acc})
+        logging.info("epoch %d: FGSM(%s, %g) accuracy %.4f after %.1fs of training",
+                     epoch + 1, self.norm, self.eps, acc, self._train_seconds)
+        if logs is not None:
+            logs["fgsm_accuracy"] = acc
+        if self.target is not None and acc >= self.target and self.time_to_target is None:
+            self.time_to_target = self._train_seconds
+            self.model.stop_training = True
+        if self.time_limit is not None and self._train_seconds >= self.time_limit:
+            self.model.stop_training = True
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """Per-epoch logs in a CSV file, one row per epoch, rewritten atomically every epoch.
+
+    Columns are the union of every epoch's keys (a key missing in an epoch is empty), and a
+    re-run epoch replaces its row, so a resumed run whose logs gain or lose a key (e.g. an
+    epoch that refreshes V) never shifts a column. (Keras' ``CSVLogger`` fixes its columns at
+    the first epoch and appends, so a resumed run could shift them or leave half a row.)
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        rows: dict[int, dict] = {}
+        if os.path.isfile(self.path):
+            with open(self.path, newline="") as f:
+                rows = {int(r["epoch"]): r for r in csv.DictReader(f)}
+        rows[epoch] = {"epoch": epoch, **{k: float(np.mean(v)) for k, v in
+                                          (logs or {}).items()}}
+        keys = ["epoch"] + sorted({k for r in rows.values() for k in r} - {"epoch"})
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=keys, restval="")
+                out.writeheader()
+                for e in sorted(rows):
+                    out.writerow(rows[e])
+        files.atomic_write(self.path, write, ".csv")
+
+
+def read_history(path: str) -> dict[str, list[float]]:
+    """Per-epoch history from a CSVLogger file (last row wins when an epoch was re-run)."""
+    if not os.path.isfile(path):
+        return {}
+    rows: dict[int, dict] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows[int(row["epoch"])] = row
+    history: dict[str, list] = {}
+    for epoch in sorted(rows):
+        for key, value in rows[epoch].items():
+            value = None if value in ("NA", "", None) else (
+                int(value) if key == "epoch" else float(value))
+            history.setdefault(key, []).append(value)
+    return {k: v for k, v in history.items() if any(x is not None for x in v)}
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of every epoch run in this session."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._t0 = time.time()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seconds.append(time.time() - self._t0)
