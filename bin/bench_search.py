@@ -9,11 +9,12 @@ of the same model (one compiled forward+backward+update per image, same batch si
 rat_tf search includes its tracing and the final exact success count; a small untimed warm-up
 search runs first, as ART runs in a process that has already run the model (its time is
 reported).
-Prints a table and writes JSON to --output.
+Prints a table and writes bench_search.json to --output_dir.
 
-Example:  python bin/bench_search.py --output=results/bench_search.json
+Example:  python bin/bench_search.py --output_dir=results
 """
 
+import os
 import time
 
 import keras
@@ -21,27 +22,33 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from rat_tf import attacks, cli, data, files, models
+from rat_tf import attacks, cli, data, files, models, training
 
 FLAGS = flags.FLAGS
 cli.define_data_flags(data_source=False)
-flags.DEFINE_string("model_path", None, "Trained mnist_cnn .keras (default: train one).")
-flags.DEFINE_string("save_model", None, "Where to save the model trained here (optional).")
-flags.DEFINE_integer("train_epochs", 2, "Epochs of the model trained here.")
-flags.DEFINE_integer("n_per_class", 100, "Search images per class.")
-flags.DEFINE_float("eps", 0.3, "L-inf radius xi.")
-flags.DEFINE_float("delta", 0.2, "Stop a target once its success reaches 1 - delta.")
-flags.DEFINE_list("methods", ["sgd"], "rat_tf methods to time (sgd, batched, reference).")
-flags.DEFINE_list("max_passes", ["3", "5"], "rat_tf maximum passes; one row per value (5 = ART's "
-                  "default --art_max_iter: the same number of passes over the search images).")
-flags.DEFINE_bool("per_source", False, "Also time each search with one V per (source class, "
-                  "target) (RAT per source), on the same images and settings.")
-flags.DEFINE_integer("batch_size", 50, "rat_tf search batch (images; x10 targets per step).")
-flags.DEFINE_list("art_targets", ["0", "1"], "Targets searched with ART (slow).")
-flags.DEFINE_integer("art_max_iter", 5, "ART max_iter (passes over the search images).")
-flags.DEFINE_float("art_fgsm_eps", 0.1, "ART inner targeted FGSM step size.")
-flags.DEFINE_integer("seed", 0, "Seed of the subset and of the searches.")
-flags.DEFINE_string("output", "results/bench_search.json", "JSON output path.")
+cli.define("string", "model_path", "Trained mnist_cnn .keras.", default=None,
+           unset="train one here")
+cli.define("string", "save_model", "Where to save the model trained here (optional).",
+           default=None)
+cli.define("integer", "train_epochs", "Epochs of the model trained here.", default=2)
+cli.define("integer", "train_subset", "Search images: a balanced subset of the training split, "
+           "total images (a multiple of 10).", default=training.DEFAULT_RAT_SUBSET,
+           lower_bound=10)
+cli.define_search_flags(attacks.SearchSettings, only=["eps", "search_delta"])
+cli.define("list", "search_methods", f"rat_tf search methods to time, from "
+           f"{', '.join(attacks.TU_METHODS)}.", default=[attacks.SearchSettings.method])
+cli.define("list", "search_passes", "rat_tf maximum passes; one row per value (5 = ART's "
+           "default --art_max_iter: the same number of passes over the search images).",
+           default=["3", "5"])
+cli.define("bool", "per_source", "Also time each search with one V per (source class, "
+           "target) (RAT per source), on the same images and settings.", default=False)
+cli.define("integer", "batch_size", "rat_tf search batch (images; x10 targets per step).",
+           default=50)
+cli.define("list", "art_targets", "Targets searched with ART (slow).", default=["0", "1"])
+cli.define("integer", "art_max_iter", "ART max_iter (passes over the search images).", default=5)
+cli.define("float", "art_fgsm_eps", "ART inner targeted FGSM step size.", default=0.1)
+cli.define("integer", "seed", "Seed of the subset and of the searches.", default=0)
+cli.define_output_flag("bench_search.json", default="results")
 
 
 def _train_model(x, y):
@@ -81,7 +88,7 @@ def _train_throughput(model, batch: int, steps: int = 20) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def _art_search(model, x, y, target):
+def _art_search(model, x, y, target, eps):
     """ART 1.20 TargetedUniversalPerturbation for one target; (noise [H,W,C], seconds)."""
     from art.attacks.evasion import TargetedUniversalPerturbation
     from art.estimators.classification import TensorFlowV2Classifier
@@ -94,63 +101,53 @@ def _art_search(model, x, y, target):
     attack = TargetedUniversalPerturbation(
         clf, attacker="fgsm", attacker_params={"targeted": True, "eps": FLAGS.art_fgsm_eps,
                                                "norm": np.inf},
-        delta=FLAGS.delta, max_iter=FLAGS.art_max_iter, eps=FLAGS.eps, norm=np.inf)
+        delta=FLAGS.search_delta, max_iter=FLAGS.art_max_iter, eps=eps, norm=np.inf)
     onehot = np.eye(10, dtype=np.float32)[np.full(int(keep.sum()), target)]
     start = time.perf_counter()
     attack.generate(x[keep], y=onehot)
     return np.asarray(attack.noise[0], np.float32), time.perf_counter() - start
 
 
-def _int_list(name: str, low: int, high: int | None = None) -> list[int]:
-    """The values of list flag ``name`` as ints in [low, high), or a usage error naming it."""
-    try:
-        values = [int(v) for v in FLAGS[name].value]
-    except ValueError as e:
-        raise app.UsageError(f"--{name}: {e}") from e
-    if any(v < low or (high is not None and v >= high) for v in values):
-        raise app.UsageError(f"--{name} values must be in [{low}, {high or 'inf'}), got {values}")
-    return values
-
-
 def main(argv):
     del argv
-    bad = sorted(set(FLAGS.methods) - set(attacks.TU_METHODS))
+    bad = sorted(set(FLAGS.search_methods) - set(attacks.TU_METHODS))
     if bad:
-        raise app.UsageError(f"--methods: unknown {bad}; choose from {attacks.TU_METHODS}")
-    passes = _int_list("max_passes", 1)
-    art_targets = _int_list("art_targets", 0, 10)
+        raise app.UsageError(f"--search_methods: unknown {bad}; choose from "
+                             f"{attacks.TU_METHODS}")
+    passes = cli.int_list("search_passes", 1)
+    art_targets = cli.int_list("art_targets", 0, 10)
     cli.check_data("mnist", FLAGS.data_dir)
     cli.check_inputs(model_path=FLAGS.model_path)
-    cli.check_output_files(output=FLAGS.output, save_model=FLAGS.save_model)
-    x_train, y_train = data.load_arrays("mnist", "train", "files", FLAGS.data_dir,
-                                        FLAGS.verify_checksums)
-    x_test, y_test = data.load_arrays("mnist", "test", "files", FLAGS.data_dir,
-                                      FLAGS.verify_checksums)
+    cli.check_output_dirs(output_dir=FLAGS.output_dir)
+    cli.check_output_files(save_model=FLAGS.save_model)
+    eps = data.get_info("mnist").eps if FLAGS.eps is None else FLAGS.eps
+    x_train, y_train = data.load_arrays("mnist", "train", "files", FLAGS.data_dir)
+    x_test, y_test = data.load_arrays("mnist", "test", "files", FLAGS.data_dir)
     if FLAGS.model_path:
         model = keras.models.load_model(FLAGS.model_path)
     else:
         model = _train_model(x_train, y_train)
     model_fn = lambda images: model(images, training=False)  # noqa: E731
     clean_acc = float(np.mean(np.argmax(model.predict(x_test, 1000, verbose=0), -1) == y_test))
-    x, y = data.balanced_subset(x_train, y_train, FLAGS.n_per_class, FLAGS.seed)
+    x, y = cli.balanced_subset(x_train, y_train, FLAGS.train_subset, 10, FLAGS.seed)
     result = {"clean_test_accuracy": clean_acc, "num_search_images": len(x),
-              "num_test_images": len(x_test), "eps": FLAGS.eps, "delta": FLAGS.delta,
+              "num_test_images": len(x_test), "eps": eps, "delta": FLAGS.search_delta,
               "rat_tf": {}, "art": {}}
 
     # ART is timed in a process where TensorFlow has run this model already; give rat_tf the
     # same: one small untimed search first (its one-time cost is reported, not hidden).
     start = time.perf_counter()
-    attacks.targeted_universal(model_fn, x[::10], y[::10], num_classes=10, eps=FLAGS.eps,
+    attacks.targeted_universal(model_fn, x[::10], y[::10], num_classes=10, eps=eps,
                                max_passes=1, batch_size=FLAGS.batch_size)
     result["warmup_seconds"] = time.perf_counter() - start
-    runs = [(m, p, ps) for m in FLAGS.methods for p in passes
+    runs = [(m, p, ps) for m in FLAGS.search_methods for p in passes
             for ps in ((False, True) if FLAGS.per_source else (False,))]
     for method, max_passes, per_source in runs:
         # The machine may be shared: measure clean training right before and after the search.
         before = _train_throughput(model, 10 * FLAGS.batch_size)
         start = time.perf_counter()
         V, stats = attacks.targeted_universal(
-            model_fn, x, y, num_classes=10, eps=FLAGS.eps, method=method, delta=FLAGS.delta,
+            model_fn, x, y, num_classes=10, eps=eps, method=method, delta=FLAGS.search_delta,
             max_passes=max_passes, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
             progress=True, per_source=per_source)
         seconds = time.perf_counter() - start
@@ -167,7 +164,7 @@ def main(argv):
             "image_target_per_s": work / seconds,
             "throughput_vs_clean_training": work / seconds / train_ips}
     for t in art_targets:
-        noise, seconds = _art_search(model, x, y, t)
+        noise, seconds = _art_search(model, x, y, t, eps)
         V = np.zeros((10, 28, 28, 1), np.float32)
         V[t] = noise
         rate = attacks.targeted_success_rate(model_fn, x_test, y_test, V, targets=[t])[t]
@@ -177,7 +174,7 @@ def main(argv):
 
     art_time = np.mean([r["seconds"] for r in result["art"].values()]) if art_targets else None
     lines = [f"clean test accuracy {clean_acc:.4f}; {len(x)} search images; L-inf eps "
-             f"{FLAGS.eps}; search batch {FLAGS.batch_size} images x 10 targets; untimed "
+             f"{eps}; search batch {FLAGS.batch_size} images x 10 targets; untimed "
              f"rat_tf warm-up search {result['warmup_seconds']:.1f}s",
              f"{'search/passes':<30}{'target':>7}{'seconds':>10}{'test success':>14}{'speedup':>9}"]
     for t in art_targets:
@@ -198,7 +195,8 @@ def main(argv):
     if art_time is not None:
         result["art_mean_seconds_per_target"] = float(art_time)
     print("\n".join(lines))
-    logging.info("wrote %s", files.write_json(FLAGS.output, result))
+    path = os.path.join(FLAGS.output_dir, "bench_search.json")
+    logging.info("wrote %s", files.write_json(path, result))
 
 
 if __name__ == "__main__":

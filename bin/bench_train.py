@@ -1,6 +1,6 @@
 """Benchmark of training: accuracy and speed of train(), and its overhead vs model.fit.
 
-    python bin/bench_train.py --out=results/bench_train.json
+    python bin/bench_train.py --output_dir=results   # writes results/bench_train.json
 
 1. Full real MNIST, mnist_cnn, ``--mnist_epochs`` epochs through ``training.train``: test
    accuracy (goal >= 99.0%) and images/s.
@@ -22,14 +22,18 @@ from rat_tf import cli, data, files, models, training
 
 FLAGS = flags.FLAGS
 cli.define_data_flags(data_source=False)
-flags.DEFINE_string("out", "results/bench_train.json", "Output JSON.")
-flags.DEFINE_string("work_dir", "", "Where runs are written (default: a temporary directory).")
-flags.DEFINE_integer("mnist_epochs", 3, "Epochs of mnist_cnn on full MNIST.")
-flags.DEFINE_integer("overhead_epochs", 1, "Epochs of the train() vs model.fit comparison.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("cifar_epochs", 1, "Epochs of resnet20 on CIFAR-10 (0: skip).")
-flags.DEFINE_integer("cifar_subset", 10000, "Balanced CIFAR-10 training images (0: all).")
-flags.DEFINE_integer("cifar_test", 2000, "CIFAR-10 test images for the accuracy (0: all).")
+cli.define_output_flag("bench_train.json", default="results")
+cli.define("string", "work_dir", "Where runs are written.", default=None,
+           unset="a temporary folder")
+cli.define("integer", "mnist_epochs", "Epochs of mnist_cnn on full MNIST.", default=3)
+cli.define("integer", "overhead_epochs", "Epochs of the train() vs model.fit comparison.",
+           default=1)
+cli.define("integer", "batch_size", "Batch size.", sets=training.TrainConfig)
+cli.define("integer", "cifar_epochs", "Epochs of resnet20 on CIFAR-10 (0: skip).", default=1)
+cli.define("integer", "cifar_subset", "Balanced CIFAR-10 training images (0: all).",
+           default=10000)
+cli.define("integer", "cifar_test", "CIFAR-10 test images for the accuracy (0: all).",
+           default=2000)
 
 
 def _plain_fit(x, y, epochs: int, batch_size: int) -> float:
@@ -48,9 +52,7 @@ def main(argv):
     del argv
     for dataset in ["mnist"] + (["cifar10"] if FLAGS.cifar_epochs else []):
         cli.check_data(dataset, FLAGS.data_dir)
-    cli.check_output_files(out=FLAGS.out)
-    cli.check_output_dirs(work_dir=FLAGS.work_dir)
-    data.set_verify_checksums(FLAGS.verify_checksums)  # TrainConfig has no such field
+    cli.check_output_dirs(output_dir=FLAGS.output_dir, work_dir=FLAGS.work_dir)
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_train_")
     results = {}
     mnist = training.TrainConfig(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn",
@@ -110,7 +112,8 @@ def main(argv):
     width = max(len(a) for a, _, _ in rows)
     table = "\n".join(f"{a:<{width}}  {b:>14}  {c}" for a, b, c in rows)
     print(table)
-    logging.info("wrote %s", files.write_json(FLAGS.out, results))
+    path = os.path.join(FLAGS.output_dir, "bench_train.json")
+    logging.info("wrote %s", files.write_json(path, results))
 
 
 if __name__ == "__main__":

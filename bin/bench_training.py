@@ -1,6 +1,6 @@
 """Benchmark of the training methods: cost per example and time to robustness.
 
-    python bin/bench_training.py --out=results/bench_training.json
+    python bin/bench_training.py --output_dir=results   # writes results/bench_training.json
 
 1. Cost per input image of rat (replace / one / all / worst targets), fgsm_at and pgd_at
    relative to standard training: same model (mnist_cnn), batch size and data; images/s of the
@@ -21,29 +21,35 @@ from absl import app, flags, logging
 
 from rat_tf import callbacks, cli, data, files, perturbation_files, training
 
+Config = training.TrainConfig
 FLAGS = flags.FLAGS
 cli.define_data_flags(data_source=False)
-flags.DEFINE_string("out", "results/bench_training.json", "Output JSON.")
-flags.DEFINE_string("work_dir", "", "Where runs are written (default: a temporary directory).")
-flags.DEFINE_integer("batch_size", 128, "Batch size of every method.")
-flags.DEFINE_integer("cost_steps", 30, "Steps per epoch of the cost runs, 2 epochs each "
-                     "(0: skip the cost part).", lower_bound=0)
-flags.DEFINE_integer("pgd_steps", 10, "PGD-AT steps.")
-flags.DEFINE_float("adv_eps", None, "FGSM-AT/PGD-AT radius (default: --fgsm_eps).")
-flags.DEFINE_list("robust_methods", ["rat", "rat_replace", "pgd_at"],
-                  "Methods of the time-to-robustness part (rat, rat_replace, pgd_at, fgsm_at).")
-flags.DEFINE_string("init_from", "", "Pretrained mnist_cnn (.keras); default: train one.")
-flags.DEFINE_integer("pretrain_images", 12000, "Images of the 1-epoch pretraining.")
-flags.DEFINE_float("fgsm_eps", 0.2, "FGSM radius of the robustness target.")
-flags.DEFINE_float("target", 0.8, "FGSM accuracy to reach.", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("eval_images", 1000, "Held-out test images for the FGSM accuracy.",
-                     lower_bound=1, upper_bound=10000)
-flags.DEFINE_float("time_cap", 300.0, "Max training seconds per method (time to robustness).",
-                   lower_bound=1.0)
-flags.DEFINE_integer("max_epochs", 100, "Max epochs per method (time to robustness).")
-flags.DEFINE_integer("search_passes", 3, "RAT: passes of the V search.")
-flags.DEFINE_integer("rat_refresh_every", 1,
-                     "RAT: search V again every N epochs (0: static V, the paper's mode).")
+cli.define_output_flag("bench_training.json", default="results")
+cli.define("string", "work_dir", "Where runs are written.", default=None,
+           unset="a temporary folder")
+cli.define("integer", "batch_size", "Batch size of every method.", sets=Config)
+cli.define("integer", "cost_steps", "Steps per epoch of the cost runs, 2 epochs each (0: skip "
+           "the cost part).", default=30, lower_bound=0)
+cli.define_adv_flags(Config, only=["adv_steps"])
+cli.define("float", "adv_eps", "FGSM-AT / PGD-AT radius.", sets=Config, default=None,
+           unset="--fgsm_eps")
+cli.define("list", "robust_methods", "Methods of the time-to-robustness part (rat, "
+           "rat_replace, pgd_at, fgsm_at).", default=["rat", "rat_replace", "pgd_at"])
+cli.define("string", "init_from", "Pretrained mnist_cnn (.keras).", sets=Config,
+           default=None, unset="train one")
+cli.define("integer", "pretrain_subset", "Balanced training images of the 1-epoch "
+           "pretraining.", default=12000, lower_bound=10)
+cli.define("float", "fgsm_eps", "FGSM radius of the robustness target.", default=0.2)
+cli.define("float", "target", "FGSM accuracy to reach.", default=0.8, lower_bound=0.0,
+           upper_bound=1.0)
+cli.define("integer", "n_test", "Held-out test images (the last N of the test split) for the "
+           "FGSM accuracy, and the first N for the final accuracy (0: all).", default=1000,
+           lower_bound=0)
+cli.define("float", "time_cap", "Max training seconds per method (time to robustness).",
+           default=300.0, lower_bound=1.0)
+cli.define("integer", "max_epochs", "Max epochs per method (time to robustness).", default=100)
+cli.define_search_flags(Config, only=["search_passes"], defaults={"search_passes": 3})
+cli.define_rat_flags(Config, only=["refresh_every"], defaults={"refresh_every": 1})
 
 # name -> (TrainConfig fields, examples the model trains on per input image)
 _COST_METHODS = {
@@ -59,7 +65,7 @@ _COST_METHODS = {
 def main(argv):
     del argv
     rat = {"method": "rat", "batch_size": 50, "search_passes": FLAGS.search_passes,
-           "refresh_every": FLAGS.rat_refresh_every}
+           "refresh_every": FLAGS.refresh_every}
     settings = {"rat": rat, "rat_replace": {**rat, "batch_mode": "replace"},
                 "pgd_at": {"method": "pgd_at", "steps_per_epoch": 20},
                 "fgsm_at": {"method": "fgsm_at", "steps_per_epoch": 20}}
@@ -68,12 +74,10 @@ def main(argv):
         raise app.UsageError(f"--robust_methods: unknown {unknown}; choose from {sorted(settings)}")
     cli.check_data("mnist", FLAGS.data_dir)
     cli.check_inputs(init_from=FLAGS.init_from)
-    cli.check_output_files(out=FLAGS.out)
-    cli.check_output_dirs(work_dir=FLAGS.work_dir)
-    data.set_verify_checksums(FLAGS.verify_checksums)  # TrainConfig has no such field
+    cli.check_output_dirs(output_dir=FLAGS.output_dir, work_dir=FLAGS.work_dir)
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_training_")
     base = dict(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn", verbose=2,
-                batch_size=FLAGS.batch_size, pgd_steps=FLAGS.pgd_steps,
+                batch_size=FLAGS.batch_size, pgd_steps=FLAGS.adv_steps,
                 adv_eps=FLAGS.adv_eps if FLAGS.adv_eps is not None else FLAGS.fgsm_eps)
     results = {"cost": {}, "time_to_robustness": {}}
 
@@ -99,18 +103,18 @@ def main(argv):
     init_from = FLAGS.init_from
     if not init_from:
         pre = training.train(training.TrainConfig(
-            **{**base, "batch_size": 64}, epochs=1, train_subset=FLAGS.pretrain_images,
+            **{**base, "batch_size": 64}, epochs=1, train_subset=FLAGS.pretrain_subset,
             model_dir=os.path.join(work, "pretrained")))
         init_from = os.path.join(work, "pretrained", "model.keras")
         results["pretrained_test_accuracy"] = pre["test_accuracy"]
     x_test, y_test = data.load_arrays("mnist", "test", data_dir=FLAGS.data_dir)
-    x_eval, y_eval = x_test[-FLAGS.eval_images:], y_test[-FLAGS.eval_images:]
+    x_eval, y_eval = x_test[-FLAGS.n_test:], y_test[-FLAGS.n_test:]  # -0: all
     for method in FLAGS.robust_methods:
         kw = settings[method]
         monitor = callbacks.RobustnessMonitor(x_eval, y_eval, FLAGS.fgsm_eps, target=FLAGS.target,
                                              time_limit=FLAGS.time_cap)
         cfg = training.TrainConfig(**{**base, **kw}, init_from=init_from,
-                                   epochs=FLAGS.max_epochs, test_subset=FLAGS.eval_images,
+                                   epochs=FLAGS.max_epochs, test_subset=FLAGS.n_test,
                                    model_dir=os.path.join(work, "robust_" + method))
         m = training.train(cfg, callbacks=[monitor])
         reached = monitor.time_to_target is not None
@@ -129,12 +133,13 @@ def main(argv):
     print("cost relative to standard training (same model, batch size and data):")
     print("\n".join(f"{a:<12} {b:>9} {c:>15} {d:>15} {e:>17}" for a, b, c, d, e in rows))
     print(f"\ntime to FGSM(eps {FLAGS.fgsm_eps}) accuracy >= {FLAGS.target:.0%} on "
-          f"{FLAGS.eval_images} held-out test images (cap {FLAGS.time_cap:.0f}s):")
+          f"{len(x_eval)} held-out test images (cap {FLAGS.time_cap:.0f}s):")
     for method, r in results["time_to_robustness"].items():
         when = f"{r['seconds']:.0f}s" if r["reached"] else "not reached"
         print(f"{method:<8} {when:>12}  after {r['epochs']} epochs, FGSM acc "
               f"{r['final_fgsm_accuracy']:.3f}, clean {r['clean_test_accuracy']:.4f}")
-    logging.info("wrote %s", files.write_json(FLAGS.out, results))
+    path = os.path.join(FLAGS.output_dir, "bench_training.json")
+    logging.info("wrote %s", files.write_json(path, results))
 
 
 if __name__ == "__main__":

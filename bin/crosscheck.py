@@ -1,67 +1,68 @@
 """Attack exported SavedModels with ART and with rat_tf on the same test images; compare.
 
     pip install -e ".[bench]"   # adversarial-robustness-toolbox
-    python3 bin/crosscheck.py --dataset=mnist --saved_model=std=export/std,rat=export/rat \\
-        --n_test=1000 --output=results/crosscheck.json
+    python3 bin/crosscheck.py --dataset=mnist --models=std=export/std,rat=export/rat \\
+        --n_test=1000 --output_dir=results
 
-FGSM and PGD (L-inf) settings default to those of the robustness report (bin/evaluate.py).
-Prints a table (model, attack, eps, ART acc, rat_tf acc, difference), writes JSON to
---output, and exits with status 1 if a figure disagrees beyond the tolerance.
+The evaluation flags are those of the robustness report (bin/evaluate.py), with its defaults;
+``--measures`` picks the checks of :func:`rat_tf.crosscheck.crosscheck_with_art` (clean, fgsm,
+pgd). Prints a table (model, attack, eps, ART acc, rat_tf acc, difference), writes
+crosscheck.json to --output_dir, and exits with status 1 if a figure disagrees beyond the
+tolerance.
 """
 
+import os
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from rat_tf import cli, crosscheck, data, evaluation, files
 
+CHECKS = ("clean", "fgsm", "pgd")  # the measures ART can check
 FLAGS = flags.FLAGS
-flags.DEFINE_list("saved_model", None, "name=path,... of SavedModels from bin/export.py.")
-flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "cifar10"], "Dataset.")
+cli.define("list", "models", "name=path,... of SavedModels from bin/export.py.",
+           sets=evaluation.parse_models, field="spec", required=True)
+cli.define_dataset_flag(evaluation.EvalSettings)
 cli.define_data_flags()
-flags.DEFINE_integer("n_test", 1000, "Number of test images (the first n of the test split).",
-                     lower_bound=1)
-flags.DEFINE_list("fgsm_eps", None, "FGSM radii (default: the report's, per dataset).")
-flags.DEFINE_list("pgd_eps", None, "PGD radii (default: the report's, per dataset).")
-flags.DEFINE_integer("pgd_steps", None, "PGD steps (default: the report's).")
-flags.DEFINE_integer("pgd_restarts", None, "PGD random restarts (default: the report's).")
-flags.DEFINE_float("pgd_step_size", None, "PGD step size (default 2.5 eps / steps).")
-flags.DEFINE_float("fgsm_tol", crosscheck.DEFAULT_FGSM_TOL,
-                   "Largest |accuracy difference| allowed for clean and FGSM.")
-flags.DEFINE_float("pgd_tol", crosscheck.DEFAULT_PGD_TOL,
-                   "Largest amount by which rat_tf's PGD accuracy may exceed ART's.")
-flags.DEFINE_integer("batch_size", 250, "Attack batch size.")
-flags.DEFINE_integer("seed", 0, "Seed of the PGD random starts (both sides).")
-flags.DEFINE_string("output", None, "JSON file to write the results to.")
-flags.mark_flags_as_required(["saved_model"])
+cli.define_output_flag("crosscheck.json", unset="print the table only")
+cli.define("list", "measures", f"What to cross-check with ART, from {', '.join(CHECKS)} (clean "
+           "is part of fgsm and pgd).", sets=evaluation.EvalSettings, default=list(CHECKS))
+cli.define_eval_flags(only=["n_test", "fgsm_eps", "pgd_eps", "pgd_steps", "pgd_restarts",
+                            "pgd_step_size", "batch_size", "seed"])
+cli.define("float", "fgsm_tol", "Largest |accuracy difference| allowed for clean and FGSM.",
+           sets=crosscheck.crosscheck_with_art)
+cli.define("float", "pgd_tol", "Largest amount by which rat_tf's PGD accuracy may exceed ART's.",
+           sets=crosscheck.crosscheck_with_art)
 
 
 def main(argv):
     del argv
-    models = evaluation.parse_models(FLAGS.saved_model)
+    models = evaluation.parse_models(FLAGS.models)
+    other = sorted(set(FLAGS.measures) - set(CHECKS))
+    if other or not set(FLAGS.measures) - {"clean"}:
+        raise app.UsageError(f"--measures: ART cross-checks {', '.join(CHECKS[1:])} (with "
+                             f"clean), got {FLAGS.measures}")
     cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.data_source, splits=["test"])
-    cli.check_inputs(saved_model=models.values())
-    cli.check_output_files(output=FLAGS.output)
-    settings = evaluation.EvalSettings.for_dataset(  # radii lists are parsed by EvalSettings
-        FLAGS.dataset, fgsm_eps=FLAGS.fgsm_eps, pgd_eps=FLAGS.pgd_eps,
-        pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
-        pgd_step_size=FLAGS.pgd_step_size)
-    x, y = data.load_arrays(FLAGS.dataset, "test", FLAGS.data_source, FLAGS.data_dir,
-                            FLAGS.verify_checksums)
-    x, y = x[:FLAGS.n_test], y[:FLAGS.n_test]
+    cli.check_inputs(models=models.values())
+    cli.check_output_dirs(output_dir=FLAGS.output_dir)
+    s = cli.eval_settings(FLAGS.dataset)
+    x, y = data.load_arrays(FLAGS.dataset, "test", FLAGS.data_source, FLAGS.data_dir)
+    x, y = x[:s.n_test], y[:s.n_test]
     results = {}
     for name, path in models.items():
         logging.info("cross-checking %s (%s) on %d %s test images", name, path, len(x),
                      FLAGS.dataset)
         results[name] = crosscheck.crosscheck_with_art(
-            path, x, y, fgsm_eps=settings.fgsm_eps, pgd_eps=settings.pgd_eps,
-            pgd_steps=settings.pgd_steps, pgd_restarts=settings.pgd_restarts,
-            pgd_step_size=settings.pgd_step_size, fgsm_tol=FLAGS.fgsm_tol,
-            pgd_tol=FLAGS.pgd_tol, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
+            path, x, y, fgsm_eps=s.fgsm_eps if "fgsm" in s.measures else (),
+            pgd_eps=s.pgd_eps if "pgd" in s.measures else (), pgd_steps=s.pgd_steps,
+            pgd_restarts=s.pgd_restarts, pgd_step_size=s.pgd_step_size,
+            fgsm_tol=FLAGS.fgsm_tol, pgd_tol=FLAGS.pgd_tol, batch_size=s.batch_size,
+            seed=s.seed)
     print(crosscheck.format_table(results))
-    if FLAGS.output:
+    if FLAGS.output_dir:
         logging.info("wrote %s", files.write_json(
-            FLAGS.output, {"dataset": FLAGS.dataset, "results": results}, indent=1))
-    bad = [name for name, r in results.items() if not r["ok"]]
+            os.path.join(FLAGS.output_dir, "crosscheck.json"),
+            {"dataset": FLAGS.dataset, "results": results}, indent=1))
+    bad = [name for name, res in results.items() if not res["ok"]]
     if bad:
         logging.error("ART and rat_tf disagree beyond tolerance for %s", ", ".join(bad))
         return 1

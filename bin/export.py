@@ -1,7 +1,7 @@
 """Export a trained classifier (.keras) as a TF SavedModel and verify the reloaded predictions.
 
 Example:
-  python bin/export.py --model_path=runs/mnist/model.keras --export_dir=runs/mnist/saved_model \
+  python bin/export.py --model_path=runs/mnist/model.keras --export_dir=runs/mnist/saved_model \\
       --dataset=mnist
 """
 
@@ -13,16 +13,17 @@ from absl import flags, logging
 from rat_tf import cli, data, export
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_path", None, "Classifier saved as a .keras file.")
-flags.DEFINE_string("export_dir", None, "Directory of the SavedModel to write.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing export_dir.")
-flags.DEFINE_string("dataset", None, "Dataset whose test images verify the export "
-                    "(default: seeded random images).")
+cli.define("string", "model_path", "Classifier saved as a .keras file.", default=None,
+           required=True)
+cli.define("string", "export_dir", "Folder of the SavedModel to write.",
+           sets=export.export_saved_model, field="path", required=True)
+cli.define("bool", "overwrite", "Replace an existing --export_dir.", sets=export.export_saved_model)
+cli.define_dataset_flag(data.load_arrays, default=None, help="Its test images verify the "
+                        "export.", unset="seeded random images")
 cli.define_data_flags()
-flags.DEFINE_alias("source", "data_source")
-flags.DEFINE_integer("num_verify", 1000, "Number of test images used to verify the export.")
-flags.DEFINE_float("atol", 1e-4, "Largest allowed absolute logit difference.")
-flags.mark_flags_as_required(["model_path", "export_dir"])
+cli.define_n_test_flag("export.verify_export (its images)", default=1000)
+cli.define("float", "atol", "Largest allowed absolute logit difference.",
+           sets=export.verify_export, default=1e-4)
 
 
 def main(argv):
@@ -36,9 +37,8 @@ def main(argv):
     cli.check_output_files(export_dir=FLAGS.export_dir)
     x = None  # read (and validated) before the export, which it then verifies
     if FLAGS.dataset:
-        x, _ = data.load_arrays(FLAGS.dataset, "test", FLAGS.data_source, FLAGS.data_dir,
-                                FLAGS.verify_checksums)
-        x = x[:FLAGS.num_verify]
+        x, _ = data.load_arrays(FLAGS.dataset, "test", FLAGS.data_source, FLAGS.data_dir)
+        x = x[:FLAGS.n_test or None]
     classifier = keras.models.load_model(FLAGS.model_path, compile=False)
     path = export.export_saved_model(classifier, FLAGS.export_dir, overwrite=FLAGS.overwrite)
     diff = export.verify_export(path, classifier, x, atol=FLAGS.atol)

@@ -1,7 +1,20 @@
-"""What every binary in bin/ shares: one-line errors, ``--debug``, and checks before any work.
+"""What every binary in bin/ shares: one flag vocabulary, one-line errors, ``--debug``, checks.
 
-``cli.run(main)`` replaces ``app.run(main)``: a usage error (a bad or unknown flag, a missing
-file, an unknown dataset: ``UsageError``, absl flag errors, ``ValueError``,
+Flags. A setting has one flag name in every binary that takes it, defined here once per group:
+:func:`define_dataset_flag`, :func:`define_data_flags`, :func:`define_output_flag`,
+:func:`define_search_flags` (the V search), :func:`define_rat_flags`, :func:`define_adv_flags`
+(FGSM-AT / PGD-AT), :func:`define_strategy_flags`, :func:`define_n_test_flag` and
+:func:`define_eval_flags` (the robustness report, one flag per ``EvalSettings`` field); a
+binary's own flags go through :func:`define`. Each flag records what it sets (``sets``: a
+dataclass such as ``TrainConfig``, whose field it fills, a function, whose argument it fills, or
+a short description), and its default is read from there: the dataclass field's default or the
+argument's, never a number written again here (None where the library decides later: the
+dataset's radius, the budget preset). :func:`values` collects the settings of one target, so a
+binary builds its config as ``TrainConfig(**cli.values(TrainConfig))``. The flag table of
+BUILD.md is generated from these definitions (:func:`flag_table`, ``bin/flag_table.py``).
+
+Errors. ``cli.run(main)`` replaces ``app.run(main)``: a usage error (a bad or unknown flag, a
+missing file, an unknown dataset: ``UsageError``, absl flag errors, ``ValueError``,
 ``FileNotFoundError``, ``FileExistsError``) prints one line ``error: ...`` on stderr and exits
 with status 2; any other ``OSError`` (a full disk, say) prints one line and exits with status 1.
 ``--debug`` shows the full traceback instead.
@@ -12,13 +25,17 @@ file, the data files are there; each failure is a usage error that names its fla
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
+import runpy
 import sys
-from typing import Callable, Iterable, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
+import numpy as np
 from absl import app, flags
 
-from rat_tf import data, files
+from rat_tf import attacks, autoattack, data, distribute, evaluation, files, ops, trainers
 
 FLAGS = flags.FLAGS
 DATA_SOURCES = ("auto", "files", "tfds")
@@ -54,29 +71,417 @@ def _main_module() -> str:
     return sys.argv[0]
 
 
-def define_data_flags(data_source: bool = True, data_source_default: str = "auto") -> None:
-    """Define the data flags of a binary: --data_dir, --verify_checksums and --data_source."""
-    module = _main_module()
-    flags.DEFINE_string("data_dir", None, "Folder holding the dataset files (default "
-                        f"${data.ENV_DATA_DIR}).", module_name=module)
-    flags.DEFINE_bool("verify_checksums", False, "Check every data file read against its "
-                      "official md5 (a file that differs is an error naming it).",
-                      module_name=module)
+# --------------------------------------------------------------------------- defining flags
+LIBRARY = object()  # default of :func:`define`: read it from what the flag sets
+Target = Any  # a dataclass, a function, or a description (str) of what a flag sets
+
+SETS: dict[str, tuple[Target, str]] = {}  # flag name -> (target, field) of the flags defined
+
+
+def _target_name(target: Target) -> str:
+    return target if isinstance(target, str) else target.__name__
+
+
+def _has_field(target: Target, field: str) -> bool:
+    if dataclasses.is_dataclass(target):
+        return field in {f.name for f in dataclasses.fields(target)}
+    if callable(target):
+        return field in inspect.signature(target).parameters
+    return True
+
+
+def library_default(target: Target, field: str) -> Any:
+    """The default of ``field`` in ``target``: a dataclass field's or a function argument's
+    (None for one without a default)."""
+    if dataclasses.is_dataclass(target):
+        for f in dataclasses.fields(target):
+            if f.name == field:
+                if f.default is not dataclasses.MISSING:
+                    return f.default
+                if f.default_factory is not dataclasses.MISSING:
+                    return f.default_factory()
+                return None
+    elif callable(target) and field in inspect.signature(target).parameters:
+        value = inspect.signature(target).parameters[field].default
+        return None if value is inspect.Parameter.empty else value
+    raise ValueError(f"{_target_name(target)} has no setting {field!r} to take a default from")
+
+
+def describe_target(target: Target | None, field: str | None = None) -> str:
+    """``training.TrainConfig.epochs``, ``data.load_arrays(source)``, or the description."""
+    if target is None:
+        return ""
+    if isinstance(target, str):
+        return target
+    module = target.__module__.rsplit(".", 1)[-1]
+    if dataclasses.is_dataclass(target):
+        return f"{module}.{target.__name__}.{field}"
+    return f"{module}.{target.__name__}({field})"
+
+
+def _preset_fields(target: Target, preset: bool) -> set[str]:
+    """The fields of ``target`` a budget preset of ``rat_tf.experiment`` fills: those of
+    ``ExperimentConfig``, and with ``preset`` the evaluation overrides of ``EvalSettings``."""
+    name = _target_name(target)
+    if name != "ExperimentConfig" and not (preset and name == "EvalSettings"):
+        return set()
+    from rat_tf import experiment  # the pipeline, only where its presets are asked for
+
+    out: set[str] = set()
+    for family in experiment.PRESETS.values():
+        for budget in family.values():
+            out |= set(budget.get("eval", {})) if name == "EvalSettings" else set(budget)
+    return out - {"eval"}
+
+
+def _unset_note(target: Target | None, field: str, unset: str | None, per_dataset: bool,
+                preset: bool) -> str:
+    """What an unset (None) flag means: the dataset's, the budget preset's, ``unset``, or the
+    library's default."""
+    if per_dataset:
+        return "Unset: the dataset's."
+    if target is not None and field in _preset_fields(target, preset):
+        return f"Unset: the budget preset's{', else ' + unset if unset else ''}."
+    if unset:
+        return f"Unset: {unset}."
+    if target is None or isinstance(target, str):
+        return ""
+    default = library_default(target, field)
+    return "Unset: the library's default." if default is None else (
+        f"Unset: {_cell(default).strip('`')}.")
+
+
+def define(kind: str, name: str, help: str, *, sets: Target | None = None,
+           field: str | None = None, default: Any = LIBRARY,
+           values: Iterable[str] | None = None, required: bool = False,
+           unset: str | None = None, per_dataset: bool = False, preset: bool = False,
+           **kwargs: Any) -> None:
+    """Define ``--name`` for the running binary (listed by its --help).
+
+    ``kind``: string, integer, float, bool, enum (one of ``values``) or list. ``sets``: what the
+    flag sets, with ``field`` (default ``name``); the default is then the library's
+    (:func:`library_default`) unless ``default`` is given. A None default gets a note of what
+    it means: ``unset``, the dataset's (``per_dataset``), the budget preset's (for
+    ``ExperimentConfig``; with ``preset``, the evaluation overrides of ``bin/experiment.py``).
+    ``kwargs``: absl's (``lower_bound``).
+    """
+    field = field or name
+    if default is LIBRARY:
+        if sets is None or isinstance(sets, str):
+            raise ValueError(f"--{name}: give a default (it sets no library field)")
+        default = None if per_dataset else library_default(sets, field)
+    if isinstance(default, tuple):
+        default = list(default)
+    if default is None and not required:
+        help = f"{help} {_unset_note(sets, field, unset, per_dataset, preset)}".strip()
+    common = dict(module_name=_main_module(), required=required, **kwargs)
+    if kind == "enum":
+        flags.DEFINE_enum(name, default, list(values), help, **common)
+    else:
+        define_fn = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
+                     "float": flags.DEFINE_float, "bool": flags.DEFINE_bool,
+                     "list": flags.DEFINE_list}[kind]
+        define_fn(name, default, help, **common)
+    if sets is not None:
+        SETS[name] = (sets, field)
+
+
+def values(target: Target) -> dict[str, Any]:
+    """{field: value} of the flags that set ``target``, unset (None) ones left out: the library
+    default stands for them. Lists become tuples."""
+    out = {}
+    for name, (t, field) in SETS.items():
+        if t is target and name in FLAGS and FLAGS[name].value is not None:
+            value = FLAGS[name].value
+            out[field] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A shared flag: its kind and help, the field it sets in a target named otherwise (by the
+    target's name), and whether the library default depends on the dataset."""
+
+    kind: str
+    help: str
+    fields: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    values: Sequence[str] | None = None
+    unset: str | None = None  # what None means in the library
+    per_dataset: bool = False  # unset (None): the dataset's (rat_tf.data.DATASETS)
+    zero_is_all: bool = False  # 0: every test image (the library's None)
+    lower_bound: float | None = None
+
+
+def _define_group(specs: Mapping[str, Spec], target: Target, *,
+                  only: Iterable[str] | None = None, exclude: Iterable[str] = (),
+                  defaults: Mapping[str, Any] | None = None, preset: bool = False,
+                  required: Iterable[str] = ()) -> None:
+    """Define the flags of ``specs`` that set ``target`` (a flag whose field the target does not
+    have is left out); ``defaults`` replaces the library's; ``preset``: see :func:`define`."""
+    names = list(specs) if only is None else list(only)
+    unknown = set(names) - set(specs)
+    if unknown:
+        raise ValueError(f"no flags {sorted(unknown)} in this group")
+    defaults = dict(defaults or {})
+    for name in names:
+        spec = specs[name]
+        field = spec.fields.get(_target_name(target), name)
+        if name in exclude or not _has_field(target, field):
+            continue
+        define(spec.kind, name, spec.help, sets=target, field=field,
+               default=defaults.get(name, LIBRARY), values=spec.values,
+               required=name in required, unset=spec.unset, per_dataset=spec.per_dataset,
+               preset=preset,
+               **({} if spec.lower_bound is None else {"lower_bound": spec.lower_bound}))
+
+
+DATASET_FLAG = {"dataset": Spec("enum", "Dataset (rat_tf.data.DATASETS).",
+                                fields={"load_arrays": "name"}, values=tuple(data.DATASETS))}
+
+DATA_FLAGS = {
+    "data_dir": Spec("string", "Folder holding the dataset files.",
+                     unset=f"${data.ENV_DATA_DIR}"),
+    "verify_checksums": Spec("bool", "Check every data file read against its official md5 (a "
+                             "file that differs is an error naming it).",
+                             fields={"set_verify_checksums": "verify"}),
+    "data_source": Spec("enum", "Where the data comes from: the standard files below "
+                        "--data_dir (auto, files) or tensorflow_datasets (tfds, which may "
+                        "download).", fields={"load_arrays": "source"}, values=DATA_SOURCES),
+}
+
+SEARCH_FLAGS = {  # the targeted universal search of V (attacks.SearchSettings)
+    "eps": Spec("float", "Radius xi of V.", per_dataset=True),
+    "norm": Spec("enum", "Norm of V (and of the FGSM-AT / PGD-AT attacks where they are "
+                 "trained).",
+                 values=tuple(ops.NORMS)),
+    "search_method": Spec("enum", "Search method of V.", fields={"SearchSettings": "method"},
+                          values=tuple(attacks.TU_METHODS)),
+    "search_passes": Spec("integer", "Maximum passes of the V search over its images.",
+                          fields={"SearchSettings": "max_passes"}, lower_bound=1),
+    "search_delta": Spec("float", "The V search stops a target once its success reaches "
+                         "1 - delta.", fields={"SearchSettings": "delta"}),
+    "search_step_size": Spec("float", "Step size of the V search.",
+                             fields={"SearchSettings": "step_size"},
+                             unset="eps/10 for sgd, eps/5 otherwise"),
+    "search_inner_steps": Spec("integer", "Inner FGSM steps per image of the V search "
+                               "(batched, reference).", fields={"SearchSettings": "inner_steps"},
+                               lower_bound=1),
+    "per_source": Spec("bool", "One V per (source class, target), V [K,K,H,W,C], instead of "
+                       "one per target."),
+}
+
+RAT_FLAGS = {
+    "refresh_every": Spec("integer", "RAT: search V again every N epochs (0: static V, the "
+                          "paper).", lower_bound=0),
+    "targets_per_image": Spec("enum", "RAT: one random target per image, all K-1, or the worst "
+                              "(highest-loss) one.", values=tuple(trainers.TARGET_MODES)),
+    "perturbed_fraction": Spec("float", "RAT: weight of the perturbed examples in the loss "
+                               "(append), or the probability that an image is swapped for its "
+                               "perturbed copy (replace)."),
+    "batch_mode": Spec("enum", "RAT: append the perturbed copies to the clean batch, or replace "
+                       "images by them (the cost of a standard step).",
+                       values=tuple(trainers.BATCH_MODES)),
+}
+
+ADV_FLAGS = {  # the attack of FGSM-AT / PGD-AT training
+    "adv_eps": Spec("float", "FGSM-AT / PGD-AT radius.", per_dataset=True),
+    "adv_steps": Spec("integer", "PGD-AT steps.", lower_bound=1,
+                      fields={"TrainConfig": "pgd_steps", "ExperimentConfig": "train_pgd_steps"}),
+    "adv_step_size": Spec("float", "PGD-AT step size.", fields={"TrainConfig": "pgd_step_size"},
+                          unset="2.5 eps / steps"),
+}
+
+STRATEGY_FLAGS = {
+    "strategy": Spec("enum", "tf.distribute strategy.", fields={"get_strategy": "name"},
+                     values=tuple(distribute.STRATEGIES)),
+    "num_cpu_devices": Spec("integer", "Split the CPU into N logical devices (strategy "
+                            "mirrored).", lower_bound=0),
+    "tpu": Spec("string", "TPU name or address (strategy tpu)."),
+}
+
+COMPUTE_FLAGS = {
+    "precision": Spec("enum", "Keras dtype policy (mixed_*: half-precision compute, float32 "
+                      "variables and logits).", values=tuple(distribute.PRECISIONS)),
+    "jit_compile": Spec("bool", "XLA-compile the compiled steps."),
+}
+
+EVAL_FLAGS = {  # one per evaluation.EvalSettings field, named as the field
+    "measures": Spec("list", "Measures of the report, in order, from "
+                     f"{', '.join(evaluation.MEASURES)}."),
+    "n_test": Spec("integer", "Test images used: the first N of the test split (0: all).",
+                   fields={"TrainConfig": "test_subset"}, zero_is_all=True, lower_bound=0),
+    "fgsm_eps": Spec("list", "FGSM radii (L-inf).", per_dataset=True),
+    "pgd_eps": Spec("list", "PGD radii (L-inf).", per_dataset=True),
+    "pgd_steps": Spec("integer", "PGD steps.", lower_bound=1),
+    "pgd_restarts": Spec("integer", "PGD random restarts.", lower_bound=1),
+    "pgd_step_size": Spec("float", "PGD step size.", unset="2.5 eps / steps"),
+    "n_pgd": Spec("integer", "PGD on the first N test images used (0: all).", unset="all",
+                  zero_is_all=True, lower_bound=0),
+    "class_eps": Spec("float", "FGSM radius of the per-class breakdown.", per_dataset=True),
+    "tup_eps": Spec("float", "Radius of the fresh targeted universal perturbations (TUP).",
+                    per_dataset=True),
+    "tup_norm": Spec("enum", "Norm of the universal perturbations.", values=tuple(ops.NORMS)),
+    "tup_method": Spec("enum", "Search method of the fresh TUP.",
+                       values=tuple(attacks.TU_METHODS)),
+    "tup_passes": Spec("integer", "Maximum passes of the fresh TUP search.", lower_bound=1),
+    "tup_delta": Spec("float", "The fresh TUP search stops a target at 1 - delta success."),
+    "tup_step_size": Spec("float", "Step size of the fresh TUP search.",
+                          unset="the search's, as --search_step_size"),
+    "tup_n_per_class": Spec("integer", "Training images per class the fresh TUP search runs "
+                            "on.", lower_bound=1),
+    "tup_batch_size": Spec("integer", "Images per step of the fresh TUP search.", lower_bound=1),
+    "uap_eps": Spec("float", "Radius of the untargeted universal perturbation.",
+                    unset="--tup_eps"),
+    "uap_passes": Spec("integer", "Passes of the untargeted universal search.", lower_bound=1),
+    "aa_eps": Spec("float", "AutoAttack radius.", unset="the largest --pgd_eps"),
+    "aa_n": Spec("integer", "AutoAttack on the first N test images used (0: all).",
+                 zero_is_all=True, lower_bound=0),
+    "aa_steps": Spec("integer", "AutoAttack: APGD and FAB steps.", lower_bound=1),
+    "aa_queries": Spec("integer", "AutoAttack: Square queries.", lower_bound=1),
+    "aa_attacks": Spec("list", "AutoAttack's attacks, from "
+                       f"{', '.join(autoattack.ATTACKS)}.", unset="the --aa_version's"),
+    "aa_version": Spec("enum", "AutoAttack version (its sequence of attacks).",
+                       values=tuple(autoattack.VERSIONS)),
+    "masking_steps": Spec("integer", "Gradient-masking check: PGD steps at the radius of the "
+                          "whole pixel box.", lower_bound=1),
+    "masking_n": Spec("integer", "Gradient-masking check: test images.", lower_bound=1),
+    "batch_size": Spec("integer", "Evaluation batch size.", lower_bound=1),
+    "seed": Spec("integer", "Seed of the random starts and searches."),
+}
+
+
+def define_dataset_flag(target: Target, *, default: Any = LIBRARY, required: bool = False,
+                        help: str = "", unset: str | None = None) -> None:
+    """``--dataset``, one of ``rat_tf.data.DATASETS``; ``help`` adds to the shared text,
+    ``unset`` says what None means."""
+    spec = DATASET_FLAG["dataset"]
+    spec = dataclasses.replace(spec, help=f"{spec.help} {help}".strip(), unset=unset)
+    _define_group({"dataset": spec}, target, required=["dataset"] if required else (),
+                  defaults=None if default is LIBRARY else {"dataset": default})
+
+
+def define_data_flags(target: Target = data.load_arrays, data_source: bool = True) -> None:
+    """``--data_dir``, ``--verify_checksums`` and (with ``data_source``) ``--data_source``.
+
+    ``--verify_checksums`` sets the data readers' default (``data.set_verify_checksums``)
+    before ``main`` runs (:func:`run`), so every read of the binary checks the md5s.
+    """
+    _define_group(DATA_FLAGS, target, only=["data_dir"])
+    _define_group(DATA_FLAGS, data.set_verify_checksums, only=["verify_checksums"],
+                  defaults={"verify_checksums": False})
     if data_source:
-        flags.DEFINE_enum("data_source", data_source_default, DATA_SOURCES,
-                          "Where the data comes from: the standard files below --data_dir "
-                          "(auto, files) or tensorflow_datasets (tfds, which may download).",
-                          module_name=module)
+        _define_group(DATA_FLAGS, target, only=["data_source"])
+
+
+def define_output_flag(what: str, *, sets: Target | None = None, field: str = "output_dir",
+                       default: Any = None, required: bool = False,
+                       unset: str | None = None) -> None:
+    """``--output_dir``: the folder a binary writes its results to (``what``)."""
+    define("string", "output_dir", f"Folder the results are written to: {what}.", sets=sets,
+           field=field, default=default, required=required, unset=unset)
+
+
+def define_search_flags(target: Target, **group: Any) -> None:
+    """The V search: ``--eps``, ``--norm``, ``--search_method``, ``--search_passes``,
+    ``--search_delta``, ``--search_step_size``, ``--search_inner_steps``, ``--per_source``
+    (those ``target`` has; ``group``: ``only``, ``exclude``, ``defaults``)."""
+    _define_group(SEARCH_FLAGS, target, **group)
+
+
+def define_rat_flags(target: Target, **group: Any) -> None:
+    """RAT training: ``--refresh_every``, ``--targets_per_image``, ``--perturbed_fraction``,
+    ``--batch_mode``."""
+    _define_group(RAT_FLAGS, target, **group)
+
+
+def define_adv_flags(target: Target, **group: Any) -> None:
+    """FGSM-AT / PGD-AT: ``--adv_eps``, ``--adv_steps``, ``--adv_step_size`` (those ``target``
+    has)."""
+    _define_group(ADV_FLAGS, target, **group)
+
+
+def define_strategy_flags(target: Target | None = None, *, tpu: bool = False) -> None:
+    """``--strategy``, ``--num_cpu_devices`` (and ``--tpu``) of :func:`strategy`; with a
+    ``target``, ``--precision`` and ``--jit_compile`` where it has them."""
+    _define_group(STRATEGY_FLAGS, distribute.get_strategy, exclude=() if tpu else ["tpu"])
+    if target is not None:
+        _define_group(COMPUTE_FLAGS, target)
+
+
+def define_n_test_flag(target: Target, *, default: Any = LIBRARY) -> None:
+    """``--n_test``, the test images used (the first N of the test split; 0: all)."""
+    _define_group(EVAL_FLAGS, target, only=["n_test"],
+                  defaults=None if default is LIBRARY else {"n_test": default})
+
+
+def define_eval_flags(*, preset: bool = False, **group: Any) -> None:
+    """The robustness report's settings: one flag per ``EvalSettings`` field, named as it.
+
+    Defaults are ``EvalSettings``'s (the radii: None, the dataset's); with ``preset``
+    (bin/experiment.py) every one is None: the budget preset's, then the library's.
+    """
+    if preset:
+        group["defaults"] = {name: None for name in EVAL_FLAGS}
+    _define_group(EVAL_FLAGS, evaluation.EvalSettings, preset=preset, **group)
+
+
+def _define_debug() -> None:
+    if "debug" not in FLAGS:
+        define("bool", "debug", "Show the full traceback of an error instead of one line.",
+               default=False)
+
+
+# --------------------------------------------------------------------------- using flags
+def strategy() -> Any:
+    """The ``tf.distribute`` strategy of the strategy flags."""
+    return distribute.get_strategy(**values(distribute.get_strategy))
+
+
+def eval_settings(dataset: str) -> evaluation.EvalSettings:
+    """The ``EvalSettings`` of the evaluation flags given for ``dataset`` (0: all images)."""
+    given = values(evaluation.EvalSettings)
+    given.pop("dataset", None)  # --dataset, when it sets EvalSettings.dataset: ``dataset``
+    every = {name: None for name, spec in EVAL_FLAGS.items()
+             if spec.zero_is_all and given.get(name) == 0}
+    settings = evaluation.EvalSettings.for_dataset(
+        dataset, **{k: v for k, v in given.items() if k not in every})
+    return dataclasses.replace(settings, **every) if every else settings
+
+
+def int_list(name: str, low: int, high: int | None = None) -> list[int] | None:
+    """The values of list flag ``--name`` as ints in [low, high) (None if unset), or a usage
+    error naming it."""
+    if FLAGS[name].value is None:
+        return None
+    try:
+        out = [int(v) for v in FLAGS[name].value]
+    except ValueError as e:
+        raise app.UsageError(f"--{name}: {e}") from e
+    if any(v < low or (high is not None and v >= high) for v in out):
+        raise app.UsageError(f"--{name} values must be in [{low}, {high or 'inf'}), got {out}")
+    return out
+
+
+def balanced_subset(x: np.ndarray, y: np.ndarray, total: int, num_classes: int, seed: int,
+                    flag: str = "train_subset") -> tuple[np.ndarray, np.ndarray]:
+    """``total`` images, as many of each class (0: all of them), or a usage error naming
+    ``--flag``; the subset ``bin/train.py --train_subset`` draws with the same seed."""
+    if total % num_classes:
+        raise app.UsageError(f"--{flag} must be a multiple of the {num_classes} classes (a "
+                             f"balanced subset), got {total}")
+    if not total:
+        return x, y
+    return data.balanced_subset(x, y, total // num_classes, seed, num_classes)
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
     """``app.run(main)`` with usage errors as one line ``error: ...`` (see the module doc)."""
-    if "debug" not in FLAGS:
-        flags.DEFINE_bool("debug", False, "Show the full traceback of an error instead of one "
-                          "line.", module_name=_main_module())
+    _define_debug()
 
     def guarded(argv: list[str]) -> int | None:
         try:
+            if "verify_checksums" in SETS:
+                data.set_verify_checksums(FLAGS.verify_checksums)
             return main(argv)
         except USAGE_ERRORS as e:
             if FLAGS.debug:
@@ -90,6 +495,54 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     app.run(guarded, flags_parser=_parse_flags)
 
 
+# --------------------------------------------------------------------------- the flag table
+def binary_flags(path: str) -> list[dict[str, Any]]:
+    """The flags the binary at ``path`` defines, each a dict of name, sets, default and help
+    (its module runs under another name, so its ``main`` does not; ``--debug`` included)."""
+    before, sets_before = set(FLAGS), dict(SETS)
+    try:
+        runpy.run_path(path, run_name="__flag_table__")
+        _define_debug()
+        rows = [{"name": name, "sets": describe_target(*SETS.get(name, (None, None))),
+                 "default": FLAGS[name].default, "help": FLAGS[name].help}
+                for name in sorted(set(FLAGS) - before | {"debug"})]
+    finally:
+        for name in set(FLAGS) - before:
+            delattr(FLAGS, name)
+        SETS.clear()
+        SETS.update(sets_before)
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    elif isinstance(value, bool):
+        value = str(value).lower()
+    text = '""' if value == "" else str(value)
+    return f"`{text}`"
+
+
+def flag_table(paths: Sequence[str]) -> str:
+    """A Markdown table of every flag of the binaries at ``paths``: which binaries take it,
+    what it sets ("-": a setting of the binary itself), its default and its help; a flag that
+    sets another thing, has another default or another help in some binaries has a row for
+    each."""
+    rows: dict[tuple[str, str, str, str], list[str]] = {}
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    for path, binary in zip(paths, names):
+        for flag in binary_flags(path):
+            key = (flag["name"], flag["sets"], _cell(flag["default"]), flag["help"])
+            rows.setdefault(key, []).append(binary)
+    lines = ["| flag | binaries | sets | default | meaning |", "|---|---|---|---|---|"]
+    for (name, sets, default, help), binaries in sorted(rows.items()):
+        where = "all" if binaries == names else ", ".join(binaries)
+        cells = [f"`--{name}`", where, f"`{sets}`" if sets else "-", default, help]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- checks before work
 def _paths(value: str | Iterable[str] | None) -> list[str]:
     """The paths of a flag value: none for None or "", one for a string, each of a list."""
     if not value:

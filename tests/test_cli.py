@@ -1,5 +1,6 @@
 """The binaries' errors: one line ``error: ...`` on stderr, status 2 for bad input; --debug."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -44,6 +45,15 @@ def test_absl_flag_errors_are_one_line(args, expected):
     assert status == 2 and expected in _one_error_line(stderr)
 
 
+def test_bad_measure_is_one_line_before_any_work(tiny_model_path, data_dir, tmp_path):
+    status, stderr = _run("evaluate.py", f"--models=a={tiny_model_path}",
+                          f"--output_dir={tmp_path}/eval", f"--data_dir={data_dir}",
+                          "--measures=clean,robustness")
+    line = _one_error_line(stderr)
+    assert status == 2 and "measures must be distinct names of" in line and "robustness" in line
+    assert "evaluating a" not in stderr
+
+
 def test_library_value_error_is_one_line_and_debug_shows_traceback(tmp_path):
     args = ["--models=std", f"--output_dir={tmp_path}/out"]  # not name=path
     status, stderr = _run("evaluate.py", *args)
@@ -55,7 +65,26 @@ def test_library_value_error_is_one_line_and_debug_shows_traceback(tmp_path):
 
 def test_unknown_dataset_is_one_line(tmp_path):
     status, stderr = _run("train.py", "--dataset=svhn", f"--model_dir={tmp_path}/run")
-    assert status == 2 and "unknown dataset 'svhn'" in _one_error_line(stderr)
+    line = _one_error_line(stderr)
+    assert status == 2 and "--dataset=svhn" in line and "mnist|fashion_mnist|cifar10" in line
+
+
+@pytest.mark.parametrize("binary, old", [("perturb.py", "--source=files"),
+                                         ("perturb.py", "--max_passes=2"),
+                                         ("train.py", "--test_subset=100")])
+def test_one_name_per_setting(binary, old):
+    """Aliases and the old names are gone: --data_source, --search_passes, --n_test."""
+    status, stderr = _run(binary, old)
+    name = old[2:].split("=")[0]
+    assert status == 2 and f"Unknown command line flag '{name}'" in _one_error_line(stderr)
+
+
+def test_eval_flags_are_the_eval_settings_fields():
+    """One flag per EvalSettings field, named as it (the dataset is --dataset)."""
+    from rat_tf import evaluation
+
+    fields = {f.name for f in dataclasses.fields(evaluation.EvalSettings)} - {"dataset"}
+    assert set(cli.EVAL_FLAGS) == fields
 
 
 # --------------------------------------------------------------------------- checks before work
@@ -71,7 +100,9 @@ def tiny_model_path(tmp_path_factory):
 
 _FAST_EVAL = ["--dataset=mnist", "--data_source=files", "--n_test=50", "--fgsm_eps=0.1",
               "--pgd_eps=0.1", "--pgd_steps=1", "--pgd_restarts=1", "--tup_passes=1",
-              "--tup_n_per_class=2", "--uap_passes=1", "--batch_size=50"]
+              "--tup_n_per_class=2", "--uap_passes=1", "--batch_size=50",
+              "--measures=clean,fgsm,pgd,autoattack", "--aa_n=0", "--aa_attacks=apgd-ce",
+              "--aa_steps=2"]
 
 
 def test_evaluate_checks_every_model_and_the_output_dir_first(tiny_model_path, data_dir,
@@ -104,12 +135,15 @@ def test_evaluate_keeps_finished_models_when_a_later_one_fails(tiny_model_path, 
     assert status == 2 and "not a .keras file" in _one_error_line(stderr)
     report = json.loads((out / "report.json").read_text())
     assert list(report) == ["a"] and 0 <= report["a"]["clean_accuracy"] <= 1
+    # --measures picks the measures; --aa_n=0: AutoAttack on every test image used
+    assert "tup_fresh" not in report["a"] and report["a"]["autoattack"]["num_images"] == 50
+    assert report["a"]["settings"]["aa_attacks"] == ["apgd-ce"]
     assert "| a |" in (out / "report.md").read_text()
     assert (out / "accuracy_vs_radius.png").stat().st_size > 1000
 
 
 def test_missing_data_files_fail_first(tiny_model_path, tmp_path):
-    status, stderr = _run("perturb.py", f"--model_path={tiny_model_path}",
+    status, stderr = _run("perturb.py", "--dataset=mnist", f"--model_path={tiny_model_path}",
                           f"--output_dir={tmp_path}/v", f"--data_dir={tmp_path}")
     line = _one_error_line(stderr)
     assert status == 2 and "no mnist train files: looked for train-images-idx3-ubyte" in line
@@ -155,6 +189,6 @@ def test_train_verify_checksums_refuses_flipped_pixels(data_dir, tmp_path):
     path = _flipped_mnist(data_dir, tmp_path, "train")
     status, stderr = _run("train.py", "--dataset=mnist", f"--data_dir={tmp_path}/data",
                           f"--model_dir={tmp_path}/run", "--epochs=1", "--steps_per_epoch=1",
-                          "--train_subset=100", "--test_subset=100", "--verify_checksums")
+                          "--train_subset=100", "--n_test=100", "--verify_checksums")
     line = _one_error_line(stderr)
     assert status == 2 and str(path) in line and "md5" in line

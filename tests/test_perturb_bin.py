@@ -24,8 +24,9 @@ def test_perturb_binary_writes_npz_png_json(mnist_model_path, data_dir, tmp_path
     out = tmp_path / "tup"
     proc = _perturb("--dataset=mnist", f"--data_dir={data_dir}", "--data_source=files",
                     f"--model_path={mnist_model_path}", f"--output_dir={out}",
-                    "--n_per_class=4", "--max_passes=2", "--batch_size=20", "--targets=2,8",
-                    "--test_limit=300", "--eps=0.3", "--noprogress", f"--per_source={per_source}")
+                    "--train_subset=40", "--search_passes=2", "--batch_size=20",
+                    "--targets=2,8", "--n_test=300", "--eps=0.3", "--noprogress",
+                    f"--per_source={per_source}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     V, meta = perturbation_files.load(str(out / "perturbations.npz"))
     if per_source:  # V[s, t]: one per (source, target)
@@ -48,12 +49,12 @@ def test_perturb_checks_inputs_and_output_dir_before_searching(data_dir, tmp_pat
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     missing = tmp_path / "missing.keras"
-    proc = _perturb(f"--data_dir={data_dir}", f"--model_path={missing}",
+    proc = _perturb("--dataset=mnist", f"--data_dir={data_dir}", f"--model_path={missing}",
                     f"--output_dir={tmp_path}/out")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"error: --model_path: {missing} does not exist")
     missing.write_text("never read: the output folder is checked first")
-    proc = _perturb(f"--data_dir={data_dir}", f"--model_path={missing}",
+    proc = _perturb("--dataset=mnist", f"--data_dir={data_dir}", f"--model_path={missing}",
                     f"--output_dir={blocker}/out")
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error: --output_dir: ")
