@@ -536,7 +536,7 @@ def flag_table(paths: Sequence[str]) -> str:
             rows.setdefault(key, []).append(binary)
     lines = ["| flag | binaries | sets | default | meaning |", "|---|---|---|---|---|"]
     for (name, sets, default, help), binaries in sorted(rows.items()):
-        where = "all" if binaries == names else ", ".join(binaries)
+        where = "all" if sorted(binaries) == sorted(names) else ", ".join(sorted(binaries))
         cells = [f"`--{name}`", where, f"`{sets}`" if sets else "-", default, help]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -87,6 +87,15 @@ def test_eval_flags_are_the_eval_settings_fields():
     assert set(cli.EVAL_FLAGS) == fields
 
 
+def test_flag_table_in_build_md_is_current():
+    """BUILD.md's table is what bin/flag_table.py makes of the flag definitions of bin/."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "flag_table.py"),
+                           "--check"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- checks before work
 @pytest.fixture(scope="module")
 def tiny_model_path(tmp_path_factory):
