@@ -2,12 +2,15 @@
 
 An exported SavedModel (:func:`rat_tf.export.export_saved_model`) is loaded with plain
 ``tf.saved_model.load`` - no rat_tf code - wrapped as an ART ``TensorFlowV2Classifier`` and
-attacked with ART's ``FastGradientMethod`` and ``ProjectedGradientDescent`` (L-inf). The same
+attacked with ART's ``FastGradientMethod`` and ``ProjectedGradientDescent`` (L-inf), and for
+AutoAttack with ART's ``AutoProjectedGradientDescent`` (CE and DLR) and ``SquareAttack``. The same
 images are attacked by rat_tf's evaluation path (:func:`rat_tf.evaluation.load_model_fn` and
 the compiled attack steps of :func:`rat_tf.evaluation.robustness_report`), with the same
 settings. FGSM is deterministic, so both accuracies must agree within ``fgsm_tol``; PGD is
 random, so rat_tf's PGD accuracy may not exceed ART's by more than ``pgd_tol`` (rat_tf's
-attack must not be weaker). ART is the optional extra ``bench``.
+attack must not be weaker); rat_tf's AutoAttack robust accuracy may not exceed the worst case
+per image of ART's APGD-CE, APGD-DLR and Square by more than ``aa_tol``. ART is the optional
+extra ``bench``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from rat_tf import attacks, data, evaluation
 SIGNATURE = "serving_default"
 DEFAULT_FGSM_TOL = 0.01  # deterministic attack: 1 point (10 of 1000 images)
 DEFAULT_PGD_TOL = 0.03  # random restarts on both sides: 3 points
+DEFAULT_AA_TOL = 0.005  # rat_tf's AutoAttack at least as strong as ART's ensemble: 0.5 points
 
 
 def _import_art():
@@ -216,3 +220,74 @@ def format_table(results: Mapping[str, Mapping]) -> str:
                          f"{'yes' if r['ok'] else 'NO'} | "
                          f"{r['only_art_fools']} / {r['only_rat_tf_fools']} |")
     return "\n".join(lines) + "\n"
+
+
+def art_autoattack_correct(path: str, x: np.ndarray, y: np.ndarray, eps: float, *,
+                           steps: int = 100, n_queries: int = 5000, batch_size: int = 250,
+                           seed: int = 0) -> dict[str, np.ndarray]:
+    """Per-image robustness (bool [N]) after ART's APGD-CE, APGD-DLR and Square (L-inf) in
+    turn, each run only on the images still classified correctly (as AutoAttack does)."""
+    from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
+
+    classifier = art_classifier(path)
+    onehot = np.eye(classifier.nb_classes, dtype=np.float32)[y]
+    robust = _art_correct(classifier, x, y, batch_size)
+    out = {"clean": robust.copy()}
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        for name in ("apgd-ce", "apgd-dlr", "square"):
+            if name == "square":
+                attack = SquareAttack(classifier, norm=np.inf, eps=float(eps),
+                                      max_iter=int(n_queries), p_init=0.8, nb_restarts=1,
+                                      batch_size=batch_size, verbose=False)
+            else:
+                attack = AutoProjectedGradientDescent(
+                    classifier, norm=np.inf, eps=float(eps), eps_step=2 * float(eps),
+                    max_iter=int(steps), nb_random_init=1, batch_size=batch_size,
+                    loss_type="cross_entropy" if name == "apgd-ce" else
+                    "difference_logits_ratio", verbose=False)
+            todo = np.flatnonzero(robust)
+            if len(todo):
+                x_adv = attack.generate(x=x[todo], y=onehot[todo])
+                robust[todo] = _art_correct(classifier, x_adv, y[todo], batch_size)
+            out[name] = robust.copy()
+    finally:
+        np.random.set_state(state)
+    return out
+
+
+def crosscheck_autoattack(path: str, x: np.ndarray, y: np.ndarray, eps: float, *,
+                          steps: int = 100, n_queries: int = 5000,
+                          attacks: Sequence[str] | None = None, aa_tol: float = DEFAULT_AA_TOL,
+                          batch_size: int = 250, seed: int = 0) -> dict:
+    """rat_tf's AutoAttack against ART's APGD-CE + APGD-DLR + Square on the same SavedModel.
+
+    ``ok`` when rat_tf's robust accuracy (``attacks``: None for the standard AutoAttack
+    sequence) is at most ART's after its three attacks plus ``aa_tol`` (rat_tf's ensemble is
+    at least as strong). Returns a JSON-ready dict with both accuracies,
+    ART's per attack, the seconds of each side and their ratio (ART / rat_tf).
+    """
+    from rat_tf import autoattack
+
+    x, y = np.asarray(x, np.float32), np.asarray(y).astype(np.int32)
+    data.check_pixels(x, "images")
+    t0 = time.time()
+    art = art_autoattack_correct(path, x, y, eps, steps=steps, n_queries=n_queries,
+                                 batch_size=batch_size, seed=seed)
+    t_art = time.time() - t0
+    model_fn, _ = evaluation.load_model_fn(path)
+    t0 = time.time()
+    ours = autoattack.autoattack(model_fn, x, y, eps, attacks=attacks, seed=seed,
+                                 batch_size=batch_size, steps=steps, n_queries=n_queries)
+    t_ours = time.time() - t0
+    a, r = float(art["square"].mean()), float(ours["robust"].mean())
+    return {"model": str(path), "num_images": int(len(x)), "eps": float(eps),
+            "steps": int(steps), "n_queries": int(n_queries),
+            "art": {k: float(v.mean()) for k, v in art.items()}, "rat_tf": r,
+            "rat_tf_after_each": ours["robust_accuracy"], "diff": r - a, "tol": aa_tol,
+            "ok": r <= a + aa_tol + 1e-9,
+            "only_art_breaks": int(np.sum(~art["square"] & ours["robust"])),
+            "only_rat_tf_breaks": int(np.sum(art["square"] & ~ours["robust"])),
+            "seconds": {"art": round(t_art, 1), "rat_tf": round(t_ours, 1)},
+            "speedup": t_art / max(t_ours, 1e-9)}

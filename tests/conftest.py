@@ -2,6 +2,11 @@
 
 The CPU is split into 2 logical devices before TensorFlow starts, so MirroredStrategy can be
 tested on CPU (tests that use the default strategy run on /cpu:0).
+
+Two tiers: ``pytest -m "not slow"`` runs the fast tier (about a minute); the ``slow`` tier is
+every test that trains or attacks a real model at some length. A test is slow when it is
+marked ``@pytest.mark.slow``, uses a fixture of ``SLOW_FIXTURES`` or lives in a module of
+``SLOW_MODULES``; CI runs both tiers.
 """
 
 import os
@@ -24,8 +29,25 @@ from rat_tf import data, models  # noqa: E402
 DATA_DIR = os.environ["RAT_DATA_DIR"]
 
 
+# Fixtures that train a model or run a report, and modules whose every test trains or
+# runs a binary end to end.
+SLOW_FIXTURES = {"mnist_model", "mnist_model_path", "mirrored_2cpu", "slices", "run_dir",
+                 "reports", "saved_model", "trained"}
+SLOW_MODULES = {"test_experiment", "test_crosscheck", "test_crosscheck_autoattack",
+                "test_distributed", "test_readme_example", "test_perturb_bin",
+                "test_distributed_evaluation", "test_autoattack", "test_training", "test_cli",
+                "test_own_models"}
+
+
 def pytest_report_header(config):
     return f"RAT_DATA_DIR={DATA_DIR}"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

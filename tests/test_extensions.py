@@ -37,6 +37,7 @@ def test_registered_dataset_loads_checked(toy_dataset, data_dir):
     assert set(np.unique(y)) == {0, 1, 2}
 
 
+@pytest.mark.slow
 def test_search_training_and_evaluation_on_a_registered_dataset(toy_dataset, data_dir,
                                                                 tmp_path):
     config = training.TrainConfig(dataset=TOY, data_dir=data_dir, model="tiny_cnn",
