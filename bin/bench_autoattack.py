@@ -1,15 +1,16 @@
 """Benchmark: rat_tf's AutoAttack against ART 1.20's APGD-CE + APGD-DLR + Square.
 
-The same SavedModel (--saved_model, or an mnist_cnn trained here for one epoch and exported),
-the same first --n_images MNIST test images, the same L-inf radius and budgets (APGD steps,
+The same SavedModel (--model_path, or an mnist_cnn trained here for one epoch and exported),
+the same first --n_test MNIST test images, the same L-inf radius and budgets (APGD steps,
 Square queries); each side runs its attacks in turn on the images still robust. Rows: ART's
 three attacks, rat_tf's same three (``apgd-ce, apgd-dlr, square``) and rat_tf's standard
 AutoAttack (``apgd-ce, apgd-t, fab-t, square``). Every rat_tf time includes tracing. Also the
 cost per image relative to its floor: the gradient (and forward) evaluations the attacks made,
 times one compiled forward+backward (forward) pass of the model per image. Prints a table and
-writes JSON to --output.
+writes bench_autoattack.json to --output_dir. The budgets default to the robustness report's
+(``rat_tf.evaluation.EvalSettings``).
 
-Example:  python bin/bench_autoattack.py --n_images=500 --output=results/bench_autoattack.json
+Example:  python bin/bench_autoattack.py --n_test=500 --output_dir=results
 """
 
 import os
@@ -25,14 +26,13 @@ from rat_tf import autoattack, cli, crosscheck, data, evaluation, export, files,
 
 FLAGS = flags.FLAGS
 cli.define_data_flags(data_source=False)
-flags.DEFINE_string("saved_model", None, "SavedModel to attack (default: train and export one).")
-flags.DEFINE_integer("n_images", 500, "Test images attacked (the first N).", lower_bound=1)
-flags.DEFINE_float("eps", 0.1, "L-inf radius.")
-flags.DEFINE_integer("steps", 100, "APGD / FAB-T iterations.", lower_bound=1)
-flags.DEFINE_integer("n_queries", 5000, "Square queries.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 250, "Batch size of both sides.", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Seed of both sides.")
-flags.DEFINE_string("output", "results/bench_autoattack.json", "JSON output path.")
+cli.define("string", "model_path", "SavedModel to attack.", default=None,
+           unset="an mnist_cnn trained and exported here")
+cli.define("integer", "n_test", "Test images attacked (the first N of the test split).",
+           default=500, lower_bound=1)
+cli.define("float", "aa_eps", "AutoAttack radius (L-inf) of both sides.", default=0.1)
+cli.define_eval_flags(only=["aa_steps", "aa_queries", "batch_size", "seed"])
+cli.define_output_flag("bench_autoattack.json", default="results")
 
 _SAME = ("apgd-ce", "apgd-dlr", "square")
 
@@ -73,29 +73,30 @@ def _floor(after_each: dict, n: int, k: int, t_fb: float, t_f: float) -> float:
         if name == "clean":
             continue
         if name == "square":
-            total += robust_before * FLAGS.n_queries * t_f
+            total += robust_before * FLAGS.aa_queries * t_f
         else:
-            total += robust_before * runs[name] * FLAGS.steps * t_fb
+            total += robust_before * runs[name] * FLAGS.aa_steps * t_fb
         robust_before = n * acc
     return total
 
 
 def main(argv):
     del argv
-    cli.check_data("mnist", FLAGS.data_dir, "files", splits=["test"] if FLAGS.saved_model
+    cli.check_data("mnist", FLAGS.data_dir, "files", splits=["test"] if FLAGS.model_path
                    else ["train", "test"])
-    cli.check_inputs(saved_model=FLAGS.saved_model)
-    cli.check_output_files(output=FLAGS.output)
+    cli.check_inputs(model_path=FLAGS.model_path)
+    cli.check_output_dirs(output_dir=FLAGS.output_dir)
     x, y = data.load_arrays("mnist", "test", "files", FLAGS.data_dir)
-    x, y = x[:FLAGS.n_images], y[:FLAGS.n_images]
+    x, y = x[:FLAGS.n_test], y[:FLAGS.n_test]
     with tempfile.TemporaryDirectory() as work:
-        path = FLAGS.saved_model or _saved_model(work)
-        budget = dict(steps=FLAGS.steps, n_queries=FLAGS.n_queries,
+        path = FLAGS.model_path or _saved_model(work)
+        budget = dict(steps=FLAGS.aa_steps, n_queries=FLAGS.aa_queries,
                       batch_size=FLAGS.batch_size, seed=FLAGS.seed)
-        same = crosscheck.crosscheck_autoattack(path, x, y, FLAGS.eps, attacks=_SAME, **budget)
+        same = crosscheck.crosscheck_autoattack(path, x, y, FLAGS.aa_eps, attacks=_SAME,
+                                                **budget)
         model_fn, _ = evaluation.load_model_fn(path)
         t0 = time.time()
-        standard = autoattack.autoattack(model_fn, x, y, FLAGS.eps, **budget)
+        standard = autoattack.autoattack(model_fn, x, y, FLAGS.aa_eps, **budget)
         t_standard = time.time() - t0
         t_fb = _pass_seconds(model_fn, x.shape[1:], True)
         t_f = _pass_seconds(model_fn, x.shape[1:], False)
@@ -110,8 +111,8 @@ def main(argv):
          "robust_accuracy": float(standard["robust"].mean()),
          "floor_seconds": _floor(standard["robust_accuracy"], n, 10, t_fb, t_f)},
     ]
-    print(f"\nAutoAttack, {n} MNIST test images, L-inf {FLAGS.eps:g}, {FLAGS.steps} steps, "
-          f"{FLAGS.n_queries} Square queries\n")
+    print(f"\nAutoAttack, {n} MNIST test images, L-inf {FLAGS.aa_eps:g}, {FLAGS.aa_steps} steps, "
+          f"{FLAGS.aa_queries} Square queries\n")
     print("| side | seconds | images/s | speed vs ART | robust acc. | x floor |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -121,11 +122,12 @@ def main(argv):
         floor = "-" if r["times_floor"] is None else f"{r['times_floor']:.1f}"
         print(f"| {r['side']} | {r['seconds']:.1f} | {r['images_per_sec']:.1f} | "
               f"{r['speed_vs_art']:.2f}x | {100 * r['robust_accuracy']:.1f} | {floor} |")
-    result = {"n_images": n, "eps": FLAGS.eps, "steps": FLAGS.steps,
-              "n_queries": FLAGS.n_queries, "batch_size": FLAGS.batch_size, "rows": rows,
+    result = {"n_images": n, "eps": FLAGS.aa_eps, "steps": FLAGS.aa_steps,
+              "n_queries": FLAGS.aa_queries, "batch_size": FLAGS.batch_size, "rows": rows,
               "pass_seconds_per_image": {"forward_backward": t_fb, "forward": t_f},
               "crosscheck_ok": same["ok"], "standard_after_each": standard["robust_accuracy"]}
-    logging.info("wrote %s", files.write_json(FLAGS.output, result))
+    out = os.path.join(FLAGS.output_dir, "bench_autoattack.json")
+    logging.info("wrote %s", files.write_json(out, result))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@
     python3 bin/crosscheck.py --dataset=mnist --models=std=export/std,rat=export/rat \\
         --n_test=1000 --output_dir=results
 
-The evaluation flags are those of the robustness report (bin/evaluate.py), with its defaults;
-``--measures`` picks the checks of :func:`rat_tf.crosscheck.crosscheck_with_art` (clean, fgsm,
-pgd). Prints a table (model, attack, eps, ART acc, rat_tf acc, difference), writes
-crosscheck.json to --output_dir, and exits with status 1 if a figure disagrees beyond the
-tolerance.
+The evaluation flags are those of the robustness report (bin/evaluate.py), with its defaults.
+``--measures`` picks the checks: clean, fgsm and pgd (:func:`rat_tf.crosscheck.crosscheck_with_art`)
+and autoattack (:func:`rat_tf.crosscheck.crosscheck_autoattack`: rat_tf's AutoAttack against
+ART's APGD-CE, APGD-DLR and Square on the first --aa_n images, slow). Prints a table (model,
+attack, eps, ART acc, rat_tf acc, difference), writes crosscheck.json to --output_dir, and
+exits with status 1 if a figure disagrees beyond the tolerance.
 """
 
 import os
@@ -17,7 +18,7 @@ from absl import app, flags, logging
 
 from rat_tf import cli, crosscheck, data, evaluation, files
 
-CHECKS = ("clean", "fgsm", "pgd")  # the measures ART can check
+CHECKS = ("clean", "fgsm", "pgd", "autoattack")  # the measures ART can check
 FLAGS = flags.FLAGS
 cli.define("list", "models", "name=path,... of SavedModels from bin/export.py.",
            sets=evaluation.parse_models, field="spec", required=True)
@@ -25,13 +26,16 @@ cli.define_dataset_flag(evaluation.EvalSettings)
 cli.define_data_flags()
 cli.define_output_flag("crosscheck.json", unset="print the table only")
 cli.define("list", "measures", f"What to cross-check with ART, from {', '.join(CHECKS)} (clean "
-           "is part of fgsm and pgd).", sets=evaluation.EvalSettings, default=list(CHECKS))
+           "is part of fgsm and pgd).", sets=evaluation.EvalSettings, default=list(CHECKS[:3]))
 cli.define_eval_flags(only=["n_test", "fgsm_eps", "pgd_eps", "pgd_steps", "pgd_restarts",
-                            "pgd_step_size", "batch_size", "seed"])
+                            "pgd_step_size", "aa_eps", "aa_n", "aa_steps", "aa_queries",
+                            "aa_attacks", "batch_size", "seed"])
 cli.define("float", "fgsm_tol", "Largest |accuracy difference| allowed for clean and FGSM.",
            sets=crosscheck.crosscheck_with_art)
 cli.define("float", "pgd_tol", "Largest amount by which rat_tf's PGD accuracy may exceed ART's.",
            sets=crosscheck.crosscheck_with_art)
+cli.define("float", "aa_tol", "Largest amount by which rat_tf's AutoAttack accuracy may exceed "
+           "ART's.", sets=crosscheck.crosscheck_autoattack)
 
 
 def main(argv):
@@ -47,22 +51,35 @@ def main(argv):
     s = cli.eval_settings(FLAGS.dataset)
     x, y = data.load_arrays(FLAGS.dataset, "test", FLAGS.data_source, FLAGS.data_dir)
     x, y = x[:s.n_test], y[:s.n_test]
-    results = {}
+    results, aa_results = {}, {}
     for name, path in models.items():
         logging.info("cross-checking %s (%s) on %d %s test images", name, path, len(x),
                      FLAGS.dataset)
-        results[name] = crosscheck.crosscheck_with_art(
-            path, x, y, fgsm_eps=s.fgsm_eps if "fgsm" in s.measures else (),
-            pgd_eps=s.pgd_eps if "pgd" in s.measures else (), pgd_steps=s.pgd_steps,
-            pgd_restarts=s.pgd_restarts, pgd_step_size=s.pgd_step_size,
-            fgsm_tol=FLAGS.fgsm_tol, pgd_tol=FLAGS.pgd_tol, batch_size=s.batch_size,
-            seed=s.seed)
-    print(crosscheck.format_table(results))
+        if {"fgsm", "pgd"} & set(s.measures):
+            results[name] = crosscheck.crosscheck_with_art(
+                path, x, y, fgsm_eps=s.fgsm_eps if "fgsm" in s.measures else (),
+                pgd_eps=s.pgd_eps if "pgd" in s.measures else (), pgd_steps=s.pgd_steps,
+                pgd_restarts=s.pgd_restarts, pgd_step_size=s.pgd_step_size,
+                fgsm_tol=FLAGS.fgsm_tol, pgd_tol=FLAGS.pgd_tol, batch_size=s.batch_size,
+                seed=s.seed)
+        if "autoattack" in s.measures:
+            aa_results[name] = crosscheck.crosscheck_autoattack(
+                path, x[:s.aa_n], y[:s.aa_n], s.resolved_aa_eps(), steps=s.aa_steps,
+                n_queries=s.aa_queries, attacks=s.aa_attacks, aa_tol=FLAGS.aa_tol,
+                batch_size=s.batch_size, seed=s.seed)
+    if results:
+        print(crosscheck.format_table(results))
+    for name, r in aa_results.items():
+        print(f"{name}: AutoAttack L-inf {r['eps']:g} on {r['num_images']} images: rat_tf "
+              f"{100 * r['rat_tf']:.1f}%, ART (APGD-CE, APGD-DLR, Square) "
+              f"{100 * r['art']['square']:.1f}%, difference {100 * r['diff']:+.1f} "
+              f"(<= +{100 * r['tol']:g}) {'ok' if r['ok'] else 'NO'}")
     if FLAGS.output_dir:
         logging.info("wrote %s", files.write_json(
             os.path.join(FLAGS.output_dir, "crosscheck.json"),
-            {"dataset": FLAGS.dataset, "results": results}, indent=1))
-    bad = [name for name, res in results.items() if not res["ok"]]
+            {"dataset": FLAGS.dataset, "results": results, "autoattack": aa_results},
+            indent=1))
+    bad = [name for r in (results, aa_results) for name, res in r.items() if not res["ok"]]
     if bad:
         logging.error("ART and rat_tf disagree beyond tolerance for %s", ", ".join(bad))
         return 1
