@@ -170,13 +170,13 @@ def _flags(cfg: training.TrainConfig) -> list[str]:
         ("method", cfg.method), ("data_dir", cfg.data_dir), ("model", cfg.model),
         ("epochs", cfg.epochs), ("batch_size", cfg.batch_size),
         ("steps_per_epoch", cfg.steps_per_epoch), ("train_subset", cfg.train_subset),
-        ("test_subset", cfg.test_subset), ("lr", cfg.lr), ("verbose", 2))]
+        ("n_test", cfg.test_subset), ("lr", cfg.lr), ("verbose", 2))]
     if cfg.init_from:
         flags.append(f"--init_from={cfg.init_from}")
     if cfg.method == "rat":
         flags += [f"--perturbations_path={cfg.perturbations_path}", f"--eps={cfg.eps}"]
     if cfg.method == "pgd_at":
-        flags += [f"--adv_eps={cfg.adv_eps}", f"--pgd_steps={cfg.pgd_steps}"]
+        flags += [f"--adv_eps={cfg.adv_eps}", f"--adv_steps={cfg.pgd_steps}"]
     return flags
 
 
@@ -204,7 +204,7 @@ def test_multi_worker_lost_worker_fails_clearly_then_resumes(data_dir, tmp_path)
     out = tmp_path / "run"
     epochs = 10  # many short epochs: the kill always lands after the first backup, mid-run
     flags = ["--method=standard", "--model=tiny_cnn", f"--epochs={epochs}",
-             "--steps_per_epoch=30", "--batch_size=32", "--train_subset=2000", "--test_subset=200",
+             "--steps_per_epoch=30", "--batch_size=32", "--train_subset=2000", "--n_test=200",
              f"--data_dir={data_dir}", "--verbose=2"]
     procs = _launch_cluster(flags, out, tmp_path)
     meta = out / "backup" / "training_metadata.json"

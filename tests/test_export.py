@@ -224,7 +224,7 @@ def test_export_binary(mnist_model_path, mnist_model, tmp_path):
     out_dir = str(tmp_path / "sm")
     res = subprocess.run([sys.executable, os.path.join(REPO, "bin", "export.py"),
                           f"--model_path={mnist_model_path}", f"--export_dir={out_dir}",
-                          "--dataset=mnist", "--source=files", "--num_verify=200"],
+                          "--dataset=mnist", "--data_source=files", "--n_test=200"],
                          env=_subprocess_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "max_abs_logit_diff=" in res.stdout

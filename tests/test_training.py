@@ -119,7 +119,7 @@ def test_killed_train_binary_resumes_from_backup(data_dir, tmp_path):
     epochs = 20  # many short epochs: the kill always lands after the first backup, mid-run
     cmd = [sys.executable, os.path.join(REPO, "bin", "train.py"), "--method=standard",
            "--model=tiny_cnn", f"--epochs={epochs}", "--steps_per_epoch=40", "--batch_size=32",
-           "--train_subset=2000", "--test_subset=200", f"--model_dir={out}",
+           "--train_subset=2000", "--n_test=200", f"--model_dir={out}",
            f"--data_dir={data_dir}", "--verbose=0"]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TF_CPP_MIN_LOG_LEVEL="2")
