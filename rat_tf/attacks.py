@@ -17,11 +17,19 @@ once as one tensor V [K,H,W,C]: every batch of B images is tiled against the K p
 target's loss and statistics. Under a ``tf.distribute`` strategy every replica works on its
 shard of each global batch and the update sums are all-reduced, so every replica holds the same
 V; the search is deterministic for a given seed.
+
+Seeded random starts of :func:`fgsm` and :func:`pgd` called per replica (inside
+``strategy.run``) are drawn for the whole global batch and each replica keeps its rows
+(:func:`rat_tf.ops.replica_rows`), so they do not depend on how a batch is split. The
+evaluation loops (:func:`targeted_success_rate`, :func:`fooling_rate`) run a
+:class:`ReplicaStep`: fixed-size global batches, each replica on its slice, the per-image
+results put back together in order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import time
 from typing import Callable, Sequence
@@ -107,9 +115,17 @@ def pgd_step_size(eps, steps: int, step_size=None):
 
 
 def _start(x: tf.Tensor, eps, norm: str, seed, init: tf.Tensor | None) -> tf.Tensor:
-    """A random start in the ball: ``init`` (checked, projected) or a fresh uniform draw."""
+    """A random start in the ball: ``init`` (checked, projected) or a fresh uniform draw; with
+    a ``seed``, this replica's rows of the draw for the whole global batch."""
     if init is None:
-        return ops.random_in_ball(tf.shape(x), eps, norm, seed, x.dtype)
+        if seed is None:
+            return ops.random_in_ball(tf.shape(x), eps, norm, None, x.dtype)
+        unit = ops.replica_rows(lambda shape: ops.random_in_ball(shape, 1.0, norm, seed),
+                                tf.shape(x))
+        radius = tf.cast(eps, tf.float32)
+        if radius.shape.rank:
+            radius = _bcast(radius, x.shape.rank)
+        return tf.cast(unit * radius, x.dtype)
     init = tf.convert_to_tensor(init, x.dtype)
     if init.shape.is_fully_defined() and x.shape.is_fully_defined() and init.shape != x.shape:
         raise ValueError(f"init must have the shape of x {x.shape}, got {init.shape}")
@@ -124,7 +140,8 @@ def fgsm(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", targeted: bool = F
     ``y``: true labels (untargeted; None uses the model's predictions) or targets. With
     ``rand_init`` (Wong et al. 2020) the start is uniform in the ball (or ``init``, a start
     perturbation drawn by the caller) and the step defaults to 1.25 * eps, then projected back
-    to the ball. Returns x_adv in ``clip_values`` (gradient stopped).
+    to the ball. A seeded start does not depend on the split over replicas (see module).
+    Returns x_adv in ``clip_values`` (gradient stopped).
     """
     model_fn, x, norm, clip = _setup(model_fn, x, norm, eps, step_size, clip_values)
     y = _labels(model_fn, x, y)
@@ -147,7 +164,8 @@ def pgd(model_fn: ModelFn, x, y, eps, *, step_size=None, steps: int = 40, norm: 
     Per example, a restart replaces the current worst case if it succeeds where that one did
     not, or succeeds equally and has a higher loss (lower, toward the target, if targeted).
     ``step_size`` defaults to 2.5 * eps / steps. ``init``: the random start of the first
-    restart, drawn by the caller (e.g. for the whole global batch of a distributed step).
+    restart, drawn by the caller; restart r otherwise starts from a uniform draw seeded by
+    (``seed``, r), which does not depend on the split over replicas (see module).
     Returns x_adv in ``clip_values`` (gradient stopped).
     """
     model_fn, x, norm, clip = _setup(model_fn, x, norm, eps, step_size, clip_values)
@@ -661,16 +679,17 @@ def untargeted_universal(model_fn: ModelFn, x, y, eps: float, *, norm: str = "li
     x, y = _check_images(x, y, clip_values)
     model_fn = models.as_model_fn(model_fn)
     _check_model(model_fn, x)
-    if y is None:
-        y = _predict(model_fn, x, 500)
     strategy = strategy or tf.distribute.get_strategy()
+    if y is None:
+        y = _predict(model_fn, x, 500, strategy)
     start = time.perf_counter()
     search = UniversalSearch(model_fn, x.shape[1:], None, eps, norm, "sgd", step_size, 1,
                              batch_size, strategy, clip_values=clip_values)
     v, _, passes, history = search.run(x, y, max_passes=max_passes, delta=None, seed=seed,
                                        progress=progress)
     v = v[0]
-    stats = {"fooling_rate": fooling_rate(model_fn, x, v, clip_values=clip_values), "norm":
+    stats = {"fooling_rate": fooling_rate(model_fn, x, v, clip_values=clip_values,
+                                          strategy=strategy), "norm":
              float(ops.batch_norms(v[None], norm)[0]), "passes": passes, "eps": float(eps),
              "norm_type": norm, "history": history, "seconds": time.perf_counter() - start}
     return v, stats
@@ -688,21 +707,110 @@ def _pad(a: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([a, np.zeros((size - len(a),) + a.shape[1:], a.dtype)])
 
 
-def _predict(model_fn: ModelFn, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Predicted classes of ``x`` with one compiled fixed-shape function."""
-    fn = tf.function(lambda xb: tf.argmax(model_fn(xb), -1, output_type=tf.int32))
-    out = [fn(tf.constant(_pad(x[i:j], batch_size))).numpy()[:j - i]
-           for i, j in _batches(len(x), batch_size)]
-    return np.concatenate(out)
+class ReplicaStep:
+    """``fn`` compiled once and run on fixed-size global batches, every replica of
+    ``strategy`` (None: the current strategy) on its slice of each batch.
+
+    ``fn(*local_batch, *args)`` maps one replica's slice of the batch arrays, and ``args``
+    (the same on every replica), to per-row outputs: a tensor [b, ...] or a tuple of them, of
+    bools, integers below 2**24 or floats. Called with a global batch of B rows (B a multiple
+    of the R replicas), the step gives replica i rows [i * B/R, (i + 1) * B/R) and returns the
+    outputs of the whole batch, in order, as numpy arrays. With R > 1 each replica places its
+    rows in a batch of zeros and the batches are summed over the replicas (exact: every row
+    has one nonzero term), so under MultiWorkerMirroredStrategy every worker gets the whole
+    batch; every worker must then make the same calls on the same arrays.
+    """
+
+    def __init__(self, fn: Callable, strategy: tf.distribute.Strategy | None = None):
+        self.fn = fn
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.replicas = int(self.strategy.num_replicas_in_sync)
+        # A partial, not the bound method: TensorFlow keys its retracing warning on the code
+        # object, which every step would share; each step traces once.
+        self._compiled = tf.function(functools.partial(ReplicaStep._distributed, self))
+
+    def check_batch(self, size: int, what: str = "batch size") -> int:
+        """``size``, or ValueError unless it splits evenly over the replicas."""
+        return check_split(size, self.strategy, what)
+
+    def _distributed(self, batch: tuple, args: tuple):
+        if self.replicas == 1:
+            return self.strategy.run(self.fn, args=batch + args)
+        dtypes = []  # of fn's outputs, known once traced
+
+        def local(*inputs):
+            out = self.fn(*inputs)
+            i = tf.distribute.get_replica_context().replica_id_in_sync_group
+            placed = []
+            for t in tf.nest.flatten(out):
+                dtypes.append(t.dtype)
+                n = tf.shape(t)[0]
+                rows = [[i * n, (self.replicas - 1 - i) * n]] + [[0, 0]] * (t.shape.rank - 1)
+                placed.append(tf.pad(t if t.dtype.is_floating else tf.cast(t, tf.float32),
+                                     rows))
+            return tf.nest.pack_sequence_as(out, placed)
+
+        out = self.strategy.run(local, args=batch + args)
+        total = [self.strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None)
+                 for t in tf.nest.flatten(out)]
+        return tf.nest.pack_sequence_as(out, [tf.cast(t, d) for t, d in zip(total, dtypes)])
+
+    def __call__(self, batch: Sequence[np.ndarray], *args):
+        """The outputs of ``fn`` for one global batch (arrays of B rows each)."""
+        n = self.check_batch(len(batch[0])) // self.replicas
+
+        def shard(a):
+            return self.strategy.experimental_distribute_values_from_function(
+                lambda ctx: tf.constant(a[ctx.replica_id_in_sync_group * n:
+                                          (ctx.replica_id_in_sync_group + 1) * n]))
+
+        out = self._compiled(tuple(shard(np.asarray(a)) for a in batch),
+                             tuple(tf.convert_to_tensor(a) for a in args))
+        return tf.nest.map_structure(lambda t: t.numpy(), out)
+
+    def map_batches(self, arrays: Sequence[np.ndarray], batch_size: int, *args):
+        """The outputs of ``fn`` for every row of ``arrays`` (N rows each), in global batches
+        of ``batch_size``, the last one padded with zeros (its padding rows dropped)."""
+        self.check_batch(batch_size)
+        parts = [tf.nest.map_structure(lambda t, k=j - i: t[:k],
+                                       self([_pad(a[i:j], batch_size) for a in arrays], *args))
+                 for i, j in _batches(len(arrays[0]), batch_size)]
+        if not parts:
+            raise ValueError("no rows to run on")
+        return tf.nest.map_structure(lambda *t: np.concatenate(t), *parts)
+
+
+def check_split(size: int, strategy: tf.distribute.Strategy, what: str = "batch size") -> int:
+    """``size``, or ValueError unless it is a multiple of the replicas of ``strategy``."""
+    replicas = strategy.num_replicas_in_sync
+    if size % replicas:
+        raise ValueError(f"{what} {size} does not split evenly over the {replicas} replicas of "
+                         f"{type(strategy).__name__}: use a multiple of {replicas}")
+    return size
+
+
+def _multiple(size: int, replicas: int) -> int:
+    """``size`` rounded up to a multiple of ``replicas``."""
+    return -(-size // replicas) * replicas
+
+
+def _predict(model_fn: ModelFn, x: np.ndarray, batch_size: int,
+             strategy: tf.distribute.Strategy | None = None) -> np.ndarray:
+    """Predicted classes of ``x`` with one compiled fixed-shape step (the batch size rounded
+    up to a multiple of the replicas)."""
+    step = ReplicaStep(lambda xb: tf.argmax(model_fn(xb), -1, output_type=tf.int32), strategy)
+    return step.map_batches([x], _multiple(batch_size, step.replicas))
 
 
 def targeted_success_rate(model_fn: ModelFn, x, y, V, *, targets: Sequence[int] | None = None,
-                          batch_size: int = 500, clip_values=ops.PIXEL_RANGE) -> np.ndarray:
+                          batch_size: int = 500, clip_values=ops.PIXEL_RANGE,
+                          strategy: tf.distribute.Strategy | None = None) -> np.ndarray:
     """Per target t: fraction of images with label != t classified t after clip(x + V[t]).
 
     Per-source V [K,K,H,W,C] (see :func:`targeted_universal`): an image of label s gets
     V[s, t]. ``batch_size`` counts images per forward pass (a batch is tiled against the
-    targets). Returns float64 [K]; NaN for targets not evaluated.
+    targets; images per batch rounded down to a multiple of the replicas of ``strategy``,
+    None: the current strategy). Returns float64 [K]; NaN for targets not evaluated.
     """
     clip_values = ops.check_clip_values(clip_values)
     x, y = _check_images(x, y, clip_values)
@@ -724,34 +832,35 @@ def targeted_success_rate(model_fn: ModelFn, x, y, V, *, targets: Sequence[int] 
         raise ValueError(f"labels must be in [0, {k}), got range [{y.min()}, {y.max()}]")
     vt = tf.constant(V[:, targets] if per_source else V[targets])
     tt = tf.constant(targets, tf.int32)
-    b = max(1, batch_size // len(targets))
 
-    @tf.function
-    def counts(xb, yb, mb):
+    def counts(xb, yb):
+        """Per image [B, T]: sent to the target (weighted) and its weight (label != target)."""
         # [T,B,H,W,C] per source (V[y_b, t]) or [T,1,H,W,C]
         vb = tf.transpose(tf.gather(vt, yb), [1, 0, 2, 3, 4]) if per_source else vt[:, None]
         xt = ops.apply_perturbation(xb[None], vb, clip_values)
         pred = tf.argmax(model_fn(tf.reshape(xt, (-1,) + x.shape[1:])), -1, output_type=tf.int32)
         pred = tf.reshape(pred, [len(targets), -1])
-        w = mb[None] * tf.cast(tf.not_equal(yb[None], tt[:, None]), tf.float32)
-        return (tf.reduce_sum(w * tf.cast(tf.equal(pred, tt[:, None]), tf.float32), 1),
-                tf.reduce_sum(w, 1))
+        w = tf.cast(tf.not_equal(yb[None], tt[:, None]), tf.float32)
+        return (tf.transpose(w * tf.cast(tf.equal(pred, tt[:, None]), tf.float32)),
+                tf.transpose(w))
 
-    hits = np.zeros(len(targets))
-    total = np.zeros(len(targets))
-    for i, j in _batches(len(x), b):
-        h, n = counts(tf.constant(_pad(x[i:j], b)), tf.constant(_pad(y[i:j], b)),
-                      tf.constant(_pad(np.ones(j - i, np.float32), b)))
-        hits += h.numpy()
-        total += n.numpy()
+    step = ReplicaStep(counts, strategy)
+    b = max(1, batch_size // len(targets) // step.replicas) * step.replicas
+    hits, total = step.map_batches([x, y], b)
     out = np.full(k, np.nan)
-    out[targets] = hits / np.maximum(total, 1.0)
+    out[targets] = hits.sum(0, dtype=np.float64) / np.maximum(total.sum(0, dtype=np.float64),
+                                                              1.0)
     return out
 
 
 def fooling_rate(model_fn: ModelFn, x, v, *, batch_size: int = 500,
-                 clip_values=ops.PIXEL_RANGE) -> float:
-    """Fraction of images whose predicted class changes under clip(x + v)."""
+                 clip_values=ops.PIXEL_RANGE,
+                 strategy: tf.distribute.Strategy | None = None) -> float:
+    """Fraction of images whose predicted class changes under clip(x + v).
+
+    Each batch (``batch_size`` rounded up to a multiple of the replicas) is split over the
+    replicas of ``strategy`` (None: the current strategy).
+    """
     clip_values = ops.check_clip_values(clip_values)
     x, _ = _check_images(x, None, clip_values)
     model_fn = models.as_model_fn(model_fn)
@@ -759,12 +868,13 @@ def fooling_rate(model_fn: ModelFn, x, v, *, batch_size: int = 500,
     if v.shape != x.shape[1:]:
         raise ValueError(f"perturbation shape {v.shape} does not match images {x.shape[1:]}")
     batch_size = _check_positive_int(batch_size, "batch_size")
-    clean = _predict(model_fn, x, batch_size)
-    adv = _predict(model_fn, np.asarray(ops.apply_perturbation(x, v, clip_values)), batch_size)
+    clean = _predict(model_fn, x, batch_size, strategy)
+    adv = _predict(model_fn, np.asarray(ops.apply_perturbation(x, v, clip_values)), batch_size,
+                   strategy)
     return float(np.mean(clean != adv))
 
 
 # ----------------------------------------------------------------------------- files
 __all__ = ["fgsm", "pgd", "pgd_step_size", "UniversalSearch", "targeted_universal",
-           "untargeted_universal", "targeted_success_rate", "fooling_rate",
-           "enforce_bound", "mean_success_rate", "SearchSettings", "TU_METHODS"]
+           "untargeted_universal", "targeted_success_rate", "fooling_rate", "ReplicaStep",
+           "check_split", "enforce_bound", "mean_success_rate", "SearchSettings", "TU_METHODS"]

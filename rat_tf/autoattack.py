@@ -24,7 +24,10 @@ numbers from stateless generators, so a seed fixes the result. Within one call e
 found, else the point of highest loss (lowest margin for Square). Images the model already
 misclassifies are returned unchanged. Loops stop early once every image is fooled, which
 changes no result. :func:`autoattack` is a Python driver over one compiled function per attack
-with fixed, padded batch shapes, so nothing retraces between batches or runs.
+with fixed, padded batch shapes, so nothing retraces between batches or runs; each batch is
+split over the replicas of a ``tf.distribute`` strategy. Random numbers are drawn for the
+whole batch and every replica keeps its rows (:func:`rat_tf.ops.replica_rows`), so results do
+not depend on the split.
 
 Where this differs from the reference implementation (fra31/auto-attack): the
 first interval's count of loss increases starts from the loss at the random start (the
@@ -45,8 +48,9 @@ import tensorflow as tf
 from absl import logging
 
 from rat_tf import models, ops
-from rat_tf.attacks import (ModelFn, _bcast, _check_images, _check_model, _check_positive_int,
-                            _labels, _pad, _predict, _setup, _xent)
+from rat_tf.attacks import (ModelFn, ReplicaStep, _bcast, _check_images, _check_model,
+                            _check_positive_int, _labels, _multiple, _pad, _predict, _setup,
+                            _xent, check_split)
 
 LOSSES = ("ce", "dlr")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
@@ -227,9 +231,12 @@ def _apgd_run(model_fn: ModelFn, x, y, target, todo, eps, norm: str, loss: str, 
         return ops.apply_perturbation(x, ops.project(x_adv + d - x, eps, norm), clip)
 
     if norm == "linf":
-        t = tf.random.stateless_uniform(tf.shape(x), seed, -1.0, 1.0, x.dtype)
+        t = ops.replica_rows(
+            lambda shape: tf.random.stateless_uniform(shape, seed, -1.0, 1.0, x.dtype),
+            tf.shape(x))
     else:
-        t = tf.random.stateless_normal(tf.shape(x), seed, dtype=x.dtype)
+        t = ops.replica_rows(lambda shape: tf.random.stateless_normal(shape, seed, dtype=x.dtype),
+                             tf.shape(x))
     t = t / _bcast(tf.cast(ops.batch_norms(t, norm), x.dtype) + 1e-12, rank)
     x0 = ops.apply_perturbation(x, eps * t, clip)
     obj0, grad0, fooled0 = evaluate(x0)
@@ -323,7 +330,8 @@ def _square_run(model_fn: ModelFn, x, y, todo, eps, n_queries: int, p_init: floa
     _, h, w, c = x.shape.as_list()
     eps = tf.cast(eps, x.dtype)
     n = tf.shape(x)[0]
-    stripes = tf.sign(tf.random.stateless_uniform([n, 1, w, c], seed, -1.0, 1.0, x.dtype))
+    stripes = tf.sign(ops.replica_rows(
+        lambda shape: tf.random.stateless_uniform(shape, seed, -1.0, 1.0, x.dtype), [n, 1, w, c]))
     x_best = ops.apply_perturbation(x, eps * stripes, clip)
     margin = _margin(model_fn, x_best, y)
     rows, cols = tf.range(h)[None], tf.range(w)[None]
@@ -333,7 +341,8 @@ def _square_run(model_fn: ModelFn, x, y, todo, eps, n_queries: int, p_init: floa
         p = _square_p(i, p_init, n_queries, rescale)
         s = tf.cast(tf.clip_by_value(tf.round(tf.sqrt(p * h * w)), 1.0, float(min(h, w))),
                     tf.int32)
-        u = tf.random.stateless_uniform([n, 2 + c], _seed(seed, i))
+        u = ops.replica_rows(lambda shape: tf.random.stateless_uniform(shape, _seed(seed, i)),
+                             [n, 2 + c])
         vh = tf.cast(tf.floor(u[:, 0] * tf.cast(h - s, tf.float32)), tf.int32)[:, None]
         vw = tf.cast(tf.floor(u[:, 1] * tf.cast(w - s, tf.float32)), tf.int32)[:, None]
         inside = ((rows >= vh) & (rows < vh + s))[:, :, None] & (
@@ -432,7 +441,8 @@ def _fab_run(model_fn: ModelFn, x, y, target, todo, eps, steps: int, alpha_max: 
         return tf.cast(model_fn(tf.cast(tf.reshape(z * scale + lo, shape), x.dtype)),
                        tf.float32)
 
-    t = tf.random.stateless_uniform(tf.shape(x0), seed, -1.0, 1.0)
+    t = ops.replica_rows(lambda shape: tf.random.stateless_uniform(shape, seed, -1.0, 1.0),
+                         tf.shape(x0))
     start = x0 + 0.5 * eps01 * t / (tf.reduce_max(tf.abs(t), 1, keepdims=True) + 1e-12)
     x1 = tf.where(random_start, tf.clip_by_value(start, 0.0, 1.0), x0)
 
@@ -496,11 +506,11 @@ def fab(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", steps: int = 100,
 
 
 # ----------------------------------------------------------------------------- AutoAttack
-def _batch_attack(name: str, model_fn: ModelFn, batch_shape, eps, norm: str, clip, seed: int,
-                  steps: int, n_queries: int, n_target_classes: int, p_init: float,
-                  rho: float):
-    """One compiled run of attack ``name`` on a fixed-shape batch:
-    (xb, yb, valid, run, batch) -> (x_out, broken)."""
+def _batch_attack(name: str, model_fn: ModelFn, eps, norm: str, clip, seed: int, steps: int,
+                  n_queries: int, n_target_classes: int, p_init: float, rho: float,
+                  strategy: tf.distribute.Strategy | None) -> ReplicaStep:
+    """One compiled run of attack ``name`` on a fixed-size global batch split over the
+    replicas: ([xb, yb, valid], run, batch) -> (x_out, broken)."""
 
     def attack(xb, yb, valid, r, batch):
         s = _seed(seed, r, batch)
@@ -522,10 +532,7 @@ def _batch_attack(name: str, model_fn: ModelFn, batch_shape, eps, norm: str, cli
         out = tf.where(_bcast(todo, rank), tf.where(_bcast(fooled, rank), x_found, x_best), xb)
         return out, todo & tf.not_equal(_pred(model_fn(out)), yb)
 
-    spec = [tf.TensorSpec(batch_shape, tf.float32), tf.TensorSpec(batch_shape[:1], tf.int32),
-            tf.TensorSpec(batch_shape[:1], tf.bool), tf.TensorSpec([], tf.int32),
-            tf.TensorSpec([], tf.int32)]
-    return tf.function(attack, input_signature=spec)
+    return ReplicaStep(attack, strategy)
 
 
 def check_attacks(attacks: Sequence[str] | str | None, version: str, norm: str) -> list[str]:
@@ -550,7 +557,8 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
                attacks: Sequence[str] | None = None, seed: int = 0, batch_size: int = 500,
                steps: int = 100, n_queries: int = 5000, n_target_classes: int = 9,
                restarts: int = 1, p_init: float = 0.8, rho: float = 0.75,
-               clip_values=ops.PIXEL_RANGE) -> dict:
+               clip_values=ops.PIXEL_RANGE,
+               strategy: tf.distribute.Strategy | None = None) -> dict:
     """Robust accuracy under AutoAttack: ``attacks`` (default the version's APGD-CE, APGD-T,
     FAB-T, Square) in order, each only on the images no earlier attack broke.
 
@@ -561,6 +569,10 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
     ones), ``robust_accuracy`` ({"clean": ..., attack: accuracy after it}, in order),
     ``broken_by`` (per image the attack that broke it, "clean" if misclassified, None if
     robust) and ``seconds`` per attack.
+
+    Every batch of ``batch_size`` images (a multiple of the replicas; for fewer images, their
+    number rounded up to one) is split over the replicas of ``strategy`` (None: the current
+    strategy); the results do not depend on the split.
     """
     norm = ops.check_norm(norm)
     names = check_attacks(attacks, version, norm)
@@ -582,31 +594,32 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
         n_target_classes = _check_targets(probe, n_target_classes)
     if "apgd-dlr" in names or "apgd-t" in names:
         _check_classes(probe, 4 if "apgd-t" in names else 3, "the DLR loss of apgd-dlr/apgd-t")
-    pred = _predict(model_fn, x, batch_size)
+    strategy = strategy or tf.distribute.get_strategy()
+    n = len(x)
+    b = check_split(min(batch_size, _multiple(n, strategy.num_replicas_in_sync)), strategy,
+                    "batch_size")
+    pred = _predict(model_fn, x, batch_size, strategy)
     if y is None:
         y = pred
-    n = len(x)
     robust = pred == y
     broken_by: list[str | None] = [None if r else "clean" for r in robust]
     x_adv = x.copy()
     accuracy = {"clean": float(robust.mean())}
     seconds = {}
-    b = min(batch_size, n)
     runs = {"apgd-ce": restarts, "apgd-dlr": restarts, "apgd-t": n_target_classes,
             "fab-t": n_target_classes}
     first = True
     for name in names:
         start = time.perf_counter()
-        fn = _batch_attack(name, model_fn, (b,) + x.shape[1:], eps, norm, clip, seed, steps,
-                           n_queries, n_target_classes, p_init, rho)
+        fn = _batch_attack(name, model_fn, eps, norm, clip, seed, steps, n_queries,
+                           n_target_classes, p_init, rho, strategy)
         for r in range(runs.get(name, 1)):
             todo = np.flatnonzero(robust)
             for k, i in enumerate(range(0, len(todo), b)):
                 ids = todo[i:i + b]
-                out, broken = fn(tf.constant(_pad(x[ids], b)), tf.constant(_pad(y[ids], b)),
-                                 tf.constant(np.arange(b) < len(ids)), tf.constant(r, tf.int32),
-                                 tf.constant(k, tf.int32))
-                out, broken = out.numpy()[:len(ids)], broken.numpy()[:len(ids)]
+                out, broken = fn([_pad(x[ids], b), _pad(y[ids], b), np.arange(b) < len(ids)],
+                                 np.int32(r), np.int32(k))
+                out, broken = out[:len(ids)], broken[:len(ids)]
                 keep = slice(None) if first else broken
                 x_adv[ids[keep]] = out[keep]
                 robust[ids[broken]] = False

@@ -4,7 +4,9 @@ The protocol of docs/method.md, section 3. Every number is measured on held-out 
 universal perturbations are searched on *other* images (``x_search``, e.g. training images)
 and :func:`robustness_report` refuses to run when the two sets share an image. A report is a
 JSON-ready dict that also records every setting; :func:`write_report` turns several reports
-(models side by side) into ``report.json``, ``report.md`` and PNG figures.
+(models side by side) into ``report.json``, ``report.md`` and PNG figures. Every measure runs
+under a ``tf.distribute`` strategy, each batch split over its replicas, with the per-image
+results of one device.
 """
 
 from __future__ import annotations
@@ -190,41 +192,37 @@ def load_model_fn(model: keras.Model | str | Callable) -> tuple[ModelFn, str]:
                      f"or a model path")
 
 
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-    if len(a) == size:
-        return a
-    return np.concatenate([a, np.zeros((size - len(a),) + a.shape[1:], a.dtype)])
+def correct_fn(model_fn: ModelFn, attack: Callable | None = None,
+               strategy: tf.distribute.Strategy | None = None) -> attacks.ReplicaStep:
+    """A compiled ([x, y], eps) -> correct [B] of a fixed-size global batch, attacked if
+    ``attack``, every replica of ``strategy`` (None: the current strategy) on its slice.
 
-
-def correct_fn(model_fn: ModelFn, attack: Callable | None = None) -> Callable:
-    """A compiled (x, y, eps) -> correct [B] of a fixed-size batch, attacked if ``attack``.
-
-    ``eps`` is a tensor argument, so one trace serves every radius of a sweep.
+    ``attack(x, y, eps)`` runs per replica; ``eps`` is a tensor argument, so one trace serves
+    every radius of a sweep.
     """
-    @tf.function
     def step(xb, yb, eps):
         if attack is not None:
             xb = attack(xb, yb, eps)
         return tf.equal(tf.argmax(model_fn(xb), -1, output_type=tf.int32), yb)
 
-    return step
+    return attacks.ReplicaStep(step, strategy)
 
 
-def correct_on(step: Callable, x: np.ndarray, y: np.ndarray, batch_size: int,
-             eps: float = 0.0) -> np.ndarray:
-    """Boolean [N]: whether each image is classified correctly by compiled ``step``."""
-    out = []
-    for start in range(0, len(x), batch_size):
-        n = min(batch_size, len(x) - start)
-        ok = step(tf.constant(_pad(x[start:start + n], batch_size)),
-                  tf.constant(_pad(y[start:start + n], batch_size)), tf.constant(eps, tf.float32))
-        out.append(ok.numpy()[:n])
-    return np.concatenate(out) if out else np.zeros([0], bool)
+def correct_on(step: attacks.ReplicaStep, x: np.ndarray, y: np.ndarray, batch_size: int,
+               eps: float = 0.0) -> np.ndarray:
+    """Boolean [N]: whether each image is classified correctly by ``step`` (of
+    :func:`correct_fn`), in padded global batches of ``batch_size``, a multiple of the
+    replicas."""
+    if len(x) == 0:
+        return np.zeros([0], bool)
+    return step.map_batches([x, y], batch_size, np.float32(eps))
 
 
-def fgsm_correct_fn(model_fn: ModelFn, norm: str = "linf") -> Callable:
+def fgsm_correct_fn(model_fn: ModelFn, norm: str = "linf",
+                    strategy: tf.distribute.Strategy | None = None) -> attacks.ReplicaStep:
     """:func:`correct_fn` under the (untargeted, no random start) FGSM attack."""
-    return correct_fn(model_fn, lambda x, y, eps: attacks.fgsm(model_fn, x, y, eps, norm=norm))
+    return correct_fn(model_fn, lambda x, y, eps: attacks.fgsm(model_fn, x, y, eps, norm=norm),
+                      strategy)
 
 
 def _check_arrays(x: np.ndarray, y: np.ndarray) -> None:
@@ -235,23 +233,27 @@ def _check_arrays(x: np.ndarray, y: np.ndarray) -> None:
 
 
 def accuracy(model: keras.Model | ModelFn, x: np.ndarray, y: np.ndarray,
-             batch_size: int = 500) -> float:
-    """Clean accuracy of a classifier (or an x -> logits callable) on arrays."""
+             batch_size: int = 500, *,
+             strategy: tf.distribute.Strategy | None = None) -> float:
+    """Clean accuracy of a classifier (or an x -> logits callable) on arrays, each batch split
+    over the replicas of ``strategy`` (None: the current strategy)."""
     _check_arrays(x, y)
-    step = correct_fn(models.as_model_fn(model))
+    step = correct_fn(models.as_model_fn(model), strategy=strategy)
     return float(correct_on(step, np.asarray(x, np.float32), np.asarray(y, np.int32),
                             batch_size).mean())
 
 
 def adversarial_accuracy(model: keras.Model | ModelFn, x: np.ndarray, y: np.ndarray,
                          eps: float, *, norm: str = "linf", batch_size: int = 500,
-                         step: Callable | None = None) -> float:
+                         step: attacks.ReplicaStep | None = None,
+                         strategy: tf.distribute.Strategy | None = None) -> float:
     """Accuracy under the (untargeted, no random start) FGSM attack of radius ``eps``.
 
-    ``step``: a compiled :func:`fgsm_correct_fn` of the model, to reuse over calls.
+    ``step``: a compiled :func:`fgsm_correct_fn` of the model, to reuse over calls (it holds
+    its strategy); else one is built for ``strategy`` (None: the current strategy).
     """
     _check_arrays(x, y)
-    step = step or fgsm_correct_fn(models.as_model_fn(model), norm)
+    step = step or fgsm_correct_fn(models.as_model_fn(model), norm, strategy)
     return float(correct_on(step, np.asarray(x, np.float32), np.asarray(y, np.int32),
                             batch_size, eps).mean())
 
@@ -283,8 +285,9 @@ def _linf(V: np.ndarray) -> list[float]:
 # --------------------------------------------------------------------------- measures
 @dataclasses.dataclass
 class Context:
-    """What the measures of one report share: the model, the images, the settings, compiled
-    steps and the per-image results of earlier measures (``correct``, by key)."""
+    """What the measures of one report share: the model, the images, the settings, the
+    strategy whose replicas share every batch, compiled steps and the per-image results of
+    earlier measures (``correct``, by key)."""
 
     model_fn: ModelFn
     x_test: np.ndarray
@@ -296,14 +299,16 @@ class Context:
     n_pgd: int
     perturbations: np.ndarray | None = None  # V given (of training), if any
     perturbation_meta: dict = dataclasses.field(default_factory=dict)
+    strategy: tf.distribute.Strategy = dataclasses.field(
+        default_factory=tf.distribute.get_strategy)
     correct: dict = dataclasses.field(default_factory=dict)  # key -> bool [n] per test image
     done: Callable = lambda stage, t0, result=None: None  # noqa: E731 (set by the report)
     _steps: dict = dataclasses.field(default_factory=dict)
 
-    def step(self, key: str, attack: Callable | None = None) -> Callable:
+    def step(self, key: str, attack: Callable | None = None) -> attacks.ReplicaStep:
         """The compiled :func:`correct_fn` of ``key``, built once per report."""
         if key not in self._steps:
-            self._steps[key] = correct_fn(self.model_fn, attack)
+            self._steps[key] = correct_fn(self.model_fn, attack, self.strategy)
         return self._steps[key]
 
     def clean(self) -> np.ndarray:
@@ -474,8 +479,8 @@ class _TUPGiven(Measure):
             return {"tup_given": None}
         t0 = time.time()
         rates = np.asarray(attacks.targeted_success_rate(
-            ctx.model_fn, ctx.x_test, ctx.y_test, v, batch_size=ctx.settings.batch_size * 2),
-            np.float64)
+            ctx.model_fn, ctx.x_test, ctx.y_test, v, batch_size=ctx.settings.batch_size * 2,
+            strategy=ctx.strategy), np.float64)
         out = {"success_rate": files.floats(rates), "mean": _mean_over_targets(rates, v),
                "linf": _linf(v), "meta": _jsonable_meta(ctx.perturbation_meta)}
         report.arrays["tup_given"] = v
@@ -501,10 +506,12 @@ class _TUPFresh(Measure):
         v, stats = attacks.targeted_universal(
             ctx.model_fn, ctx.x_search, ctx.y_search, s.tup_eps, num_classes=ctx.num_classes,
             norm=s.tup_norm, method=s.tup_method, delta=s.tup_delta, max_passes=s.tup_passes,
-            step_size=s.tup_step_size, batch_size=s.tup_batch_size, seed=s.seed)
+            step_size=s.tup_step_size, batch_size=s.tup_batch_size, seed=s.seed,
+            strategy=ctx.strategy)
         v = np.asarray(v, np.float32)
         rates = np.asarray(attacks.targeted_success_rate(
-            ctx.model_fn, ctx.x_test, ctx.y_test, v, batch_size=s.batch_size * 2), np.float64)
+            ctx.model_fn, ctx.x_test, ctx.y_test, v, batch_size=s.batch_size * 2,
+            strategy=ctx.strategy), np.float64)
         out = {"success_rate": files.floats(rates), "mean": _mean_over_targets(rates, v),
                "search_success_rate": files.floats(stats.get("success_rate", [])),
                "passes": int(stats.get("passes", 0)), "linf": _linf(v),
@@ -530,10 +537,12 @@ class _UAP(Measure):
         eps = float(s.uap_eps or s.tup_eps)
         v, stats = attacks.untargeted_universal(ctx.model_fn, ctx.x_search, ctx.y_search, eps,
                                                 norm=s.tup_norm, max_passes=s.uap_passes,
-                                                batch_size=s.tup_batch_size, seed=s.seed)
+                                                batch_size=s.tup_batch_size, seed=s.seed,
+                                                strategy=ctx.strategy)
         v = np.asarray(v, np.float32)
         out = {"fooling_rate": float(attacks.fooling_rate(ctx.model_fn, ctx.x_test, v,
-                                                          batch_size=s.batch_size)),
+                                                          batch_size=s.batch_size,
+                                                          strategy=ctx.strategy)),
                "eps": eps, "norm": s.tup_norm,
                "search_fooling_rate": _float_or_none(stats.get("fooling_rate")),
                "passes": int(stats.get("passes", 0))}
@@ -574,7 +583,7 @@ class _AutoAttack(Measure):
         out = autoattack.autoattack(
             ctx.model_fn, ctx.x_test[:n], ctx.y_test[:n], eps, attacks=names, seed=s.seed,
             batch_size=s.batch_size, steps=s.aa_steps, n_queries=s.aa_queries,
-            n_target_classes=min(9, ctx.num_classes - 1))
+            n_target_classes=min(9, ctx.num_classes - 1), strategy=ctx.strategy)
         broken = [b for b in out["broken_by"] if b not in (None, "clean")]
         result = {"eps": eps, "num_images": n, "robust_accuracy": float(out["robust"].mean()),
                   "after_each": out["robust_accuracy"],
@@ -652,15 +661,26 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                       settings: EvalSettings | None = None,
                       class_names: Sequence[str] | None = None,
                       search_fingerprints: np.ndarray | None = None,
-                      name: str | None = None, progress: bool = True) -> Report:
+                      name: str | None = None, progress: bool = True,
+                      strategy: tf.distribute.Strategy | None = None) -> Report:
     """Measure one model's robustness (docs/method.md, section 3) on held-out test images.
 
     ``perturbations`` are the targeted universal perturbations used in training (array
     [K,H,W,C] or an .npz from :func:`rat_tf.perturbation_files.save`); fresh ones are
     searched against this model on a balanced subset of ``x_search``. Raises ValueError if the
     test images overlap the search images (or the fingerprints stored with the perturbations).
+
+    Every measure runs under ``strategy`` (None: the current strategy): each global batch of
+    ``settings.batch_size`` images (a multiple of the replicas) is split over the replicas and
+    random starts are drawn for the whole batch, so the per-image results do not depend on the
+    number of replicas. The universal searches all-reduce their sums over the replicas, adding
+    them in another order than one device, so V can differ where a sum is near zero. Under
+    MultiWorkerMirroredStrategy every worker must make the same call on the same arrays, and
+    gets the whole report.
     """
     settings = settings or EvalSettings()
+    strategy = strategy or tf.distribute.get_strategy()
+    attacks.check_split(settings.batch_size, strategy, "batch_size")
     x_test = np.asarray(x_test, np.float32)
     y_test = np.asarray(y_test, np.int32)
     x_search = np.asarray(x_search, np.float32)
@@ -725,7 +745,7 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
     n_pgd = len(x_test) if settings.n_pgd is None else min(int(settings.n_pgd), len(x_test))
     ctx = Context(model_fn=model_fn, x_test=x_test, y_test=y_test, x_search=xs, y_search=ys,
                   settings=settings, num_classes=num_classes, n_pgd=n_pgd,
-                  perturbations=given_v, perturbation_meta=given_meta)
+                  perturbations=given_v, perturbation_meta=given_meta, strategy=strategy)
     units = [MEASURES[m] for m in settings.measures]
     stages = {stage: cost for unit in units for stage, cost in unit.stages(ctx)}
     bar = None
@@ -740,7 +760,9 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                     num_test=int(len(x_test)), num_pgd=int(n_pgd), num_search=int(len(xs)),
                     test_fingerprint=hashlib.sha1("".join(data.fingerprints(x_test)).encode()
                                                   ).hexdigest()[:16],
-                    settings=settings.to_dict(), class_names=class_names)
+                    settings=settings.to_dict(), class_names=class_names,
+                    strategy=type(strategy).__name__,
+                    num_replicas=int(strategy.num_replicas_in_sync))
 
     def done(stage: str, t0: float, result: float | None = None) -> None:
         seconds[stage] = round(time.time() - t0, 2)
@@ -790,10 +812,13 @@ def parse_models(spec: str | Sequence[str]) -> dict[str, str]:
 def evaluate_models(models: Mapping[str, Any], *, dataset: str, data_dir: str | None = None,
                     data_source: str = "auto", settings: EvalSettings | None = None,
                     perturbations: np.ndarray | str | None = None,
-                    out_dir: str | None = None, progress: bool = True) -> dict[str, Report]:
+                    out_dir: str | None = None, progress: bool = True,
+                    strategy: tf.distribute.Strategy | None = None) -> dict[str, Report]:
     """Report on several models side by side: test split to measure, train split to search.
 
     ``models`` maps names to keras Models or paths; writes the report to ``out_dir`` if given.
+    Every report runs under ``strategy`` (None: the current strategy), see
+    :func:`robustness_report`.
     """
     info = data.get_info(dataset)
     settings = settings or EvalSettings.for_dataset(dataset)
@@ -808,7 +833,7 @@ def evaluate_models(models: Mapping[str, Any], *, dataset: str, data_dir: str | 
         reports[name] = robustness_report(
             model, x_test, y_test, x_search=x_train, y_search=y_train,
             perturbations=perturbations, settings=settings, class_names=info.class_names,
-            name=name, progress=progress)
+            name=name, progress=progress, strategy=strategy)
     if out_dir:
         write_report(reports, out_dir, title=f"Robustness report: {dataset}")
     return reports

@@ -14,6 +14,7 @@ sees. No straight-through estimator is used.
 from __future__ import annotations
 
 import numbers
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -162,6 +163,24 @@ def _seed_pair(seed) -> tf.Tensor:
     if isinstance(seed, numbers.Integral):
         return tf.constant([int(seed), 0], tf.int64)
     return tf.cast(seed, tf.int64)
+
+
+def replica_rows(draw: Callable[[tf.Tensor], tf.Tensor], shape) -> tf.Tensor:
+    """This replica's rows of ``draw(global shape)``, so a seeded draw does not depend on the
+    split of a batch over replicas.
+
+    ``shape`` is the local batch shape. In a replica context of R > 1 replicas (inside
+    ``strategy.run``), each holding ``shape[0]`` rows of a global batch in replica order,
+    ``draw`` makes the rows of the whole global batch and replica i keeps rows
+    [i * shape[0], (i + 1) * shape[0]); with one replica this is ``draw(shape)`` itself.
+    """
+    ctx = tf.distribute.get_replica_context()
+    replicas = 1 if ctx is None else ctx.num_replicas_in_sync
+    if replicas == 1:
+        return draw(shape)
+    shape = tf.convert_to_tensor(shape, tf.int32)
+    full = draw(tf.concat([[shape[0] * replicas], shape[1:]], 0))
+    return tf.reshape(full, tf.concat([[replicas], shape], 0))[ctx.replica_id_in_sync_group]
 
 
 def random_in_ball(shape, eps, norm: str = "linf", seed=None, dtype=tf.float32) -> tf.Tensor:
