@@ -43,11 +43,21 @@ def pytest_report_header(config):
     return f"RAT_DATA_DIR={DATA_DIR}"
 
 
+# Modules whose tests share an expensive module-scoped fixture: under pytest-xdist
+# (``-n 2 --dist loadgroup``) each runs on one worker, so the fixture is built once; the
+# tests of other modules are spread over the workers one by one.
+GROUPED_MODULES = {"test_evaluation", "test_experiment", "test_crosscheck",
+                   "test_crosscheck_autoattack", "test_distributed", "test_distributed_evaluation",
+                   "test_autoattack", "test_attacks", "test_own_models", "test_perturb_bin"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
         if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if module in GROUPED_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
 
 
 @pytest.fixture(scope="session")
