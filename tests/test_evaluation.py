@@ -260,3 +260,32 @@ def test_markdown_has_the_aa_column_and_sections(reports, tmp_path):
     assert "| AA 0.2 (first 100) |" in "|" + head + "|" or "AA 0.2 (first 100)" in head
     assert "## AutoAttack" in md and "## Gradient-masking checks" in md
     assert "no sign of gradient masking" in md
+
+
+@pytest.mark.parametrize("trap", ["saturated", "quantised"])
+def test_masking_checks_flag_a_masked_model(trap, mnist_model, split):
+    """Logits x 1e4 (CE gradients vanish) and a zero-gradient input quantisation both defeat
+    gradient attacks; the report must say so instead of showing them as robust."""
+    import tensorflow as tf
+
+    from rat_tf import models
+
+    x_test, y_test, xs, ys = split
+    logits = models.as_model_fn(mnist_model)
+    model_fn = (
+        (lambda x: logits(x) * 1e4) if trap == "saturated" else
+        (lambda x: logits(x * 0 + tf.stop_gradient(tf.round(x * 4) / 4))))
+    settings = evaluation.EvalSettings.for_dataset(
+        "mnist", measures=("clean", "fgsm", "pgd", "autoattack", "masking"), fgsm_eps=(0.3,),
+        pgd_eps=(0.3,), pgd_steps=10, pgd_restarts=1, n_test=100, batch_size=100, aa_n=100,
+        aa_attacks=("apgd-ce", "square"), aa_steps=10, aa_queries=200, masking_steps=10,
+        masking_n=100)
+    r = evaluation.robustness_report(model_fn, x_test, y_test, x_search=xs, y_search=ys,
+                                     settings=settings, progress=False)
+    m = r["masking"]
+    assert r["pgd_accuracy"]["0.3"] > 0.5, r  # the gradient attack is fooled ...
+    assert m["box_accuracy"] > 0.01 and any("whole pixel box" in f for f in m["flags"]), m
+    if trap == "quantised":  # ... and the gradient-free attack is not
+        assert m["square_only_breaks"] > 20 and any("Square" in f for f in m["flags"]), m
+        assert r["autoattack"]["robust_accuracy"] <= r["clean_accuracy"] - 0.2
+    assert "no sign of gradient masking" not in evaluation.report_markdown({"m": r})
