@@ -128,11 +128,9 @@ def rat_tf_correct(path: str, x: np.ndarray, y: np.ndarray, *, fgsm_eps: Sequenc
                    seed: int = 0) -> dict[str, Any]:
     """The same per-image correctness from rat_tf's evaluation code path (as in the report)."""
     model_fn, _ = evaluation.load_model_fn(path)
-    fgsm_step = evaluation.correct_fn(model_fn, lambda xb, yb, eps: attacks.fgsm(
-        model_fn, xb, yb, eps))
-    pgd_step = evaluation.correct_fn(model_fn, lambda xb, yb, eps: attacks.pgd(
-        model_fn, xb, yb, eps, step_size=attacks.pgd_step_size(eps, pgd_steps, pgd_step_size),
-        steps=pgd_steps, rand_init=True, restarts=pgd_restarts, seed=seed))
+    fgsm_step = evaluation.fgsm_correct_fn(model_fn)
+    pgd_step = evaluation.pgd_correct_fn(model_fn, steps=pgd_steps, restarts=pgd_restarts,
+                                         step_size=pgd_step_size, seed=seed)
     acc = lambda step, eps=0.0: evaluation.correct_on(step, x, y, batch_size, eps)  # noqa: E731
     return {"clean": acc(evaluation.correct_fn(model_fn)),
             "fgsm": {f"{e:g}": acc(fgsm_step, e) for e in fgsm_eps},

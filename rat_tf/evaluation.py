@@ -225,6 +225,15 @@ def fgsm_correct_fn(model_fn: ModelFn, norm: str = "linf",
                       strategy)
 
 
+def pgd_correct_fn(model_fn: ModelFn, *, steps: int, restarts: int,
+                   step_size: float | None = None, seed: int = 0,
+                   strategy: tf.distribute.Strategy | None = None) -> attacks.ReplicaStep:
+    """:func:`correct_fn` under PGD (L-inf, random start, the worst of ``restarts``)."""
+    return correct_fn(model_fn, lambda x, y, eps: attacks.pgd(
+        model_fn, x, y, eps, step_size=attacks.pgd_step_size(eps, steps, step_size),
+        steps=steps, rand_init=True, restarts=restarts, seed=seed), strategy)
+
+
 def _check_arrays(x: np.ndarray, y: np.ndarray) -> None:
     if len(x) == 0:
         raise ValueError("accuracy of an empty set")
@@ -305,11 +314,16 @@ class Context:
     done: Callable = lambda stage, t0, result=None: None  # noqa: E731 (set by the report)
     _steps: dict = dataclasses.field(default_factory=dict)
 
-    def step(self, key: str, attack: Callable | None = None) -> attacks.ReplicaStep:
-        """The compiled :func:`correct_fn` of ``key``, built once per report."""
+    def cached(self, key: str, build: Callable[[], attacks.ReplicaStep]
+               ) -> attacks.ReplicaStep:
+        """The compiled step of ``key``, built by ``build`` once per report."""
         if key not in self._steps:
-            self._steps[key] = correct_fn(self.model_fn, attack, self.strategy)
+            self._steps[key] = build()
         return self._steps[key]
+
+    def step(self, key: str, attack: Callable | None = None) -> attacks.ReplicaStep:
+        """The compiled :func:`correct_fn` of ``key`` (under ``attack``), once per report."""
+        return self.cached(key, lambda: correct_fn(self.model_fn, attack, self.strategy))
 
     def clean(self) -> np.ndarray:
         """Per test image: classified correctly."""
@@ -323,7 +337,8 @@ class Context:
         n = len(self.x_test) if n is None else n
         key = f"fgsm {eps:g}"
         if key not in self.correct or len(self.correct[key]) < n:
-            step = self.step("fgsm", lambda x, y, e: attacks.fgsm(self.model_fn, x, y, e))
+            step = self.cached("fgsm", lambda: fgsm_correct_fn(self.model_fn,
+                                                               strategy=self.strategy))
             self.correct[key] = correct_on(step, self.x_test[:n], self.y_test[:n],
                                            self.settings.batch_size, eps)
         return self.correct[key][:n]
@@ -419,10 +434,9 @@ class _PGD(Measure):
 
     def run(self, ctx, report):
         s, n = ctx.settings, ctx.n_pgd
-        step = ctx.step("pgd", lambda x, y, eps: attacks.pgd(
-            ctx.model_fn, x, y, eps,
-            step_size=attacks.pgd_step_size(eps, s.pgd_steps, s.pgd_step_size),
-            steps=s.pgd_steps, rand_init=True, restarts=s.pgd_restarts, seed=s.seed))
+        step = ctx.cached("pgd", lambda: pgd_correct_fn(
+            ctx.model_fn, steps=s.pgd_steps, restarts=s.pgd_restarts,
+            step_size=s.pgd_step_size, seed=s.seed, strategy=ctx.strategy))
         acc, fgsm = {}, {}
         for eps in s.pgd_eps:
             t0 = time.time()
