@@ -8,6 +8,7 @@ and loads as a ``.keras`` file with its classifier.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import keras
@@ -129,17 +130,28 @@ class StandardModel(keras.Model):
         keras_compat.track_loss(self, loss * tf.cast(_replicas(), loss.dtype), tf.shape(x)[0])
         return loss
 
-    def _fit_on(self, x: tf.Tensor, y: tf.Tensor, sample_weight: tf.Tensor | None = None
-                ) -> tf.Tensor:
-        """One optimizer step on (x, y); returns the classifier's outputs (training mode)."""
-        with tf.GradientTape() as tape:
+    def _fit_on(self, x: tf.Tensor | Callable[[tf.Tensor], tf.Tensor], y: tf.Tensor,
+                sample_weight: tf.Tensor | None = None, *, watched: tf.Tensor | None = None,
+                side_loss: Callable[[tf.Tensor], tf.Tensor] | None = None):
+        """One optimizer step on (x, y); returns the classifier's outputs (training mode).
+
+        With ``watched``, ``x`` is a function of it and the step also returns the gradient of
+        ``side_loss(outputs)`` with respect to ``watched``, from the same forward pass.
+        """
+        with tf.GradientTape(persistent=watched is not None) as tape:
+            if watched is not None:
+                tape.watch(watched)
+                x = x(watched)
             outputs = self.classifier(x, training=True)
             loss = self._track_loss(x, y, outputs, sample_weight, training=True)
             scaled = self.optimizer.scale_loss(loss)
+            side = side_loss(outputs) if watched is not None else None
         weights = self.trainable_weights
         grads = tape.gradient(scaled, weights)
+        side_grad = None if watched is None else tape.gradient(side, watched)
+        del tape
         self.optimizer.apply_gradients(zip(grads, weights))
-        return outputs
+        return outputs if watched is None else (outputs, side_grad)
 
     def _unpack(self, data) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
         """(images, int32 labels [B], float32 sample weights [B] or None), checked in-graph:
@@ -216,11 +228,18 @@ class RATModel(StandardModel):
     ``(1 - perturbed_fraction) * CE(clean) + perturbed_fraction * CE(perturbed)``;
     ``"replace"`` (one target per image) swaps each image for its perturbed copy with
     probability ``perturbed_fraction``, so a step costs what a standard step costs. Sample
-    weights follow each image to its perturbed copies. V stays fixed (static, the paper)
-    unless a callback searches it again (:class:`rat_tf.callbacks.RefreshPerturbations`);
-    ``fit`` refuses to start without a V. ``per_source=True`` (beyond the paper) holds one
-    perturbation per (source class, target), V [K,K,H,W,C]: an image of label s gets V[s, t]
-    (see :func:`rat_tf.attacks.targeted_universal`).
+    weights follow each image to its perturbed copies. ``per_source=True`` (beyond the paper)
+    holds one perturbation per (source class, target), V [K,K,H,W,C]: an image of label s gets
+    V[s, t] (see :func:`rat_tf.attacks.targeted_universal`).
+
+    V stays fixed (static, the paper) unless a callback searches it again
+    (:class:`rat_tf.callbacks.RefreshPerturbations`) or ``online=True`` (beyond the paper, in
+    the spirit of universal adversarial training, Shafahi et al. 2020): then every step also
+    moves the V rows used in the batch by one projected signed (L-inf) or normalised (L2)
+    step of ``online_step_size`` (default eps / 10) that lowers the cross-entropy of each
+    perturbed copy toward its target, computed from the training forward pass (one extra
+    input gradient), summed over replicas so V stays identical on all of them; it needs
+    ``eps``. ``fit`` refuses to start without a V unless V is learnt (online or by a callback).
     """
 
     method = "rat"
@@ -228,16 +247,20 @@ class RATModel(StandardModel):
     def __init__(self, classifier: keras.Model, perturbations: np.ndarray | None = None, *,
                  targets_per_image: str = "one", perturbed_fraction: float = 0.5,
                  batch_mode: str = "append", per_source: bool = False,
-                 eps: float | None = None, norm: str = "linf", **kwargs):
+                 eps: float | None = None, norm: str = "linf", online: bool = False,
+                 online_step_size: float | None = None, **kwargs):
         super().__init__(classifier, **kwargs)
         self.check_settings(targets_per_image=targets_per_image,
                             perturbed_fraction=perturbed_fraction, batch_mode=batch_mode,
-                            eps=eps, norm=norm)
+                            eps=eps, norm=norm, online=online,
+                            online_step_size=online_step_size)
         self.targets_per_image = targets_per_image
         self.batch_mode = batch_mode
         self.perturbed_fraction = float(perturbed_fraction)
         self.per_source = bool(per_source)
         self.eps, self.norm = (None if eps is None else float(eps)), ops.check_norm(norm)
+        self.online = bool(online)
+        self.online_step_size = None if online_step_size is None else float(online_step_size)
         rows = (self.num_classes,) * (2 if self.per_source else 1)
         self.perturbations = self.add_weight(
             name="perturbations", shape=(*rows, *self.image_shape),
@@ -250,7 +273,8 @@ class RATModel(StandardModel):
     @staticmethod
     def check_settings(*, targets_per_image: str = "one", perturbed_fraction: float = 0.5,
                        batch_mode: str = "append", per_source: bool = False,
-                       eps: float | None = None, norm: str = "linf") -> None:
+                       eps: float | None = None, norm: str = "linf", online: bool = False,
+                       online_step_size: float | None = None) -> None:
         """Raise ValueError naming the first bad RAT setting."""
         del per_source  # any bool
         if targets_per_image not in TARGET_MODES:
@@ -266,11 +290,24 @@ class RATModel(StandardModel):
         if eps is not None:
             ops.check_radius(eps)
         ops.check_norm(norm)
+        if online and eps is None:
+            raise ValueError("online=True needs eps, the radius V is projected onto")
+        if online and float(perturbed_fraction) == 0.0:
+            raise ValueError("online=True with perturbed_fraction 0 never uses V: raise the "
+                             "fraction or drop online")
+        if online_step_size is not None and not (
+                math.isfinite(float(online_step_size)) and float(online_step_size) > 0):
+            raise ValueError(f"online_step_size must be positive, got {online_step_size}")
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "targets_per_image": self.targets_per_image,
+        return {**super().get_config(), **self._own_settings(), "eps": self.eps,
+                "norm": self.norm}
+
+    def _own_settings(self) -> dict:
+        return {"targets_per_image": self.targets_per_image,
                 "perturbed_fraction": self.perturbed_fraction, "batch_mode": self.batch_mode,
-                "per_source": self.per_source, "eps": self.eps, "norm": self.norm}
+                "per_source": self.per_source, "online": self.online,
+                "online_step_size": self.online_step_size}
 
     def set_perturbations(self, perturbations: np.ndarray) -> None:
         """Assign V (float [K,H,W,C]); call in cross-replica context (e.g. a callback).
@@ -295,82 +332,130 @@ class RATModel(StandardModel):
 
     def fit(self, *args, **kwargs):
         """``Model.fit``, refused if V is all zero once training begins (after callbacks such
-        as ``BackupAndRestore`` restored theirs), unless a callback will search one
-        (:class:`rat_tf.callbacks.RefreshPerturbations`)."""
+        as ``BackupAndRestore`` restored theirs), unless V is learnt: ``online`` or a callback
+        that searches it (:class:`rat_tf.callbacks.RefreshPerturbations`)."""
         callbacks = list(kwargs.pop("callbacks", None) or [])
-        if self.perturbed_fraction > 0 and not any(
+        if self.perturbed_fraction > 0 and not self.online and not any(
                 getattr(c, "searches_perturbations", False) for c in callbacks):
             callbacks.append(_RequirePerturbations())
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def perturbed_batch(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The perturbed copies clip(x + V[t]) for targets t != y, with their TRUE labels."""
-        x_p, y_p, _ = self._perturbed(x, y)
-        return x_p, y_p
-
-    def _perturbed(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """:meth:`perturbed_batch` and the index in the batch of the source of each copy."""
-        k = self.num_classes
         v = tf.convert_to_tensor(self.perturbations)
-        if self.per_source:  # V[s, t] is row s * K + t
-            v = tf.reshape(v, (k * k, *self.image_shape))
+        targets = self._targets(x, y, v)
+        y_p, _, _ = self._copy_index(y, targets)
+        return self._copies(x, y, targets, v), y_p
 
-        def rows(labels, targets):
-            return labels * k + targets if self.per_source else targets
-
-        index = tf.range(tf.shape(y)[0])
+    def _targets(self, x: tf.Tensor, y: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
+        """The targets of this step's copies: [B] (one per image) or [B, K-1] (``"all"``)."""
+        k = self.num_classes
         if self.targets_per_image == "one":
             offset = self._global_draw(0, tf.shape(y), lambda shape, seed: (
                 tf.random.stateless_uniform(shape, seed, minval=1, maxval=k, dtype=tf.int32)))
-            targets = (y + offset) % k
-            return (ops.apply_perturbation(x, tf.gather(v, rows(y, targets)), self.clip_values),
-                    y, index)
-        targets = (y[:, None] + tf.range(1, k, dtype=y.dtype)[None, :]) % k  # [B, K-1]
-        copies = ops.apply_perturbation(x[:, None], tf.gather(v, rows(y[:, None], targets)),
-                                        self.clip_values)
-        flat, y_p = tf.reshape(copies, tf.concat([[-1], tf.shape(x)[1:]], 0)), tf.repeat(y, k - 1)
+            return (y + offset) % k
+        every = (y[:, None] + tf.range(1, k, dtype=y.dtype)[None, :]) % k  # [B, K-1]
         if self.targets_per_image == "all":
-            return flat, y_p, tf.repeat(index, k - 1)
+            return every
         # "worst": the copy with the highest loss under the current weights, one per image.
-        logits = tf.stop_gradient(self.logits(flat, training=False))
-        losses = keras.losses.sparse_categorical_crossentropy(y_p, logits, from_logits=True)
+        logits = tf.stop_gradient(self.logits(self._copies(x, y, every, v), training=False))
+        losses = keras.losses.sparse_categorical_crossentropy(
+            tf.repeat(y, k - 1), logits, from_logits=True)
         worst = tf.argmax(tf.reshape(losses, (-1, k - 1)), axis=1, output_type=tf.int32)
-        return tf.gather(copies, worst, axis=1, batch_dims=1), y, index
+        return tf.gather(every, worst, axis=1, batch_dims=1)
+
+    def _copies(self, x: tf.Tensor, y: tf.Tensor, targets: tf.Tensor, v: tf.Tensor
+                ) -> tf.Tensor:
+        """The perturbed copies clip(x + V[t]) as one flat batch (source-major)."""
+        k = self.num_classes
+        if self.per_source:  # V[s, t] is row s * K + t
+            v = tf.reshape(v, (k * k, *self.image_shape))
+            rows = (y if targets.shape.rank == 1 else y[:, None]) * k + targets
+        else:
+            rows = targets
+        images = x if targets.shape.rank == 1 else x[:, None]
+        copies = ops.apply_perturbation(images, tf.gather(v, rows), self.clip_values)
+        return tf.reshape(copies, tf.concat([[-1], tf.shape(x)[1:]], 0))
+
+    @staticmethod
+    def _copy_index(y: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(TRUE label, index in the batch of its source, target) of every copy, flat."""
+        index = tf.range(tf.shape(y)[0])
+        if targets.shape.rank == 1:
+            return y, index, targets
+        n = tf.shape(targets)[1]
+        return tf.repeat(y, n), tf.repeat(index, n), tf.reshape(targets, [-1])
+
+    def _toward(self, targets: tf.Tensor, outputs: tf.Tensor,
+                weight: tf.Tensor | None = None) -> tf.Tensor:
+        """Summed cross-entropy of perturbed copies toward their targets (what V lowers)."""
+        losses = keras.losses.sparse_categorical_crossentropy(
+            targets, tf.cast(outputs, tf.float32), from_logits=self.from_logits)
+        return tf.reduce_sum(losses if weight is None else losses * weight)
+
+    def _step(self, inputs: Callable[[tf.Tensor], tf.Tensor], y: tf.Tensor,
+              weights: tf.Tensor | None, v: tf.Tensor,
+              toward: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+        """The weight update on ``inputs(v)`` and, when online, the V update; the outputs."""
+        if not self.online:
+            return self._fit_on(inputs(v), y, weights)
+        outputs, grad = self._fit_on(inputs, y, weights, watched=v, side_loss=toward)
+        self._learn_perturbations(v, grad)
+        return outputs
+
+    def _learn_perturbations(self, v: tf.Tensor, grad: tf.Tensor) -> None:
+        """One projected step of V down the targeted loss, its gradient summed over replicas."""
+        grad = tf.convert_to_tensor(grad)  # IndexedSlices from the row gather -> dense
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and _replicas() > 1:
+            grad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grad)
+        shape = tf.shape(v)
+        rows = (-1, *self.image_shape)
+        size = self.online_step_size or self.eps / 10.0
+        step = ops.normalized_step(tf.reshape(grad, rows), self.norm)
+        lo, hi = self.clip_values
+        moved = ops.project(tf.reshape(v, rows) - size * step, self.eps, self.norm)
+        moved = tf.clip_by_value(moved, lo - hi, hi - lo)
+        self.perturbations.assign(tf.reshape(moved, shape))
 
     def train_step(self, data):
         x, y, sw = self._unpack(data)
         f = self.perturbed_fraction
         if f == 0.0:
             return super().train_step(data)
-        x_p, y_p, source = self._perturbed(x, y)
+        v = tf.convert_to_tensor(self.perturbations)
+        targets = self._targets(x, y, v)
+        y_p, source, t_p = self._copy_index(y, targets)
         if self.batch_mode == "replace":
             swap = self._global_draw(1, tf.shape(y), lambda shape, seed: (
                 tf.random.stateless_uniform(shape, seed))) < f
-            outputs = self._fit_on(
-                tf.where(swap[:, None, None, None], tf.cast(x_p, x.dtype), x), y, sw)
             swapped = tf.cast(swap, tf.float32)
+            outputs = self._step(
+                lambda v: tf.where(swap[:, None, None, None],
+                                   tf.cast(self._copies(x, y, targets, v), x.dtype), x),
+                y, sw, v, lambda outputs: self._toward(targets, outputs, swapped))
             w = tf.ones_like(swapped) if sw is None else sw
             self.compute_metrics(x, y, outputs, w * (1.0 - swapped))
             self.perturbed_accuracy.update_state(y, outputs, sample_weight=w * swapped)
             return self._results(self.perturbed_accuracy)
-        n_clean, n_pert = tf.shape(x)[0], tf.shape(x_p)[0]
+        n_clean, n_pert = tf.shape(x)[0], tf.shape(y_p)[0]
         n_all = tf.cast(n_clean + n_pert, tf.float32)
         weights = tf.concat([
             tf.fill([n_clean], (1.0 - f) * n_all / tf.cast(n_clean, tf.float32)),
             tf.fill([n_pert], f * n_all / tf.cast(n_pert, tf.float32))], 0)
         if sw is not None:
             weights *= tf.concat([sw, tf.gather(sw, source)], 0)
-        outputs = self._fit_on(tf.concat([x, tf.cast(x_p, x.dtype)], 0),
-                               tf.concat([y, y_p], 0), weights)
+        outputs = self._step(
+            lambda v: tf.concat([x, tf.cast(self._copies(x, y, targets, v), x.dtype)], 0),
+            tf.concat([y, y_p], 0), weights, v,
+            lambda outputs: self._toward(t_p, outputs[n_clean:]))
         self.compute_metrics(x, y, outputs[:n_clean], sw)
         self.perturbed_accuracy.update_state(
             y_p, outputs[n_clean:], sample_weight=None if sw is None else tf.gather(sw, source))
         return self._results(self.perturbed_accuracy)
 
     def settings(self) -> dict:
-        return {**super().settings(), "targets_per_image": self.targets_per_image,
-                "perturbed_fraction": self.perturbed_fraction, "batch_mode": self.batch_mode,
-                "per_source": self.per_source}
+        return {**super().settings(), **self._own_settings()}
 
 
 @_SERIALIZABLE
