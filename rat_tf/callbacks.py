@@ -80,44 +80,90 @@ class RaiseOnNaN(keras.callbacks.Callback):
 
 
 class RobustnessMonitor(keras.callbacks.Callback):
-    """After every epoch, FGSM accuracy of the classifier on held-out images (logged).
+    """After every epoch, the robustness of the classifier on held-out images (logged).
 
-    Stops training once it reaches ``target`` or when ``time_limit`` seconds of training
-    (evaluation time excluded) have passed; ``records`` holds (epoch, train seconds, acc).
+    Measures clean accuracy and FGSM accuracy at ``eps``; with ``pgd_eps``, PGD accuracy
+    (``pgd_steps``, one random start); with ``tup_eps``, the mean success rate on ``x`` of
+    targeted universal perturbations searched afresh against the current classifier on
+    ``tup_images`` (x, y; ``tup_passes`` passes). ``train_seconds`` counts every second since
+    ``fit`` began (V searches by other callbacks included) except this monitor's own. Stops
+    training once FGSM accuracy reaches ``target`` with clean accuracy at least
+    ``clean_target``, or after ``time_limit`` seconds of training; ``records`` holds one dict
+    per epoch.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, eps: float, *, norm: str = "linf",
-                 target: float | None = None, time_limit: float | None = None,
-                 batch_size: int = 500):
+                 target: float | None = None, clean_target: float = 0.0,
+                 time_limit: float | None = None, batch_size: int = 500,
+                 pgd_eps: float | None = None, pgd_steps: int = 20,
+                 tup_eps: float | None = None,
+                 tup_images: tuple[np.ndarray, np.ndarray] | None = None,
+                 tup_passes: int = 3):
         super().__init__()
+        if tup_eps is not None and tup_images is None:
+            raise ValueError("tup_eps needs tup_images (x, y) to search the perturbations on")
         self.x, self.y, self.eps, self.norm = x, y, float(eps), norm
-        self.target, self.time_limit, self.batch_size = target, time_limit, batch_size
+        self.target, self.clean_target = target, float(clean_target)
+        self.time_limit, self.batch_size = time_limit, batch_size
+        self.pgd_eps, self.pgd_steps = pgd_eps, int(pgd_steps)
+        self.tup_eps, self.tup_images, self.tup_passes = tup_eps, tup_images, int(tup_passes)
         self.records: list[dict] = []
         self.time_to_target: float | None = None
-        self._train_seconds = 0.0
-        self._t0 = 0.0
-        self._step = None
+        self.train_seconds = 0.0
+        self._begin = 0.0
+        self._own = 0.0  # seconds spent measuring
+        self._steps: dict = {}
+        self._search_cache: dict = {}
 
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._t0 = time.time()
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._begin, self._own = time.time(), 0.0
+
+    def _step(self, name: str, build):
+        if name not in self._steps:  # compiled once, reused every epoch
+            model_fn = models.as_model_fn(getattr(self.model, "classifier", self.model))
+            self._steps[name] = build(model_fn)
+        return self._steps[name]
+
+    def measure(self) -> dict:
+        """The monitored figures of the classifier now."""
+        x, y = np.asarray(self.x, np.float32), np.asarray(self.y, np.int32)
+        out = {"clean_accuracy": float(evaluation.correct_on(
+            self._step("clean", evaluation.correct_fn), x, y, self.batch_size).mean())}
+        out["fgsm_accuracy"] = float(evaluation.correct_on(self._step(
+            "fgsm", lambda f: evaluation.fgsm_correct_fn(f, self.norm)), x, y,
+            self.batch_size, self.eps).mean())
+        if self.pgd_eps is not None:
+            out["pgd_accuracy"] = float(evaluation.correct_on(self._step(
+                "pgd", lambda f: evaluation.pgd_correct_fn(f, steps=self.pgd_steps,
+                                                           restarts=1)),
+                x, y, self.batch_size, float(self.pgd_eps)).mean())
+        if self.tup_eps is not None:
+            classifier = getattr(self.model, "classifier", self.model)
+            xs, ys = self.tup_images
+            v, _ = attacks.targeted_universal(classifier, xs, ys, float(self.tup_eps),
+                                              norm=self.norm, max_passes=self.tup_passes,
+                                              seed=1, cache=self._search_cache)
+            out["tup_success"] = float(np.mean(attacks.targeted_success_rate(
+                classifier, x, y, v)))
+        return out
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self._train_seconds += time.time() - self._t0
-        if self._step is None:  # compiled once, reused every epoch
-            model_fn = models.as_model_fn(getattr(self.model, "classifier", self.model))
-            self._step = evaluation.fgsm_correct_fn(model_fn, self.norm)
-        acc = evaluation.adversarial_accuracy(None, self.x, self.y, self.eps,
-                                              batch_size=self.batch_size, step=self._step)
-        self.records.append({"epoch": epoch + 1, "train_seconds": self._train_seconds,
-                             "fgsm_accuracy": acc})
-        logging.info("epoch %d: FGSM(%s, %g) accuracy %.4f after %.1fs of training",
-                     epoch + 1, self.norm, self.eps, acc, self._train_seconds)
+        t = time.time()
+        self.train_seconds = t - self._begin - self._own
+        figures = self.measure()
+        self._own += time.time() - t
+        self.records.append({"epoch": epoch + 1, "train_seconds": self.train_seconds,
+                             **figures})
+        logging.info("epoch %d after %.1fs of training: %s", epoch + 1, self.train_seconds,
+                     ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
         if logs is not None:
-            logs["fgsm_accuracy"] = acc
-        if self.target is not None and acc >= self.target and self.time_to_target is None:
-            self.time_to_target = self._train_seconds
+            logs.update(figures)
+        if (self.target is not None and self.time_to_target is None
+                and figures["fgsm_accuracy"] >= self.target
+                and figures["clean_accuracy"] >= self.clean_target):
+            self.time_to_target = self.train_seconds
             self.model.stop_training = True
-        if self.time_limit is not None and self._train_seconds >= self.time_limit:
+        if self.time_limit is not None and self.train_seconds >= self.time_limit:
             self.model.stop_training = True
 
 
