@@ -161,7 +161,7 @@ def test_a_resumed_online_run_continues_with_its_v(mnist_arrays, tmp_path):
 
 def test_online_rat_lowers_fresh_tup_success(mnist_arrays, mnist_model):
     x_train, y_train, x_test, y_test = mnist_arrays
-    sub_x, sub_y = data.balanced_subset(x_train, y_train, 1000, seed=0)
+    sub_x, sub_y = data.balanced_subset(x_train, y_train, 100, seed=0)  # 1,000 images
     classifier = keras.models.clone_model(mnist_model)
     classifier.set_weights(mnist_model.get_weights())
     keras.utils.set_random_seed(0)
@@ -179,5 +179,7 @@ def test_online_rat_lowers_fresh_tup_success(mnist_arrays, mnist_model):
     before, after = fresh_tup_success(mnist_model), fresh_tup_success(classifier)
     clean = evaluation.accuracy(classifier, x_eval, y_eval)
     print("fresh TUP success before", before, "after", after, "clean", clean)
+    # This seed: success 0.132 -> 0.018, clean 0.99 (start 0.98). Threshold: under half the
+    # effect; clean may drop 2 points.
     assert after <= before - 0.05
     assert clean >= evaluation.accuracy(mnist_model, x_eval, y_eval) - 0.02
