@@ -4,6 +4,10 @@
         --model_dir=runs/std
     python bin/train.py --method=rat --init_from=runs/std/model.keras --epochs=5 \\
         --model_dir=runs/rat            # 1,000 balanced images, V searched at start
+    python bin/train.py --dataset=cifar10 --model=fast_cifar_net --epochs=10 --batch_size=256 \
+        --optimizer=momentum --lr=0.2 --lr_schedule=onecycle --warmup_epochs=1 \
+        --weight_decay=0.005 --label_smoothing=0.2 --augment=crop_flip --model_dir=runs/cifar
+                                        # the CIFAR-10 start-model recipe (docs/experiments.md)
 
 Rerunning the same command after a kill resumes from ``model_dir/backup``. Outputs:
 ``model_dir/model.keras``, ``metrics.json``, ``history.csv`` (and ``perturbations.npz``).
@@ -32,8 +36,11 @@ cli.define("integer", "batch_size", "GLOBAL batch size.", sets=Config)
 cli.define("integer", "steps_per_epoch", "Steps per epoch (0: one pass over the data).",
            sets=Config)
 cli.define("float", "lr", "Learning rate.", sets=Config)
-cli.define("enum", "lr_schedule", "LR schedule.", sets=Config, values=training.LR_SCHEDULES)
-cli.define("enum", "optimizer", "Optimizer.", sets=Config, values=training.OPTIMIZERS)
+cli.define("enum", "lr_schedule", "LR schedule (onecycle: linear warm-up, then linear decay to "
+           "0).", sets=Config, values=training.LR_SCHEDULES)
+cli.define("enum", "optimizer", "Optimizer (momentum: SGD with Nesterov momentum 0.9).",
+           sets=Config, values=training.OPTIMIZERS)
+cli.define_recipe_flags(Config)
 cli.define("integer", "train_subset", "Balanced training subset: total images, a multiple of "
            "the classes (0: all).", sets=Config,
            unset=f"{training.DEFAULT_RAT_SUBSET} for rat, all otherwise")

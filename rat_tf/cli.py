@@ -283,6 +283,19 @@ RAT_FLAGS = {
                        values=tuple(trainers.BATCH_MODES)),
 }
 
+RECIPE_FLAGS = {  # the training recipe beyond optimizer and learning rate
+    "augment": Spec("enum", "Augmentation of the training batches (crop_flip: random crop "
+                    "of the 4-pixel reflect-padded image and horizontal flip).",
+                    values=tuple(data.AUGMENTATIONS)),
+    "warmup_epochs": Spec("float", "Linear learning-rate warm-up from 0 (lr_schedule cosine "
+                          "or onecycle).", lower_bound=0),
+    "weight_decay": Spec("float", "Decoupled weight decay of conv and dense kernels: every "
+                         "step w -= lr * weight_decay * w.", lower_bound=0),
+    "label_smoothing": Spec("float", "Label smoothing of the cross-entropy, in [0, 1)."),
+    "test_every": Spec("integer", "Test accuracy every N epochs, into history.csv (0: at the "
+                       "end only).", lower_bound=0),
+}
+
 ADV_FLAGS = {  # the attack of FGSM-AT / PGD-AT training
     "adv_eps": Spec("float", "FGSM-AT / PGD-AT radius.", per_dataset=True),
     "adv_steps": Spec("integer", "PGD-AT steps.", lower_bound=1,
@@ -392,6 +405,12 @@ def define_rat_flags(target: Target, **group: Any) -> None:
     """RAT training: ``--refresh_every``, ``--targets_per_image``, ``--perturbed_fraction``,
     ``--batch_mode``."""
     _define_group(RAT_FLAGS, target, **group)
+
+
+def define_recipe_flags(target: Target, **group: Any) -> None:
+    """The training recipe: ``--augment``, ``--warmup_epochs``, ``--weight_decay``,
+    ``--label_smoothing``, ``--test_every``."""
+    _define_group(RECIPE_FLAGS, target, **group)
 
 
 def define_adv_flags(target: Target, **group: Any) -> None:

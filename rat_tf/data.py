@@ -575,6 +575,42 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
     return ds.with_options(opts).prefetch(tf.data.AUTOTUNE)
 
 
+AUGMENTATIONS = ("none", "crop_flip")
+CROP_PAD = 4  # pixels of reflect padding of the random crop of "crop_flip"
+
+
+def augment(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, name: str = "crop_flip",
+            pad: int = CROP_PAD) -> tuple[tf.Tensor, tf.Tensor]:
+    """A batch augmented by ``name`` (:data:`AUGMENTATIONS`), a pure function of ``seed``.
+
+    ``crop_flip``: each image is padded by ``pad`` pixels on every side by reflection (no new
+    pixel values, so images stay in [0, 1]), cropped back to its size at a random offset and
+    flipped left-right with probability 1/2. ``seed`` is a stateless seed (two integers);
+    labels are returned unchanged, in the order of their images.
+    """
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {name!r}; choose one of {AUGMENTATIONS}")
+    if int(pad) < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    if name == "none":
+        return images, labels
+    images = tf.convert_to_tensor(images)
+    n = tf.shape(images)[0]
+    h, w = images.shape[1], images.shape[2]
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2))
+    if pad:
+        padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        offsets = tf.random.stateless_uniform([n, 2], crop_seed, 0, 2 * pad + 1, tf.int32)
+        rows = offsets[:, :1] + tf.range(h)[None]  # [n, h]
+        cols = offsets[:, 1:] + tf.range(w)[None]  # [n, w]
+        images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2,
+                           batch_dims=1)
+    flip = tf.random.stateless_uniform([n], flip_seed) < 0.5
+    images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+    return images, labels
+
+
 def load(name: str, split: str, batch_size: int, *, source: str = "auto",
          data_dir: str | None = None, n_per_class: int | None = None, limit: int | None = None,
          shuffle: bool | None = None, seed: int = 0, verify_checksums: bool | None = None,

@@ -14,8 +14,11 @@ Stages (each skipped when its outputs already exist, so a killed run resumes):
 
 ``budget`` presets (tiny | small | full) set every size; single fields override them.
 tiny: the smallest sizes, for tests and CI (static V); small: sized for a 2-core CPU (MNIST and
-Fashion-MNIST with ``wide_mnist_cnn``; CIFAR-10 with ResNet-20 on a subset of the training
-set); full: paper-sized (GPU). README.md gives the run time of the MNIST small experiment.
+Fashion-MNIST with ``wide_mnist_cnn``; CIFAR-10 with ``fast_cifar_net`` pretrained on the
+whole training set by the CIFAR-10 recipe: crop + flip, SGD with Nesterov momentum, one-cycle
+schedule with warm-up, label smoothing, weight decay); full: paper-sized (GPU; CIFAR-10:
+``resnet20``, 100 epochs of the recipe with a cosine schedule). README.md gives the run time
+of the MNIST small experiment.
 
 MNIST RAT settings of small/full: the ``wide_mnist_cnn`` model; V radius 0.3; a start model
 trained 3 epochs with a cosine schedule; one V per (source class, target) (``per_source``,
@@ -94,14 +97,21 @@ _CIFAR = {
                  eval=dict(n_test=100, pgd_steps=3, pgd_restarts=2, tup_passes=1,
                            tup_n_per_class=5, tup_batch_size=50, uap_passes=1, aa_n=50,
                            aa_steps=5, aa_queries=50, masking_steps=3, masking_n=50)),
-    "small": dict(model="resnet20", pretrain_subset=20000, pretrain_epochs=5,
-                  pretrain_batch_size=128, finetune_subset=1000, finetune_epochs=5,
+    # small/full pretraining: the CIFAR-10 recipe (crop + flip, SGD with Nesterov momentum,
+    # one-cycle schedule with warm-up, label smoothing, weight decay; docs/experiments.md)
+    "small": dict(model="fast_cifar_net", pretrain_subset=0, pretrain_epochs=10,
+                  pretrain_batch_size=256, pretrain_optimizer="momentum", pretrain_lr=0.2,
+                  pretrain_lr_schedule="onecycle", pretrain_warmup_epochs=1.0,
+                  pretrain_weight_decay=5e-3, pretrain_label_smoothing=0.2,
+                  pretrain_augment="crop_flip", finetune_subset=1000, finetune_epochs=5,
                   finetune_batch_size=50, search_passes=5, train_pgd_steps=5, test_subset=2000,
                   eval=dict(n_test=500, pgd_steps=10, pgd_restarts=2, tup_passes=3,
                             tup_n_per_class=20, uap_passes=2, aa_n=200)),
     "full": dict(model="resnet20", pretrain_subset=0, pretrain_epochs=100,
                  pretrain_batch_size=128, pretrain_optimizer="momentum", pretrain_lr=0.1,
-                 pretrain_lr_schedule="cosine", finetune_subset=1000, finetune_epochs=30,
+                 pretrain_lr_schedule="cosine", pretrain_warmup_epochs=2.0,
+                 pretrain_weight_decay=1e-3, pretrain_label_smoothing=0.1,
+                 pretrain_augment="crop_flip", finetune_subset=1000, finetune_epochs=30,
                  finetune_batch_size=50, search_passes=20, train_pgd_steps=10, test_subset=0,
                  eval=dict(n_test=None, aa_n=None, pgd_steps=20, pgd_restarts=5, tup_passes=10,
                            tup_n_per_class=100, uap_passes=5)),
@@ -142,6 +152,10 @@ class ExperimentConfig:
     pretrain_lr: float | None = None  # default 1e-3 (Adam)
     pretrain_optimizer: str | None = None  # default adam
     pretrain_lr_schedule: str | None = None  # default constant
+    pretrain_warmup_epochs: float | None = None  # default 0
+    pretrain_weight_decay: float | None = None  # default 0
+    pretrain_label_smoothing: float | None = None  # default 0
+    pretrain_augment: str | None = None  # default none
     # (b) targeted universal perturbations
     eps: float | None = None  # radius of V; None: the dataset's (data.DatasetInfo.eps)
     norm: str = "linf"
@@ -169,7 +183,9 @@ class ExperimentConfig:
         preset = budget_preset(self.dataset, self.budget)
         eval_preset = preset.pop("eval")
         defaults = dict(pretrain_lr=1e-3, pretrain_optimizer="adam",
-                        pretrain_lr_schedule="constant", finetune_lr=5e-4, refresh_every=0,
+                        pretrain_lr_schedule="constant", pretrain_warmup_epochs=0.0,
+                        pretrain_weight_decay=0.0, pretrain_label_smoothing=0.0,
+                        pretrain_augment="none", finetune_lr=5e-4, refresh_every=0,
                         targets_per_image="one", perturbed_fraction=0.5, batch_mode="append",
                         per_source=False,
                         eps=data.get_info(self.dataset).eps,
@@ -219,7 +235,8 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if int(self.refresh_every) < 0:
             raise ValueError(f"refresh_every must be >= 0 (0: static V), got {self.refresh_every}")
-        # the RAT stage's training settings, checked now rather than after pretraining
+        # the pretraining and RAT stages' settings, checked now rather than after pretraining
+        self.pretrain_config(self.output_dir).validate()
         self.train_config("rat", self.output_dir, **self._rat_settings()).validate()
         if not float(self.finetune_lr) > 0:
             raise ValueError(f"finetune_lr must be positive, got {self.finetune_lr}")
@@ -235,6 +252,16 @@ class ExperimentConfig:
         return dict(refresh_every=self.refresh_every, targets_per_image=self.targets_per_image,
                     perturbed_fraction=self.perturbed_fraction, batch_mode=self.batch_mode,
                     per_source=bool(self.per_source))
+
+    def pretrain_config(self, model_dir: str) -> training.TrainConfig:
+        """The :class:`rat_tf.training.TrainConfig` of stage (a), the start model."""
+        return self.train_config(
+            "standard", model_dir, epochs=self.pretrain_epochs,
+            batch_size=self.pretrain_batch_size, lr=self.pretrain_lr,
+            optimizer=self.pretrain_optimizer, lr_schedule=self.pretrain_lr_schedule,
+            warmup_epochs=self.pretrain_warmup_epochs, weight_decay=self.pretrain_weight_decay,
+            label_smoothing=self.pretrain_label_smoothing, augment=self.pretrain_augment,
+            train_subset=self.pretrain_subset)
 
     def eval_settings(self) -> evaluation.EvalSettings:
         """The evaluation settings of a resolved config (n_test / n_pgd None: every image)."""
@@ -372,11 +399,7 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
 
     # (a) the start model
     _stage("a_pretrain", os.path.isfile(start_model), timings, training.train,
-           config.train_config("standard", start_dir, epochs=config.pretrain_epochs,
-                               batch_size=config.pretrain_batch_size, lr=config.pretrain_lr,
-                               optimizer=config.pretrain_optimizer,
-                               lr_schedule=config.pretrain_lr_schedule,
-                               train_subset=config.pretrain_subset), strategy, **splits)
+           config.pretrain_config(start_dir), strategy, **splits)
     # (b) V against the start model
     _stage("b_search", os.path.isfile(v_path), timings, _search, config, start_model,
            os.path.dirname(v_path), strategy, *train_data)

@@ -109,6 +109,31 @@ def wide_resnet20(dataset: str | data.DatasetInfo = "cifar10", num_classes: int 
     return _resnet_v1(_info(dataset), num_classes, 20, 64, "wide_resnet20")
 
 
+def _fast_cifar_net(info: data.DatasetInfo, num_classes: int | None,
+                    widths: tuple[int, int, int], name: str) -> keras.Model:
+    """A 2x2 stem conv, then per width: conv3x3 - maxpool - BN - ReLU - conv3x3 - BN - ReLU;
+    global max pooling and the logits."""
+    inputs, x = _inputs_normalized(info)
+    x = layers.Conv2D(24, 2, name="stem")(x)
+    x = layers.ReLU()(x)
+    for i, width in enumerate(widths):
+        for j in range(2):
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False,
+                              kernel_initializer="he_normal", name=f"block{i + 1}_conv{j + 1}")(x)
+            if j == 0:
+                x = layers.MaxPooling2D(2)(x)
+            x = layers.ReLU()(layers.BatchNormalization(momentum=0.9)(x))
+    x = layers.GlobalMaxPooling2D()(x)
+    return keras.Model(inputs, _logits(x, info, num_classes), name=name)
+
+
+def fast_cifar_net(dataset: str | data.DatasetInfo = "cifar10", num_classes: int | None = None
+                   ) -> keras.Model:
+    """A small fast CIFAR net in the style of the airbench / DAWNBench nets: no residuals,
+    32-64-128 channels, 0.3M parameters, about half the compute of ``resnet20``."""
+    return _fast_cifar_net(_info(dataset), num_classes, (32, 64, 128), "fast_cifar_net")
+
+
 def tiny_cnn(dataset: str | data.DatasetInfo = "mnist", num_classes: int | None = None
              ) -> keras.Model:
     """A very small convnet for fast tests on any dataset."""
@@ -126,6 +151,7 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
     "wide_mnist_cnn": wide_mnist_cnn,
     "resnet20": resnet20,
     "wide_resnet20": wide_resnet20,
+    "fast_cifar_net": fast_cifar_net,
     "tiny_cnn": tiny_cnn,
 }
 

@@ -1,4 +1,4 @@
-"""PNG figures: perturbation grids and accuracy-against-radius curves."""
+"""PNG figures: perturbation grids, accuracy against radius and against training time."""
 
 from __future__ import annotations
 
@@ -89,6 +89,18 @@ def fit_png(path: str, max_bytes: int = MAX_PNG_BYTES) -> str:
     return files.write_bytes(path, _shrunk(png, max_bytes), ".png")
 
 
+def _accuracy_axes(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str,
+                   path: str, dpi: int) -> str:
+    """Label an accuracy plot (y in [0, 1]), add grid and legend, write it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.01)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path, dpi)
+
+
 def accuracy_vs_radius(curves: Mapping[str, Mapping[float, float]], path: str,
                        xlabel: str = "L-inf radius", title: str = "FGSM accuracy",
                        dpi: int = 80,
@@ -112,10 +124,17 @@ def accuracy_vs_radius(curves: Mapping[str, Mapping[float, float]], path: str,
             marker = markers.setdefault(attack, "sxD^v"[len(markers) % 5])
             ax.plot([e for e, _ in xy], [a for _, a in xy], marker=marker, linestyle="none",
                     color=line.get_color(), markersize=7, label=f"{name}: {attack}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.01)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path, dpi)
+    return _accuracy_axes(fig, ax, xlabel, "accuracy", title, path, dpi)
+
+
+def accuracy_vs_time(curves: Mapping[str, Sequence[tuple[float, float]]], path: str,
+                     goal: float | None = None, title: str = "test accuracy against time",
+                     dpi: int = 80) -> str:
+    """Write a PNG of test accuracy against training minutes, one line per run
+    ({name: [(seconds, accuracy), ...]}); ``goal`` draws a horizontal line."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for name, xy in curves.items():
+        ax.plot([t / 60.0 for t, _ in xy], [a for _, a in xy], marker="o", label=name)
+    if goal is not None:
+        ax.axhline(goal, color="grey", linestyle="--", label=f"goal {100 * goal:.0f}%")
+    return _accuracy_axes(fig, ax, "training minutes", "test accuracy", title, path, dpi)

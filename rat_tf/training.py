@@ -28,7 +28,9 @@ from rat_tf import keras_compat, models, ops, perturbation_files, trainers
 from rat_tf import data as data_lib
 
 METHODS = trainers.METHODS
-LR_SCHEDULES = ("constant", "cosine", "step")
+LR_SCHEDULES = ("constant", "cosine", "onecycle", "step")
+WARMUP_SCHEDULES = ("cosine", "onecycle")  # the schedules that take warmup_epochs
+AUGMENTATIONS = data_lib.AUGMENTATIONS
 OPTIMIZERS = ("adam", "sgd", "momentum")
 SEARCH_METHODS = attacks.TU_METHODS
 DEFAULT_RAT_SUBSET = 1000
@@ -53,8 +55,13 @@ class TrainConfig:
     batch_size: int = 128  # GLOBAL batch size (split over replicas)
     steps_per_epoch: int = 0  # 0: one pass over the training set
     lr: float = 1e-3
-    lr_schedule: str = "constant"
-    optimizer: str = "adam"
+    lr_schedule: str = "constant"  # onecycle: linear warm-up, then linear decay to 0
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr (cosine, onecycle)
+    optimizer: str = "adam"  # momentum: SGD with Nesterov momentum 0.9
+    weight_decay: float = 0.0  # decoupled: every step w -= lr * weight_decay * w (not BN, biases)
+    label_smoothing: float = 0.0
+    augment: str = "none"  # data.AUGMENTATIONS: crop_flip = 4-pixel reflect-pad crop + flip
+    test_every: int = 0  # test accuracy every N epochs, in history.csv (0: at the end only)
     train_subset: int | None = None  # balanced subset size; None: 1000 for rat, all otherwise
     test_subset: int = 0  # first N test images for the final accuracy (0: all)
     seed: int = 0
@@ -83,7 +90,7 @@ class TrainConfig:
     restart: bool = False  # drop a backup in model_dir and start over (else it is resumed)
 
     # Fields that do not change what is trained: a resume may differ in these.
-    RESUME_FREE = ("data_dir", "data_source", "verbose", "restart", "model_dir")
+    RESUME_FREE = ("data_dir", "data_source", "verbose", "restart", "model_dir", "test_every")
 
     def run_settings(self) -> dict:
         """The settings a resumed run must share with the run that wrote the backup."""
@@ -122,6 +129,18 @@ class TrainConfig:
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be positive, got {self.lr}"),
             (self.lr_schedule in LR_SCHEDULES,
              f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}"),
+            (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
+             f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}"),
+            (not self.warmup_epochs or self.lr_schedule in WARMUP_SCHEDULES,
+             f"warmup_epochs is for lr_schedule {' or '.join(WARMUP_SCHEDULES)}, not "
+             f"{self.lr_schedule!r}"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1,
+             f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.augment in AUGMENTATIONS,
+             f"unknown augment {self.augment!r}; choose one of {AUGMENTATIONS}"),
+            (int(self.test_every) >= 0, f"test_every must be >= 0, got {self.test_every}"),
             (self.optimizer in OPTIMIZERS,
              f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}"),
             (self.train_subset is None or int(self.train_subset) >= 0,
@@ -189,30 +208,125 @@ class TrainConfig:
         return {"seed": self.seed}
 
 
-def make_optimizer(config: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
-    """The optimizer and learning-rate schedule of ``config`` over ``total_steps`` steps."""
+@keras.saving.register_keras_serializable("rat_tf")
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then linear decay to 0 at
+    ``total_steps``."""
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0):
+        self.peak, self.total_steps = float(peak), max(1, int(total_steps))
+        self.warmup_steps = min(max(0, int(warmup_steps)), self.total_steps - 1)
+
+    def __call__(self, step: tf.Tensor) -> tf.Tensor:
+        step = tf.cast(step, tf.float32)
+        up = step / float(max(1, self.warmup_steps))
+        down = (self.total_steps - step) / float(self.total_steps - self.warmup_steps)
+        return self.peak * tf.clip_by_value(tf.minimum(up, down), 0.0, 1.0)
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps}
+
+
+def make_schedule(config: TrainConfig, total_steps: int, steps_per_epoch: int = 1) -> Any:
+    """The learning rate of ``config`` over ``total_steps`` steps: a float or a Keras schedule
+    (``steps_per_epoch`` turns ``warmup_epochs`` into steps)."""
     lr: Any = config.lr
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
     if config.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=max(1, total_steps))
+        lr = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else config.lr, decay_steps=max(1, total_steps - warmup),
+            warmup_target=config.lr if warmup else None, warmup_steps=warmup)
+    elif config.lr_schedule == "onecycle":
+        lr = OneCycle(config.lr, total_steps, warmup)
     elif config.lr_schedule == "step":
         bounds = [max(1, total_steps // 2), max(2, (3 * total_steps) // 4)]
         lr = keras.optimizers.schedules.PiecewiseConstantDecay(
             bounds, [config.lr, config.lr * 0.1, config.lr * 0.01])
+    return lr
+
+
+def make_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int = 1
+                   ) -> keras.optimizers.Optimizer:
+    """The optimizer of ``config`` with its learning-rate schedule (:func:`make_schedule`)."""
+    lr = make_schedule(config, total_steps, steps_per_epoch)
+    decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
-    if config.optimizer == "momentum":
-        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
-    return keras.optimizers.SGD(lr)
+        optimizer = keras.optimizers.Adam(lr, **decay)
+    elif config.optimizer == "momentum":
+        optimizer = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, **decay)
+    else:
+        optimizer = keras.optimizers.SGD(lr, **decay)
+    if decay:  # decay the weights of convolutions and dense layers only
+        optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    return optimizer
+
+
+@keras.saving.register_keras_serializable("rat_tf")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy of class-id (or one-hot) labels smoothed by ``label_smoothing``."""
+
+    def __init__(self, label_smoothing: float = 0.0, from_logits: bool = True,
+                 num_classes: int = 10, name: str = "smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing, self.from_logits = float(label_smoothing), bool(from_logits)
+        self.num_classes = int(num_classes)
+
+    def call(self, y_true, y_pred):
+        if y_true.shape.rank == 2 and y_true.shape[-1] == self.num_classes:
+            onehot = tf.cast(y_true, y_pred.dtype)
+        else:
+            onehot = tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), self.num_classes,
+                                dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(
+            onehot, y_pred, from_logits=self.from_logits, label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing,
+                "from_logits": self.from_logits, "num_classes": self.num_classes}
+
+
+class _TestAccuracy(keras.callbacks.Callback):
+    """Every ``every`` epochs: ``test_accuracy`` and the epoch's fit seconds into the logs
+    (``history.csv``), for accuracy against time."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, every: int):
+        super().__init__()
+        self.x, self.y, self.every, self.t0 = x, y, int(every), 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.t0 = time.time()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:
+            return
+        logs["epoch_seconds"] = time.time() - self.t0
+        if (epoch + 1) % self.every == 0:
+            logs["test_accuracy"] = evaluation.accuracy(self.model.classifier, self.x, self.y)
+            logging.info("epoch %d: test accuracy %.4f", epoch + 1, logs["test_accuracy"])
+
+
+def accuracy_curve(history_path: str) -> list[tuple[float, float]]:
+    """(training seconds so far, test accuracy) at every epoch of ``history.csv`` that has a
+    test accuracy (a run with ``test_every``); the seconds add up every epoch's."""
+    history = callbacks_lib.read_history(history_path)
+    seconds = np.cumsum([s or 0.0 for s in history.get("epoch_seconds", [])])
+    return [(float(t), float(a)) for t, a in zip(seconds, history.get("test_accuracy", []))
+            if a is not None]
 
 
 def train_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
-                 start: int = 0) -> tf.data.Dataset:
-    """Endless batches of a fresh seeded permutation per pass, from example ``start`` on.
+                 start: int = 0, augment: str = "none") -> tf.data.Dataset:
+    """Endless batches of a fresh seeded permutation per pass, from example ``start`` on,
+    each batch augmented by ``augment`` (:func:`rat_tf.data.augment`).
 
-    The order is a pure function of (seed, pass), so it is the same under every strategy
-    (however often the dataset is iterated) and a resumed run continues where it stopped.
-    Batches are global (``drop_remainder``); the pipeline is auto-sharded by DATA.
+    The order is a pure function of (seed, pass) and a batch's augmentation of (seed, batch
+    number), so both are the same under every strategy (however often the dataset is
+    iterated) and a resumed run continues where it stopped. Batches are global
+    (``drop_remainder``); the pipeline is auto-sharded by DATA.
     """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {augment!r}; choose one of {AUGMENTATIONS}")
     n = len(x)
     if n < batch_size:
         raise ValueError(f"{n} training images make no full batch of {batch_size}")
@@ -224,8 +338,14 @@ def train_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
         return tf.data.Dataset.from_tensor_slices(perm)
 
     ds = tf.data.Dataset.counter(dtype=tf.int64).flat_map(one_pass).skip(start)
-    ds = ds.batch(batch_size, drop_remainder=True).map(
-        lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    def batch(k, i):
+        xb, yb = tf.gather(images, i), tf.gather(labels, i)
+        # a seed of its own per batch, apart from the permutations' (seed, pass)
+        return data_lib.augment(xb, yb, tf.stack([tf.constant(seed, tf.int64), -1 - k]),
+                                augment)
+
+    ds = ds.batch(batch_size, drop_remainder=True).enumerate(start=start // batch_size)
+    ds = ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     opts = tf.data.Options()
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     opts.deterministic = True
@@ -291,11 +411,13 @@ class _Run:
                      self.strategy.num_replicas_in_sync, " (resuming)" if self.resuming else "")
         eps, given_v, given_meta = self.given_perturbations()
         search = self.config.search_settings(eps, len(x_train))
-        trainer = self.build_trainer(eps, steps_per_epoch * self.config.epochs)
+        trainer = self.build_trainer(eps, steps_per_epoch * self.config.epochs,
+                                     steps_per_epoch)
         search_seconds, search_stats = self.set_perturbations(trainer, given_v, search,
                                                               x_train, y_train)
         timer = callbacks_lib.EpochTimer()
-        cbs = self.callbacks(search, x_train, y_train, timer, extra_callbacks)
+        cbs = self.callbacks(search, x_train, y_train, x_test, y_test, timer,
+                             extra_callbacks)
         fit_seconds = self.fit(trainer, cbs, x_train, y_train, steps_per_epoch)
         metrics = self.metrics(trainer, timer, x_train, x_test, y_test, steps_per_epoch)
         metrics.update(fit_seconds=fit_seconds, search_seconds=search_seconds,
@@ -349,7 +471,8 @@ class _Run:
         logging.info("loaded V %s from %s (eps %g)", v.shape, c.perturbations_path, eps)
         return eps, v, meta
 
-    def build_trainer(self, eps: float, total_steps: int) -> trainers.StandardModel:
+    def build_trainer(self, eps: float, total_steps: int, steps_per_epoch: int
+                      ) -> trainers.StandardModel:
         """The classifier (zoo or ``init_from``) in its compiled trainer, under the strategy."""
         c, info = self.config, self.info
         with self.strategy.scope():
@@ -363,7 +486,12 @@ class _Run:
                 settings["eps"] = eps
             trainer = trainers.make_trainer(c.method, classifier, **settings)
             trainer.build((None, *info.image_shape))
-            trainer.compile(optimizer=make_optimizer(c, total_steps), jit_compile=c.jit_compile)
+            loss = None
+            if c.label_smoothing:
+                loss = SmoothedSparseCrossentropy(c.label_smoothing, trainer.from_logits,
+                                                  info.num_classes)
+            trainer.compile(optimizer=make_optimizer(c, total_steps, steps_per_epoch),
+                            loss=loss, jit_compile=c.jit_compile)
         return trainer
 
     def set_perturbations(self, trainer: trainers.StandardModel, given_v: np.ndarray | None,
@@ -389,10 +517,14 @@ class _Run:
         return time.time() - t, stats
 
     def callbacks(self, search: attacks.SearchSettings, x: np.ndarray, y: np.ndarray,
-                  timer: keras.callbacks.Callback, extra: list) -> list:
-        """NaN stop, V refresh, the caller's callbacks, timer, history, backup, TensorBoard."""
+                  x_test: np.ndarray, y_test: np.ndarray, timer: keras.callbacks.Callback,
+                  extra: list) -> list:
+        """NaN stop, test accuracy, V refresh, the caller's callbacks, timer, history, backup,
+        TensorBoard."""
         c = self.config
         cbs: list = [callbacks_lib.RaiseOnNaN()]
+        if c.test_every:
+            cbs.append(_TestAccuracy(x_test, y_test, c.test_every))
         if c.method == "rat" and c.refresh_every:
             cbs.append(callbacks_lib.RefreshPerturbations(
                 x, y, c.refresh_every, search, seed=c.seed, progress=_verbose(c) == 1))
@@ -422,7 +554,8 @@ class _Run:
             with open(os.path.join(self.chief_backup, "training_metadata.json")) as f:
                 initial_epoch = int(json.load(f).get("epoch", 0))
         ds = train_stream(x, y, c.batch_size, c.seed,
-                          start=initial_epoch * steps_per_epoch * c.batch_size)
+                          start=initial_epoch * steps_per_epoch * c.batch_size,
+                          augment=c.augment)
         t0 = time.time()
         try:
             trainer.fit(ds, epochs=c.epochs, steps_per_epoch=steps_per_epoch, callbacks=cbs,

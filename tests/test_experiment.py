@@ -113,7 +113,8 @@ def test_budget_presets_and_validation():
     assert few.eval_settings().n_test == 300
     cifar = experiment.ExperimentConfig(dataset="cifar10", budget="small",
                                         finetune_epochs=2).resolved()
-    assert cifar.model == "resnet20" and cifar.finetune_epochs == 2
+    assert cifar.model == "fast_cifar_net" and cifar.finetune_epochs == 2
+    assert cifar.pretrain_augment == "crop_flip" and cifar.pretrain_subset == 0
     assert cifar.eval_settings().fgsm_eps == pytest.approx((2 / 255, 4 / 255, 8 / 255))
     with pytest.raises(ValueError, match="budget"):
         experiment.ExperimentConfig(budget="huge").resolved()
@@ -130,3 +131,4 @@ def test_budget_presets_and_validation():
         experiment.ExperimentConfig(batch_mode="replace", targets_per_image="all").resolved()
     replace = experiment.ExperimentConfig(batch_mode="replace").resolved()
     assert replace._rat_settings()["batch_mode"] == "replace"
+
