@@ -362,6 +362,12 @@ def _cached_report(path: str, settings: evaluation.EvalSettings) -> evaluation.R
     return report
 
 
+def _part(report: evaluation.Report, measure: str, key: str) -> Any:
+    """``report[measure][key]``, or None when the report has no such measure."""
+    section = report.get(measure)
+    return section[key] if section else None
+
+
 def _training_table(metrics: dict[str, dict]) -> str:
     lines = ["\n## Training\n",
              "Fine-tuning starts from the `start` model; every method sees the same balanced "
@@ -444,7 +450,7 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
             timings[f"e_evaluate_{name}"] = "skipped (cached)"
         reports[name] = report
         logging.info("%s: clean %.3f, FGSM %s, PGD %s", name, report["clean_accuracy"],
-                     report["fgsm_accuracy"], report["pgd_accuracy"])
+                     report.get("fgsm_accuracy"), report.get("pgd_accuracy"))
 
     metrics = {name: _read_json(os.path.join(d, "metrics.json")) for name, d in model_dirs.items()}
     paths = evaluation.write_report(
@@ -455,14 +461,14 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
         "dataset": config.dataset, "budget": config.budget, "model": config.model,
         "output_dir": out, "stages": timings, "wall_seconds": round(time.time() - t_all, 1),
         "files": {k: os.path.relpath(v, out) for k, v in paths.items()},
-        "results": {name: {"clean": r["clean_accuracy"], "fgsm": r["fgsm_accuracy"],
-                           "pgd": r["pgd_accuracy"], "num_test": r["num_test"],
-                           "num_pgd": r["num_pgd"],
-                           "tup_given": r["tup_given"]["mean"] if r["tup_given"] else None,
-                           "tup_fresh": r["tup_fresh"]["mean"],
-                           "uap": r["uap"]["fooling_rate"],
-                           "aa": r["autoattack"]["robust_accuracy"],
-                           "masking_flags": r["masking"]["flags"],
+        "results": {name: {"clean": r["clean_accuracy"], "fgsm": r.get("fgsm_accuracy"),
+                           "pgd": r.get("pgd_accuracy"), "num_test": r["num_test"],
+                           "num_pgd": r.get("num_pgd"),
+                           "tup_given": _part(r, "tup_given", "mean"),
+                           "tup_fresh": _part(r, "tup_fresh", "mean"),
+                           "uap": _part(r, "uap", "fooling_rate"),
+                           "aa": _part(r, "autoattack", "robust_accuracy"),
+                           "masking_flags": _part(r, "masking", "flags"),
                            "fit_seconds": metrics[name]["fit_seconds"]}
                     for name, r in reports.items()},
     }
