@@ -281,6 +281,10 @@ RAT_FLAGS = {
     "batch_mode": Spec("enum", "RAT: append the perturbed copies to the clean batch, or replace "
                        "images by them (the cost of a standard step).",
                        values=tuple(trainers.BATCH_MODES)),
+    "online": Spec("bool", "RAT: update V online at every training step (it starts from "
+                   "--perturbations_path if given, else from a search at the start)."),
+    "online_step_size": Spec("float", "RAT: step size of the online V update.",
+                             unset="the trainer's default"),
 }
 
 RECIPE_FLAGS = {  # the training recipe beyond optimizer and learning rate
@@ -403,7 +407,7 @@ def define_search_flags(target: Target, **group: Any) -> None:
 
 def define_rat_flags(target: Target, **group: Any) -> None:
     """RAT training: ``--refresh_every``, ``--targets_per_image``, ``--perturbed_fraction``,
-    ``--batch_mode``."""
+    ``--batch_mode``, ``--online``, ``--online_step_size``."""
     _define_group(RAT_FLAGS, target, **group)
 
 

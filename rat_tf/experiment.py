@@ -172,6 +172,8 @@ class ExperimentConfig:
     perturbed_fraction: float | None = None  # RAT: weight of the perturbed examples (0.5)
     batch_mode: str | None = None  # RAT: "append" (default) or "replace"
     per_source: bool | None = None  # RAT: one V per (source class, target); default per preset
+    online: bool = False  # RAT: V updated online at every step, starting from the searched V
+    online_step_size: float | None = None  # RAT: None: the trainer's default
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -251,7 +253,8 @@ class ExperimentConfig:
         """The RAT-only TrainConfig fields of stage (c)."""
         return dict(refresh_every=self.refresh_every, targets_per_image=self.targets_per_image,
                     perturbed_fraction=self.perturbed_fraction, batch_mode=self.batch_mode,
-                    per_source=bool(self.per_source))
+                    per_source=bool(self.per_source), online=bool(self.online),
+                    online_step_size=self.online_step_size)
 
     def pretrain_config(self, model_dir: str) -> training.TrainConfig:
         """The :class:`rat_tf.training.TrainConfig` of stage (a), the start model."""

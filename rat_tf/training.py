@@ -79,6 +79,8 @@ class TrainConfig:
     perturbed_fraction: float = 0.5
     batch_mode: str = "append"  # or "replace": the cost of a standard step
     per_source: bool = False  # one V per (source class, target) instead of per target
+    online: bool = False  # RAT: V updated online at every step (starts as given or searched)
+    online_step_size: float | None = None  # None: the trainer's default
     # FGSM-AT / PGD-AT
     adv_eps: float | None = None  # attack radius; None: the dataset's (DatasetInfo.adv_eps)
     pgd_steps: int = 10
@@ -167,14 +169,15 @@ class TrainConfig:
             (not self.perturbations_path or os.path.isfile(self.perturbations_path),
              f"perturbations_path {self.perturbations_path!r}: no such file"),
             (self.method == "rat" or not (self.perturbations_path or self.refresh_every
-                                          or self.per_source),
-             "perturbations_path, refresh_every and per_source are RAT settings (method=rat)"),
+                                          or self.per_source or self.online),
+             "perturbations_path, refresh_every, per_source and online are RAT settings "
+             "(method=rat)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         # the settings of every method's trainer, checked by the trainer's own rules
-        trainers.RATModel.check_settings(**self._rat_settings())
+        trainers.RATModel.check_settings(**self._rat_settings(), eps=self.resolved_eps())
         trainers.AdversarialTrainingModel.check_settings(**{**self._adv_settings(),
                                                             "method": "pgd_at"})
 
@@ -190,7 +193,8 @@ class TrainConfig:
     def _rat_settings(self) -> dict:
         return {"targets_per_image": self.targets_per_image,
                 "perturbed_fraction": self.perturbed_fraction, "batch_mode": self.batch_mode,
-                "per_source": bool(self.per_source)}
+                "per_source": bool(self.per_source), "online": bool(self.online),
+                "online_step_size": self.online_step_size}
 
     def _adv_settings(self) -> dict:
         return {"method": self.method if self.method in ("fgsm_at", "pgd_at") else "pgd_at",

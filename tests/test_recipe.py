@@ -96,6 +96,7 @@ def test_onecycle_schedule_and_optimizer():
     (dict(warmup_epochs=3.0, lr_schedule="cosine"), r"warmup_epochs must be in \[0, epochs=2\)"),
     (dict(lr_schedule="linear"), "unknown lr_schedule 'linear'"),
     (dict(test_every=-1), "test_every must be >= 0"),
+    (dict(online=True), "online are RAT settings"),
 ])
 def test_bad_recipe_settings_are_named(change, message):
     config = training.TrainConfig(dataset="cifar10", model="fast_cifar_net", epochs=2,
@@ -114,6 +115,17 @@ def test_label_smoothing_loss():
     plain = training.SmoothedSparseCrossentropy(0.0, num_classes=3)(labels, logits)
     sparse = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, logits)
     np.testing.assert_allclose(float(plain), float(sparse), rtol=1e-5)
+
+
+def test_online_settings_reach_the_rat_trainer(tmp_path):
+    config = training.TrainConfig(method="rat", online=True, online_step_size=0.01)
+    config.validate()
+    settings = config.trainer_settings()
+    assert settings["online"] is True and settings["online_step_size"] == 0.01
+    exp = experiment.ExperimentConfig(dataset="mnist", budget="tiny", online=True,
+                                      online_step_size=0.02, output_dir=str(tmp_path)).resolved()
+    rat = exp.train_config("rat", str(tmp_path), **exp._rat_settings())
+    assert rat.online is True and rat.online_step_size == 0.02
 
 
 def test_cifar_presets_pretrain_with_the_recipe():
