@@ -1,16 +1,28 @@
-"""Benchmark of the training methods: cost per example and time to robustness.
+"""Benchmark of the training methods: cost per example and the robustness-per-second front.
 
     python bin/bench_training.py --output_dir=results   # writes results/bench_training.json
 
-1. Cost per input image of rat (replace / one / all / worst targets), fgsm_at and pgd_at
+1. Cost per input image of rat (replace / one / all / worst targets; one and replace also
+   with V learnt online), fgsm_at and pgd_at
    relative to standard training: same model (mnist_cnn), batch size and data; images/s of the
    steady epoch. Also per example trained on (rat "one" and "worst" train on each image and one
    perturbed copy, "worst" after 9 inference passes to pick it; "all" on the image and its 9
    copies; "replace" on one of the two).
-2. Time to robustness: from the same pretrained mnist_cnn, wall time until FGSM (L-inf
-   ``--fgsm_eps``) accuracy on held-out test images reaches ``--target`` for rat and pgd_at
-   (evaluated after every epoch, evaluation time excluded; RAT's V search included), capped
-   at ``--time_cap`` seconds of training per method.
+2. The robustness-per-second front: from one start model per ``--front_models`` entry
+   (pretrained here on ``--pretrain_subset`` images for ``--pretrain_epochs``, or
+   ``<work_dir>/start_<model>/model.keras`` when it exists), every method of
+   ``--front_methods`` fine-tunes on the same balanced ``--train_subset`` images (batch
+   ``--batch_size``, Adam ``--lr``): standard, RAT with static V (searched at start), RAT
+   with V searched again every epoch, RAT with V learnt online from zero, FGSM-AT and PGD-AT.
+   After every epoch :class:`rat_tf.callbacks.RobustnessMonitor` measures, on the last
+   ``--n_test`` test images: clean accuracy, FGSM ``--fgsm_eps`` accuracy, PGD-20
+   ``--pgd_eps`` accuracy, and the success of targeted universal perturbations
+   (``--tup_eps``, ``--tup_passes``) searched afresh on ``--tup_n_per_class`` images per
+   class of the first 5,000 test images. The time axis is wall
+   seconds of training (searches included, the monitor's own time excluded), capped at
+   ``--time_cap``; the time at which each method first reaches FGSM accuracy >= ``--target``
+   with clean accuracy >= ``--clean_target`` is reported. Writes JSON and one PNG per figure
+   (``front_<model>_<figure>.png``, one line per method).
 """
 
 import os
@@ -19,7 +31,7 @@ import tempfile
 import numpy as np
 from absl import app, flags, logging
 
-from rat_tf import callbacks, cli, data, files, perturbation_files, training
+from rat_tf import callbacks, cli, data, files, models, perturbation_files, plots, training
 
 Config = training.TrainConfig
 FLAGS = flags.FLAGS
@@ -27,29 +39,43 @@ cli.define_data_flags(data_source=False)
 cli.define_output_flag("bench_training.json", default="results")
 cli.define("string", "work_dir", "Where runs are written.", default=None,
            unset="a temporary folder")
-cli.define("integer", "batch_size", "Batch size of every method.", sets=Config)
+cli.define("integer", "batch_size", "Batch size of every method.", sets=Config, default=50)
 cli.define("integer", "cost_steps", "Steps per epoch of the cost runs, 2 epochs each (0: skip "
            "the cost part).", default=30, lower_bound=0)
 cli.define_adv_flags(Config, only=["adv_steps"])
 cli.define("float", "adv_eps", "FGSM-AT / PGD-AT radius.", sets=Config, default=None,
            unset="--fgsm_eps")
-cli.define("list", "robust_methods", "Methods of the time-to-robustness part (rat, "
-           "rat_replace, pgd_at, fgsm_at).", default=["rat", "rat_replace", "pgd_at"])
-cli.define("string", "init_from", "Pretrained mnist_cnn (.keras).", sets=Config,
-           default=None, unset="train one")
-cli.define("integer", "pretrain_subset", "Balanced training images of the 1-epoch "
-           "pretraining.", default=12000, lower_bound=10)
+cli.define("list", "front_methods", "Methods of the front (standard, rat_static, rat_refresh, "
+           "rat_online, fgsm_at, pgd_at).", default=["standard", "rat_static", "rat_refresh",
+                                                    "rat_online", "fgsm_at", "pgd_at"])
+cli.define("list", "front_models", "Zoo models of the front, one start model each.",
+           default=["mnist_cnn", "wide_mnist_cnn"])
+cli.define("integer", "pretrain_subset", "Balanced training images of the start model's "
+           "pretraining (0: all).", default=0, lower_bound=0)
+cli.define("integer", "pretrain_epochs", "Epochs of the start model's pretraining.", default=2,
+           lower_bound=1)
+cli.define("integer", "train_subset", "Balanced training images every method fine-tunes on.",
+           sets=Config, default=1000)
+cli.define("float", "lr", "Fine-tuning learning rate (Adam).", sets=Config, default=5e-4)
 cli.define("float", "fgsm_eps", "FGSM radius of the robustness target.", default=0.2)
+cli.define("float", "pgd_eps", "PGD-20 radius measured along the front.", default=0.1)
+cli.define("float", "tup_eps", "Radius of the fresh targeted universal perturbations.",
+           default=0.3)
+cli.define("integer", "tup_n_per_class", "Images per class of the fresh searches (a balanced "
+           "subset of the first 5,000 test images).", default=20, lower_bound=1)
+cli.define("integer", "tup_passes", "Passes of each fresh search.", default=2, lower_bound=1)
 cli.define("float", "target", "FGSM accuracy to reach.", default=0.8, lower_bound=0.0,
            upper_bound=1.0)
-cli.define("integer", "n_test", "Held-out test images (the last N of the test split) for the "
-           "FGSM accuracy, and the first N for the final accuracy (0: all).", default=1000,
-           lower_bound=0)
-cli.define("float", "time_cap", "Max training seconds per method (time to robustness).",
+cli.define("float", "clean_target", "Clean accuracy the target needs as well.", default=0.985,
+           lower_bound=0.0, upper_bound=1.0)
+cli.define("integer", "n_test", "Held-out test images (the last N of the test split) of the "
+           "front's measures.", default=1000, lower_bound=100, upper_bound=5000)
+cli.define("float", "time_cap", "Max training seconds per method on the front.",
            default=300.0, lower_bound=1.0)
-cli.define("integer", "max_epochs", "Max epochs per method (time to robustness).", default=100)
+cli.define("integer", "max_epochs", "Max epochs per method on the front.", default=100,
+           lower_bound=1)
 cli.define_search_flags(Config, only=["search_passes"], defaults={"search_passes": 3})
-cli.define_rat_flags(Config, only=["refresh_every"], defaults={"refresh_every": 1})
+cli.define_rat_flags(Config, only=["online_step_size"])
 
 # name -> (TrainConfig fields, examples the model trains on per input image)
 _COST_METHODS = {
@@ -58,87 +84,145 @@ _COST_METHODS = {
     "rat_one": ({"method": "rat", "targets_per_image": "one"}, 2),
     "rat_all": ({"method": "rat", "targets_per_image": "all"}, 10),
     "rat_worst": ({"method": "rat", "targets_per_image": "worst"}, 2),
+    "rat_one_online": ({"method": "rat", "targets_per_image": "one", "online": True}, 2),
+    "rat_replace_online": ({"method": "rat", "batch_mode": "replace", "online": True}, 1),
     "fgsm_at": ({"method": "fgsm_at"}, 1),
     "pgd_at": ({"method": "pgd_at"}, 1)}
 
 
-def main(argv):
-    del argv
-    rat = {"method": "rat", "batch_size": 50, "search_passes": FLAGS.search_passes,
-           "refresh_every": FLAGS.refresh_every}
-    settings = {"rat": rat, "rat_replace": {**rat, "batch_mode": "replace"},
-                "pgd_at": {"method": "pgd_at", "steps_per_epoch": 20},
-                "fgsm_at": {"method": "fgsm_at", "steps_per_epoch": 20}}
-    unknown = sorted(set(FLAGS.robust_methods) - set(settings))
-    if unknown:
-        raise app.UsageError(f"--robust_methods: unknown {unknown}; choose from {sorted(settings)}")
-    cli.check_data("mnist", FLAGS.data_dir)
-    cli.check_inputs(init_from=FLAGS.init_from)
-    cli.check_output_dirs(output_dir=FLAGS.output_dir, work_dir=FLAGS.work_dir)
-    work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_training_")
-    base = dict(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn", verbose=2,
-                batch_size=FLAGS.batch_size, pgd_steps=FLAGS.adv_steps,
-                adv_eps=FLAGS.adv_eps if FLAGS.adv_eps is not None else FLAGS.fgsm_eps)
-    results = {"cost": {}, "time_to_robustness": {}}
+def _front_settings(zeros: str) -> dict[str, dict]:
+    """TrainConfig fields of every front method (on top of the shared ones)."""
+    rat = {"method": "rat", "search_passes": FLAGS.search_passes}
+    return {"standard": {"method": "standard"},
+            "rat_static": {**rat, "refresh_every": 0},
+            "rat_refresh": {**rat, "refresh_every": 1},
+            "rat_online": {**rat, "online": True, "perturbations_path": zeros,
+                           "online_step_size": FLAGS.online_step_size},
+            "fgsm_at": {"method": "fgsm_at"}, "pgd_at": {"method": "pgd_at"}}
 
-    # 1. cost per example seen (V's values do not change the cost: zeros)
-    zeros = perturbation_files.save(os.path.join(work, "zeros.npz"),
-                                       np.zeros((10, 28, 28, 1), np.float32), eps=0.3)
-    for name, (kw, examples) in (_COST_METHODS.items() if FLAGS.cost_steps else ()):
+
+def _cost(base: dict, work: str, zeros: str) -> dict:
+    """Part 1: images/s of every method against standard training."""
+    results = {}
+    for name, (kw, examples) in _COST_METHODS.items():
         cfg = training.TrainConfig(**base, epochs=2, steps_per_epoch=FLAGS.cost_steps,
                                    train_subset=6000, model_dir=os.path.join(work, "cost_" + name),
                                    **kw)
         if cfg.method == "rat":
             cfg.perturbations_path = zeros
         m = training.train(cfg)
-        results["cost"][name] = {"images_per_sec": m["images_per_sec_steady"],
-                                 "trained_examples_per_image": examples}
-    ref = results["cost"].get("standard", {}).get("images_per_sec")
-    for r in results["cost"].values():
+        results[name] = {"images_per_sec": m["images_per_sec_steady"],
+                         "trained_examples_per_image": examples}
+    ref = results["standard"]["images_per_sec"]
+    for r in results.values():
         r["cost_vs_standard"] = ref / r["images_per_sec"]
         r["cost_per_trained_example_vs_standard"] = (r["cost_vs_standard"]
                                                      / r["trained_examples_per_image"])
+    return results
 
-    # 2. time to robustness from one pretrained model
-    init_from = FLAGS.init_from
-    if not init_from:
+
+def _front(model: str, base: dict, work: str, zeros: str, eval_images: tuple,
+           tup_images: tuple) -> dict:
+    """Part 2 for one start model: every method's records against training seconds."""
+    start = os.path.join(work, f"start_{model}", "model.keras")
+    results = {"model": model, "methods": {}}
+    if not os.path.isfile(start):
         pre = training.train(training.TrainConfig(
-            **{**base, "batch_size": 64}, epochs=1, train_subset=FLAGS.pretrain_subset,
-            model_dir=os.path.join(work, "pretrained")))
-        init_from = os.path.join(work, "pretrained", "model.keras")
-        results["pretrained_test_accuracy"] = pre["test_accuracy"]
-    x_test, y_test = data.load_arrays("mnist", "test", data_dir=FLAGS.data_dir)
-    x_eval, y_eval = x_test[-FLAGS.n_test:], y_test[-FLAGS.n_test:]  # -0: all
-    for method in FLAGS.robust_methods:
-        kw = settings[method]
-        monitor = callbacks.RobustnessMonitor(x_eval, y_eval, FLAGS.fgsm_eps, target=FLAGS.target,
-                                             time_limit=FLAGS.time_cap)
-        cfg = training.TrainConfig(**{**base, **kw}, init_from=init_from,
-                                   epochs=FLAGS.max_epochs, test_subset=FLAGS.n_test,
-                                   model_dir=os.path.join(work, "robust_" + method))
+            **{**base, "batch_size": 128, "model": model}, epochs=FLAGS.pretrain_epochs,
+            train_subset=FLAGS.pretrain_subset, model_dir=os.path.dirname(start)))
+        results["start_test_accuracy"] = pre["test_accuracy"]
+    settings = _front_settings(zeros)
+    for method in FLAGS.front_methods:
+        monitor = callbacks.RobustnessMonitor(
+            *eval_images, FLAGS.fgsm_eps, target=FLAGS.target, clean_target=FLAGS.clean_target,
+            time_limit=FLAGS.time_cap, pgd_eps=FLAGS.pgd_eps, tup_eps=FLAGS.tup_eps,
+            tup_images=tup_images, tup_passes=FLAGS.tup_passes)
+        cfg = training.TrainConfig(**{**base, **settings[method], "model": model},
+                                   init_from=start, epochs=FLAGS.max_epochs,
+                                   train_subset=FLAGS.train_subset, lr=FLAGS.lr,
+                                   model_dir=os.path.join(work, f"front_{model}_{method}"),
+                                   restart=True)
         m = training.train(cfg, callbacks=[monitor])
+        search = m.get("search_seconds") or 0.0  # V searched before fit (static, refresh)
+        records = [{**r, "train_seconds": r["train_seconds"] + search}
+                   for r in monitor.records]
         reached = monitor.time_to_target is not None
-        results["time_to_robustness"][method] = {"settings": m["settings"],
-            "reached": reached,
-            "seconds": (monitor.time_to_target + m["search_seconds"]) if reached else None,
-            "search_seconds": m["search_seconds"], "epochs": len(monitor.records),
-            "final_fgsm_accuracy": monitor.records[-1]["fgsm_accuracy"],
-            "clean_test_accuracy": m["test_accuracy"], "records": monitor.records}
+        results["methods"][method] = {
+            "settings": m["settings"], "search_seconds": search, "records": records,
+            "seconds_to_target": monitor.time_to_target + search if reached else None}
+    return results
+
+
+def _print_front(front: dict) -> None:
+    print(f"\nfront of {front['model']} (target: FGSM({FLAGS.fgsm_eps}) >= {FLAGS.target:.0%}"
+          f" with clean >= {FLAGS.clean_target:.1%}; cap {FLAGS.time_cap:.0f}s):")
+    print(f"{'method':<12} {'to target':>10} {'seconds':>8} {'clean':>7} {'FGSM':>7} "
+          f"{'PGD':>7} {'TUP succ':>9}")
+    for method, r in front["methods"].items():
+        last = r["records"][-1]
+        when = (f"{r['seconds_to_target']:.0f}s" if r["seconds_to_target"] is not None
+                else "no")
+        print(f"{method:<12} {when:>10} {last['train_seconds']:>8.0f} "
+              f"{last['clean_accuracy']:>7.4f} {last['fgsm_accuracy']:>7.4f} "
+              f"{last.get('pgd_accuracy', float('nan')):>7.4f} "
+              f"{last.get('tup_success', float('nan')):>9.4f}")
+
+
+def _plot_front(front: dict) -> list[str]:
+    paths = []
+    for key, title in (("fgsm_accuracy", f"FGSM {FLAGS.fgsm_eps} accuracy"),
+                       ("pgd_accuracy", f"PGD-20 {FLAGS.pgd_eps} accuracy"),
+                       ("clean_accuracy", "clean accuracy")):
+        curves = {m: [(r["train_seconds"], r[key]) for r in v["records"]]
+                  for m, v in front["methods"].items()}
+        goal = FLAGS.target if key == "fgsm_accuracy" else (
+            FLAGS.clean_target if key == "clean_accuracy" else None)
+        path = os.path.join(FLAGS.output_dir, f"front_{front['model']}_{key}.png")
+        paths.append(plots.accuracy_vs_time(curves, path, goal=goal,
+                                            title=f"{front['model']}: {title}"))
+    return paths
+
+
+def main(argv):
+    del argv
+    settings = _front_settings("")
+    unknown = sorted(set(FLAGS.front_methods) - set(settings))
+    if unknown:
+        raise app.UsageError(f"--front_methods: unknown {unknown}; choose from {sorted(settings)}")
+    bad_models = sorted(set(FLAGS.front_models) - set(models.MODELS))
+    if bad_models:
+        raise app.UsageError(f"--front_models: unknown {bad_models}; choose from "
+                             f"{sorted(models.MODELS)}")
+    cli.check_data("mnist", FLAGS.data_dir)
+    cli.check_output_dirs(output_dir=FLAGS.output_dir, work_dir=FLAGS.work_dir)
+    work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_training_")
+    base = dict(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn", verbose=2,
+                batch_size=FLAGS.batch_size, pgd_steps=FLAGS.adv_steps,
+                adv_eps=FLAGS.adv_eps if FLAGS.adv_eps is not None else FLAGS.fgsm_eps)
+    zeros = perturbation_files.save(os.path.join(work, "zeros.npz"),
+                                    np.zeros((10, 28, 28, 1), np.float32), eps=FLAGS.tup_eps)
+    results = {"cost": _cost(base, work, zeros) if FLAGS.cost_steps else {}, "front": []}
+    x_test, y_test = data.load_arrays("mnist", "test", data_dir=FLAGS.data_dir)
+    eval_images = (x_test[-FLAGS.n_test:], y_test[-FLAGS.n_test:])
+    tup_images = data.balanced_subset(x_test[:5000], y_test[:5000], FLAGS.tup_n_per_class,
+                                      seed=0)
+    path = os.path.join(FLAGS.output_dir, "bench_training.json")
+    for model in FLAGS.front_models:
+        front = _front(model, base, work, zeros, eval_images, tup_images)
+        front["figures"] = _plot_front(front)
+        results["front"].append(front)
+        files.write_json(path, results)  # what is done so far survives a kill
 
     rows = [("method", "images/s", "cost per image", "examples/image", "cost per example")]
     for name, r in results["cost"].items():
         rows.append((name, f"{r['images_per_sec']:.0f}", f"{r['cost_vs_standard']:.2f}x",
                      str(r["trained_examples_per_image"]),
                      f"{r['cost_per_trained_example_vs_standard']:.2f}x"))
-    print("cost relative to standard training (same model, batch size and data):")
-    print("\n".join(f"{a:<12} {b:>9} {c:>15} {d:>15} {e:>17}" for a, b, c, d, e in rows))
-    print(f"\ntime to FGSM(eps {FLAGS.fgsm_eps}) accuracy >= {FLAGS.target:.0%} on "
-          f"{len(x_eval)} held-out test images (cap {FLAGS.time_cap:.0f}s):")
-    for method, r in results["time_to_robustness"].items():
-        when = f"{r['seconds']:.0f}s" if r["reached"] else "not reached"
-        print(f"{method:<8} {when:>12}  after {r['epochs']} epochs, FGSM acc "
-              f"{r['final_fgsm_accuracy']:.3f}, clean {r['clean_test_accuracy']:.4f}")
-    path = os.path.join(FLAGS.output_dir, "bench_training.json")
+    if results["cost"]:
+        print("cost relative to standard training (same model, batch size and data):")
+        print("\n".join(f"{a:<12} {b:>9} {c:>15} {d:>15} {e:>17}" for a, b, c, d, e in rows))
+    for front in results["front"]:
+        _print_front(front)
     logging.info("wrote %s", files.write_json(path, results))
 
 
