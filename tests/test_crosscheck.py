@@ -12,7 +12,7 @@ pytest.importorskip("art")
 
 from rat_tf import attacks, crosscheck, export  # noqa: E402
 
-N_TEST = 500
+N_TEST = 300
 FGSM_EPS = (0.1, 0.2)
 PGD = dict(pgd_eps=(0.1,), pgd_steps=10, pgd_restarts=2)
 
