@@ -25,7 +25,8 @@ trained 3 epochs with a cosine schedule; one V per (source class, target) (``per
 beyond the paper), searched again against the current model before every epoch, on the
 fine-tuning subset (``refresh_every=1``, beyond the paper), with 3 search passes (small) or 5
 (full); one random target per image; perturbed_fraction 0.5; 8 fine-tuning epochs (small) or 50
-(full). The small preset evaluates on the whole MNIST test set, PGD on its first 1,000 images.
+(full). The small presets of MNIST and CIFAR-10 evaluate on the whole test set, PGD on its
+first 1,000 images (AutoAttack on the first 500 for MNIST, 1,000 for CIFAR-10).
 docs/experiments.md holds the tuning runs behind these choices.
 
 Result directory layout (``output_dir``)::
@@ -105,8 +106,8 @@ _CIFAR = {
                   pretrain_weight_decay=5e-3, pretrain_label_smoothing=0.2,
                   pretrain_augment="crop_flip", finetune_subset=1000, finetune_epochs=5,
                   finetune_batch_size=50, search_passes=5, train_pgd_steps=5, test_subset=2000,
-                  eval=dict(n_test=500, pgd_steps=10, pgd_restarts=2, tup_passes=3,
-                            tup_n_per_class=20, uap_passes=2, aa_n=200)),
+                  eval=dict(n_test=None, n_pgd=1000, pgd_steps=10, pgd_restarts=2,
+                            tup_passes=3, tup_n_per_class=20, uap_passes=2, aa_n=1000)),
     "full": dict(model="resnet20", pretrain_subset=0, pretrain_epochs=100,
                  pretrain_batch_size=128, pretrain_optimizer="momentum", pretrain_lr=0.1,
                  pretrain_lr_schedule="cosine", pretrain_warmup_epochs=2.0,

@@ -51,6 +51,9 @@ GROUPED_MODULES = {"test_evaluation", "test_experiment", "test_crosscheck",
                    "test_autoattack", "test_attacks", "test_own_models", "test_perturb_bin"}
 
 
+# tryfirst: pytest-xdist's own hook turns the xdist_group marker into a node id suffix, so the
+# marker must be in place before it runs (else every test is scheduled on its own).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
