@@ -535,6 +535,23 @@ def _batch_attack(name: str, model_fn: ModelFn, eps, norm: str, clip, seed: int,
     return ReplicaStep(attack, strategy)
 
 
+def _bucket(n: int, b: int, replicas: int) -> int:
+    """The padded batch for the last ``n`` images still robust: ``b``, or b/4, b/16, ...
+    (multiples of ``replicas``, at least ``_MIN_BUCKET``) while they hold ``n``: a few shapes to
+    compile, and the work of an attack follows the images left instead of the whole batch.
+    Each row's random draws and iterates do not depend on the batch size, nor do the results."""
+    size = b
+    while size // 4 >= _MIN_BUCKET:
+        smaller = _multiple(size // 4, replicas)
+        if smaller >= size or smaller < n:
+            break
+        size = smaller
+    return size
+
+
+_MIN_BUCKET = 16  # below this a batch is cheaper to pad than to compile again
+
+
 def check_attacks(attacks: Sequence[str] | str | None, version: str, norm: str) -> list[str]:
     """The attack names of ``attacks`` (None: the version's sequence), checked for ``norm``."""
     if version not in VERSIONS:
@@ -617,8 +634,9 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
             todo = np.flatnonzero(robust)
             for k, i in enumerate(range(0, len(todo), b)):
                 ids = todo[i:i + b]
-                out, broken = fn([_pad(x[ids], b), _pad(y[ids], b), np.arange(b) < len(ids)],
-                                 np.int32(r), np.int32(k))
+                size = _bucket(len(ids), b, strategy.num_replicas_in_sync)
+                out, broken = fn([_pad(x[ids], size), _pad(y[ids], size),
+                                  np.arange(size) < len(ids)], np.int32(r), np.int32(k))
                 out, broken = out[:len(ids)], broken[:len(ids)]
                 keep = slice(None) if first else broken
                 x_adv[ids[keep]] = out[keep]

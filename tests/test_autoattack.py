@@ -177,6 +177,32 @@ def test_autoattack_compiles_each_attack_once(model_fn, images):
     assert calls(50) == calls(20)
 
 
+def test_small_batches_of_the_last_robust_images_give_the_same_results(model_fn, images,
+                                                                      monkeypatch):
+    """The last images still robust run in a smaller padded batch (less work); every result
+    equals the one of a full padded batch."""
+    assert [aa._bucket(n, 500, 1) for n in (500, 126, 125, 31, 1)] == [500, 500, 125, 31, 31]
+    assert aa._bucket(10, 250, 2) == 62 and aa._bucket(3, 20, 1) == 20
+    x, y = images[0][:64], images[1][:64]
+    sizes = []
+    real = aa._bucket
+
+    def recorded(n, b, replicas):
+        sizes.append(real(n, b, replicas))
+        return sizes[-1]
+
+    monkeypatch.setattr(aa, "_bucket", recorded)
+    kw = dict(batch_size=64, attacks=["apgd-ce", "apgd-t", "square"], steps=5,
+              n_target_classes=3, n_queries=30)
+    small = aa.autoattack(model_fn, x, y, 0.15, **kw)
+    assert 16 in sizes, sizes  # some attack ran on the 16-image batch
+    monkeypatch.setattr(aa, "_bucket", lambda n, b, replicas: b)
+    full = aa.autoattack(model_fn, x, y, 0.15, **kw)
+    np.testing.assert_array_equal(small["robust"], full["robust"])
+    np.testing.assert_array_equal(small["x_adv"], full["x_adv"])
+    assert small["robust_accuracy"] == full["robust_accuracy"]
+
+
 def test_autoattack_subset_and_order(model_fn, images):
     x, y = images[0][:40], images[1][:40]
     res = aa.autoattack(model_fn, x, y, 0.1, attacks=["square", "apgd-ce"], **FAST)
