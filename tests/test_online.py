@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rat_tf import attacks, data, evaluation, models, trainers
+from rat_tf import data, evaluation, models, trainers
 
 EPS = 0.3
 
@@ -159,7 +159,7 @@ def test_a_resumed_online_run_continues_with_its_v(mnist_arrays, tmp_path):
                                atol=1e-6)
 
 
-def test_online_rat_lowers_fresh_tup_success(mnist_arrays, mnist_model):
+def test_online_rat_lowers_fresh_tup_success(mnist_arrays, mnist_model, fresh_tup_success):
     x_train, y_train, x_test, y_test = mnist_arrays
     sub_x, sub_y = data.balanced_subset(x_train, y_train, 100, seed=0)  # 1,000 images
     classifier = keras.models.clone_model(mnist_model)
@@ -168,14 +168,7 @@ def test_online_rat_lowers_fresh_tup_success(mnist_arrays, mnist_model):
     trainer = trainers.make_trainer("rat", classifier, eps=EPS, online=True)  # V from zero
     trainer.compile(optimizer=keras.optimizers.Adam(5e-4))
     trainer.fit(sub_x, sub_y, batch_size=50, epochs=3, verbose=0)
-    x_search, y_search = x_test[:300], y_test[:300]
     x_eval, y_eval = x_test[5000:6000], y_test[5000:6000]
-
-    def fresh_tup_success(model):
-        fresh, _ = attacks.targeted_universal(model, x_search, y_search, EPS, max_passes=3,
-                                              seed=1)
-        return float(np.mean(attacks.targeted_success_rate(model, x_eval, y_eval, fresh)))
-
     before, after = fresh_tup_success(mnist_model), fresh_tup_success(classifier)
     clean = evaluation.accuracy(classifier, x_eval, y_eval)
     print("fresh TUP success before", before, "after", after, "clean", clean)

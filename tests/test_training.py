@@ -247,7 +247,8 @@ def test_rat_replace_mode_swaps_images_for_their_perturbed_copies():
                               batch_mode="replace", targets_per_image="all")
 
 def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnist_model,
-                                                    mnist_model_path, tmp_path):
+                                                    mnist_model_path, fresh_tup_success,
+                                                    tmp_path):
     x_train, y_train, x_test, y_test = mnist_arrays
     sub_x, sub_y = data_lib.balanced_subset(x_train, y_train, 100, seed=0)  # train()'s subset
     v, _ = attacks.targeted_universal(mnist_model, sub_x[:300], sub_y[:300], 0.3,
@@ -263,13 +264,7 @@ def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnis
     np.testing.assert_array_equal(stored, v)  # static V (the paper's mode)
 
     # Held-out test images only: fresh TUPs searched on one slice, measured on another.
-    x_search, y_search = x_test[:300], y_test[:300]
     x_eval, y_eval = x_test[5000:6000], y_test[5000:6000]
-
-    def fresh_tup_success(model):
-        fresh, _ = attacks.targeted_universal(model, x_search, y_search, 0.3, max_passes=3,
-                                              seed=1)
-        return float(np.mean(attacks.targeted_success_rate(model, x_eval, y_eval, fresh)))
 
     def measure(model):
         return {"tup": fresh_tup_success(model), "fgsm": _fgsm_accuracy(model, x_eval, y_eval),
