@@ -15,7 +15,7 @@ import os
 
 from absl import flags, logging
 
-from rat_tf import cli, evaluation, experiment
+from rat_tf import cli, data, evaluation, experiment, training
 
 Config = experiment.ExperimentConfig
 FLAGS = flags.FLAGS
@@ -34,6 +34,17 @@ cli.define("integer", "pretrain_subset", "(a) balanced training images, 0 = all.
 cli.define("integer", "pretrain_epochs", "(a) epochs.", sets=Config)
 cli.define("integer", "pretrain_batch_size", "(a) global batch size.", sets=Config)
 cli.define("float", "pretrain_lr", "(a) learning rate.", sets=Config)
+cli.define("enum", "pretrain_optimizer", "(a) optimizer (momentum: SGD with Nesterov momentum).",
+           sets=Config, values=training.OPTIMIZERS)
+cli.define("enum", "pretrain_lr_schedule", "(a) learning-rate schedule.", sets=Config,
+           values=training.LR_SCHEDULES)
+cli.define("float", "pretrain_warmup_epochs", "(a) linear warm-up epochs (cosine, onecycle).",
+           sets=Config, lower_bound=0)
+cli.define("float", "pretrain_weight_decay", "(a) decoupled weight decay.", sets=Config,
+           lower_bound=0)
+cli.define("float", "pretrain_label_smoothing", "(a) label smoothing, in [0, 1).", sets=Config)
+cli.define("enum", "pretrain_augment", "(a) augmentation of the training batches.",
+           sets=Config, values=tuple(data.AUGMENTATIONS))
 cli.define_search_flags(Config)
 cli.define("integer", "finetune_subset", "(c,d) balanced fine-tuning images, the same for every "
            "method.", sets=Config)
