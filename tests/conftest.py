@@ -97,14 +97,18 @@ def mnist_arrays(data_dir):
 
 @pytest.fixture(scope="session")
 def mnist_model(mnist_arrays):
-    """An ``mnist_cnn`` trained 1 epoch on 12,000 real MNIST images (about 97% test accuracy)."""
+    """A ``tiny_cnn`` trained 2 epochs on 12,000 real MNIST images (about 97% test accuracy).
+
+    The zoo's smallest model: every test that attacks or fine-tunes it costs a tenth of what
+    it would with ``mnist_cnn``.
+    """
     x_train, y_train, _, _ = mnist_arrays
     keras.utils.set_random_seed(0)
-    model = models.build_model("mnist_cnn", "mnist")
+    model = models.build_model("tiny_cnn", "mnist")
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    model.fit(x_train[:12000], y_train[:12000], batch_size=64, epochs=1, verbose=0)
+    model.fit(x_train[:12000], y_train[:12000], batch_size=64, epochs=2, verbose=0)
     return model
 
 

@@ -36,7 +36,7 @@ def _row(result, attack, eps=None):
 def test_art_agrees_with_rat_tf(saved_model, test_images):
     x, y = test_images
     res = crosscheck.crosscheck_with_art(saved_model, x, y, fgsm_eps=FGSM_EPS, **PGD, seed=0)
-    print(crosscheck.format_table({"mnist_cnn": res}), res["seconds"])
+    print(crosscheck.format_table({"mnist_model": res}), res["seconds"])
     assert res["num_images"] == N_TEST
     assert _row(res, "clean")["art"] > 0.9  # a trained model, the same one on both sides
     for eps in FGSM_EPS:  # deterministic: same accuracy within 1 point, nearly the same images

@@ -53,7 +53,7 @@ def _method_config(method: str, model_dir, data_dir, init_from, v_path) -> train
     per_source = method == "rat_per_source"
     targets = "worst" if method == "rat_worst" else "one"
     method = "rat" if method.startswith("rat") else method
-    kw = dict(dataset="mnist", data_dir=data_dir, model="mnist_cnn", method=method, epochs=2,
+    kw = dict(dataset="mnist", data_dir=data_dir, model="tiny_cnn", method=method, epochs=2,
               batch_size=64, steps_per_epoch=6, train_subset=1000, test_subset=500,
               model_dir=str(model_dir), verbose=0, init_from=init_from, lr=1e-3)
     if method == "standard":
@@ -116,7 +116,7 @@ def test_mirrored_rat_search_and_variable_are_replicated(data_dir, mnist_model_p
     metrics = training.train(cfg, strategy)
     assert len(metrics["search_success_rate"]) == 10
     with strategy.scope():
-        trainer = trainers.make_trainer("rat", models.build_model("mnist_cnn", "mnist"))
+        trainer = trainers.make_trainer("rat", models.build_model("tiny_cnn", "mnist"))
     v = np.random.default_rng(0).uniform(-0.1, 0.1, (10, 28, 28, 1)).astype(np.float32)
     trainer.set_perturbations(v)
     for replica_value in strategy.experimental_local_results(trainer.perturbations.value):

@@ -48,11 +48,11 @@ def _fgsm_accuracy(model, x, y, eps=0.2):
 
 # --------------------------------------------------------------------------- standard training
 def test_standard_training_on_real_mnist(data_dir, mnist_arrays, tmp_path):
-    cfg = _config(tmp_path, model="mnist_cnn", epochs=2, batch_size=128, steps_per_epoch=25,
+    cfg = _config(tmp_path, model="tiny_cnn", epochs=2, batch_size=128, steps_per_epoch=25,
                   train_subset=6000, test_subset=2000, data_dir=data_dir)
     metrics = training.train(cfg)
-    # 50 steps of 128 images give about 93-94%.
-    assert metrics["test_accuracy"] > 0.90
+    # 50 steps of 128 images give tiny_cnn about 85% (chance: 10%).
+    assert metrics["test_accuracy"] > 0.75
     assert metrics["history"]["epoch"] == [0, 1]
     assert metrics["history"]["loss"][1] < metrics["history"]["loss"][0]
     assert metrics["images_per_sec"] > 0 and metrics["epochs_run_this_session"] == 2
@@ -63,7 +63,7 @@ def test_standard_training_on_real_mnist(data_dir, mnist_arrays, tmp_path):
     assert not (out / "backup").exists()  # removed after a finished run
     # model.keras is the bare classifier, and it is the trained one.
     classifier = keras.models.load_model(out / "model.keras")
-    assert classifier.name == "mnist_cnn" and classifier.output_shape == (None, 10)
+    assert classifier.name == "tiny_cnn" and classifier.output_shape == (None, 10)
     x_test, y_test = mnist_arrays[2][:2000], mnist_arrays[3][:2000]
     assert evaluation.accuracy(classifier, x_test, y_test) == pytest.approx(
         metrics["test_accuracy"], abs=1e-6)
@@ -254,7 +254,7 @@ def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnis
     v, _ = attacks.targeted_universal(mnist_model, sub_x[:300], sub_y[:300], 0.3,
                                       max_passes=3, seed=0)
     v_path = perturbation_files.save(str(tmp_path / "v.npz"), v, eps=0.3)
-    cfg = _config(tmp_path, "rat", model="mnist_cnn", method="rat", epochs=3, batch_size=50,
+    cfg = _config(tmp_path, "rat", model=mnist_model.name, method="rat", epochs=3, batch_size=50,
                   steps_per_epoch=0, train_subset=1000, data_dir=data_dir, eps=0.3,
                   init_from=mnist_model_path, perturbations_path=v_path)
     metrics = training.train(cfg)
@@ -272,11 +272,11 @@ def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnis
 
     before, after = measure(mnist_model), measure(rat_model)
     print("before", before, "after", after)
-    # This seed gives TUP success 0.133 -> 0.020, FGSM(0.2) accuracy 0.532 -> 0.678, clean
-    # 0.982 -> 0.981. Thresholds: about half of each effect; clean may drop 2 points.
-    assert after["tup"] <= before["tup"] - 0.06
-    assert after["fgsm"] >= before["fgsm"] + 0.07
-    assert after["clean"] >= before["clean"] - 0.02
+    # This seed gives TUP success 0.634 -> 0.207, FGSM(0.2) accuracy 0.127 -> 0.475, clean
+    # 0.974 -> 0.954. Thresholds: about half of each effect; clean may drop 4 points.
+    assert after["tup"] <= before["tup"] - 0.2
+    assert after["fgsm"] >= before["fgsm"] + 0.15
+    assert after["clean"] >= before["clean"] - 0.04
 
 
 def test_resumed_rat_run_keeps_v_and_epoch_count(data_dir, tmp_path):
@@ -351,7 +351,7 @@ def test_refresh_callback_reuses_one_compiled_search(mnist_arrays):
 def test_adversarial_training_raises_fgsm_accuracy(method, data_dir, mnist_arrays, mnist_model,
                                                    mnist_model_path, tmp_path):
     x_eval, y_eval = mnist_arrays[2][5000:6000], mnist_arrays[3][5000:6000]
-    cfg = _config(tmp_path, method, model="mnist_cnn", method=method, epochs=1,
+    cfg = _config(tmp_path, method, model=mnist_model.name, method=method, epochs=1,
                   steps_per_epoch=20, batch_size=64, train_subset=2000, data_dir=data_dir,
                   init_from=mnist_model_path, adv_eps=0.2, pgd_steps=5)
     metrics = training.train(cfg)
@@ -359,10 +359,10 @@ def test_adversarial_training_raises_fgsm_accuracy(method, data_dir, mnist_array
     model = keras.models.load_model(tmp_path / method / "model.keras")
     before = _fgsm_accuracy(mnist_model, x_eval, y_eval)
     after = _fgsm_accuracy(model, x_eval, y_eval)
-    print(method, "FGSM(0.2) accuracy", before, "->", after)
-    # This seed gives 0.53 -> 0.83 for both.
-    assert after >= before + 0.15
-    assert metrics["test_accuracy"] > 0.93
+    print(method, "FGSM(0.2) accuracy", before, "->", after, "clean", metrics["test_accuracy"])
+    # This seed gives 0.13 -> 0.56 (fgsm_at) and 0.53 (pgd_at); clean 0.92 for pgd_at.
+    assert after >= before + 0.2
+    assert metrics["test_accuracy"] > 0.88
 
 
 def test_adversarial_trainer_settings():
