@@ -536,13 +536,14 @@ def _batch_attack(name: str, model_fn: ModelFn, eps, norm: str, clip, seed: int,
 
 
 def _bucket(n: int, b: int, replicas: int) -> int:
-    """The padded batch for the last ``n`` images still robust: ``b``, or b/4, b/16, ...
+    """The padded batch for the last ``n`` images still robust: ``b``, or b/2, b/4, ...
     (multiples of ``replicas``, at least ``_MIN_BUCKET``) while they hold ``n``: a few shapes to
-    compile, and the work of an attack follows the images left instead of the whole batch.
-    Each row's random draws and iterates do not depend on the batch size, nor do the results."""
+    compile, and the work of an attack follows the images left (at most twice their number)
+    instead of the whole batch. Each row's random draws and iterates do not depend on the
+    batch size, nor do the results."""
     size = b
-    while size // 4 >= _MIN_BUCKET:
-        smaller = _multiple(size // 4, replicas)
+    while size // 2 >= _MIN_BUCKET:
+        smaller = _multiple(size // 2, replicas)
         if smaller >= size or smaller < n:
             break
         size = smaller
