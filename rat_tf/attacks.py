@@ -802,15 +802,31 @@ def _predict(model_fn: ModelFn, x: np.ndarray, batch_size: int,
     return step.map_batches([x], _multiple(batch_size, step.replicas))
 
 
+def _target_counts(model_fn: ModelFn, xb, yb, vt, tt, *, per_source: bool, clip_values):
+    """Per image [B, T]: sent to its target under V (weighted) and its weight (label != t)."""
+    # [T,B,H,W,C] per source (V[y_b, t]) or [T,1,H,W,C]
+    vb = tf.transpose(tf.gather(vt, yb), [1, 0, 2, 3, 4]) if per_source else vt[:, None]
+    xt = ops.apply_perturbation(xb[None], vb, clip_values)
+    pred = tf.argmax(model_fn(tf.reshape(xt, (-1,) + tuple(xb.shape[1:]))), -1,
+                     output_type=tf.int32)
+    pred = tf.reshape(pred, [tf.shape(tt)[0], -1])
+    w = tf.cast(tf.not_equal(yb[None], tt[:, None]), tf.float32)
+    return (tf.transpose(w * tf.cast(tf.equal(pred, tt[:, None]), tf.float32)),
+            tf.transpose(w))
+
+
 def targeted_success_rate(model_fn: ModelFn, x, y, V, *, targets: Sequence[int] | None = None,
                           batch_size: int = 500, clip_values=ops.PIXEL_RANGE,
-                          strategy: tf.distribute.Strategy | None = None) -> np.ndarray:
+                          strategy: tf.distribute.Strategy | None = None,
+                          cache: dict | None = None) -> np.ndarray:
     """Per target t: fraction of images with label != t classified t after clip(x + V[t]).
 
     Per-source V [K,K,H,W,C] (see :func:`targeted_universal`): an image of label s gets
     V[s, t]. ``batch_size`` counts images per forward pass (a batch is tiled against the
     targets; images per batch rounded down to a multiple of the replicas of ``strategy``,
     None: the current strategy). Returns float64 [K]; NaN for targets not evaluated.
+    ``cache``: a dict owned by the caller that keeps the compiled step for later calls with
+    the same model and shapes (another V is no new trace, e.g. a monitor every epoch).
     """
     clip_values = ops.check_clip_values(clip_values)
     x, y = _check_images(x, y, clip_values)
@@ -830,23 +846,20 @@ def targeted_success_rate(model_fn: ModelFn, x, y, V, *, targets: Sequence[int] 
     batch_size = _check_positive_int(batch_size, "batch_size")
     if y.min() < 0 or y.max() >= k:
         raise ValueError(f"labels must be in [0, {k}), got range [{y.min()}, {y.max()}]")
-    vt = tf.constant(V[:, targets] if per_source else V[targets])
-    tt = tf.constant(targets, tf.int32)
-
-    def counts(xb, yb):
-        """Per image [B, T]: sent to the target (weighted) and its weight (label != target)."""
-        # [T,B,H,W,C] per source (V[y_b, t]) or [T,1,H,W,C]
-        vb = tf.transpose(tf.gather(vt, yb), [1, 0, 2, 3, 4]) if per_source else vt[:, None]
-        xt = ops.apply_perturbation(xb[None], vb, clip_values)
-        pred = tf.argmax(model_fn(tf.reshape(xt, (-1,) + x.shape[1:])), -1, output_type=tf.int32)
-        pred = tf.reshape(pred, [len(targets), -1])
-        w = tf.cast(tf.not_equal(yb[None], tt[:, None]), tf.float32)
-        return (tf.transpose(w * tf.cast(tf.equal(pred, tt[:, None]), tf.float32)),
-                tf.transpose(w))
-
-    step = ReplicaStep(counts, strategy)
+    vt = V[:, targets] if per_source else V[targets]
+    tt = np.asarray(targets, np.int32)
+    strategy = strategy or tf.distribute.get_strategy()
+    key = ("targeted_success_rate", getattr(model_fn, "classifier", model_fn),
+           tuple(x.shape[1:]), per_source, len(targets), clip_values, strategy)
+    step = cache.get(key) if cache is not None else None
+    if step is None:
+        step = ReplicaStep(functools.partial(_target_counts, model_fn, per_source=per_source,
+                                             clip_values=clip_values), strategy)
+        if cache is not None:
+            cache.clear()  # keep one compiled step (and its model) alive
+            cache[key] = step
     b = max(1, batch_size // len(targets) // step.replicas) * step.replicas
-    hits, total = step.map_batches([x, y], b)
+    hits, total = step.map_batches([x, y], b, vt, tt)
     out = np.full(k, np.nan)
     out[targets] = hits.sum(0, dtype=np.float64) / np.maximum(total.sum(0, dtype=np.float64),
                                                               1.0)

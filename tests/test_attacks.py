@@ -157,6 +157,16 @@ def test_success_rate_matches_direct_count(model_fn, sgd_result, held_out):
         keep = y != t
         pred = np.argmax(model_fn(ops.apply_perturbation(x[keep], V[t])).numpy(), -1)
         assert rate[t] == pytest.approx(np.mean(pred == t), abs=1e-9)
+    # with a cache, another V reuses the compiled step (no new trace), same figures
+    cache = {}
+    np.testing.assert_array_equal(
+        attacks.targeted_success_rate(model_fn, x, y, V, batch_size=64, cache=cache), rate)
+    half = attacks.targeted_success_rate(model_fn, x, y, V * 0.5, batch_size=64, cache=cache)
+    np.testing.assert_array_equal(
+        half, attacks.targeted_success_rate(model_fn, x, y, V * 0.5, batch_size=64))
+    assert not np.array_equal(half[[2, 3, 8]], rate[[2, 3, 8]])
+    (step,) = cache.values()
+    assert step._compiled.experimental_get_tracing_count() == 1
 
 
 def test_l2_search_respects_bound_exactly(model_fn, search_set, held_out):
