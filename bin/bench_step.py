@@ -68,17 +68,12 @@ def _profile(name: str, settings: dict | None, x: tf.Tensor, y: tf.Tensor) -> di
     trained = x
     if settings is not None:
         def perturb(a, b):
-            v = tf.convert_to_tensor(trainer.perturbations)
-            copies = trainer._copies(a, b, trainer._targets(a, b, v), v)
-            if trainer.batch_mode == "append":
-                return tf.concat([a, copies], 0)
-            swap = tf.random.uniform(tf.shape(b)) < trainer.perturbed_fraction
-            return tf.where(swap[:, None, None, None], copies, a)
+            return trainer.training_batch(a, b)[0]
 
         def perturb_online(a, b):
             batch = perturb(a, b)
-            trainer._learn_perturbations(tf.convert_to_tensor(trainer.perturbations),
-                                         tf.random.normal(trainer.perturbations.shape))
+            trainer.learn_perturbations(tf.convert_to_tensor(trainer.perturbations),
+                                        tf.random.normal(trainer.perturbations.shape))
             return batch
 
         ops_fn = tf.function(perturb_online if trainer.online else perturb)

@@ -400,11 +400,35 @@ class RATModel(StandardModel):
         if not self.online:
             return self._fit_on(inputs(v), y, weights)
         outputs, grad = self._fit_on(inputs, y, weights, watched=v, side_loss=toward)
-        self._learn_perturbations(v, grad)
+        self.learn_perturbations(v, grad)
         return outputs
 
-    def _learn_perturbations(self, v: tf.Tensor, grad: tf.Tensor) -> None:
-        """One projected step of V down the targeted loss, its gradient summed over replicas."""
+    def _inputs(self, x: tf.Tensor, y: tf.Tensor, targets: tf.Tensor
+                ) -> tuple[Callable[[tf.Tensor], tf.Tensor], tf.Tensor | None]:
+        """(the images the step fits on, as a function of V; the replace-mode swap mask)."""
+        if self.batch_mode == "replace":
+            swap = self._global_draw(1, tf.shape(y), lambda shape, seed: (
+                tf.random.stateless_uniform(shape, seed))) < self.perturbed_fraction
+            return (lambda v: tf.where(swap[:, None, None, None],
+                                       tf.cast(self._copies(x, y, targets, v), x.dtype), x)), swap
+        return (lambda v: tf.concat([x, tf.cast(self._copies(x, y, targets, v), x.dtype)], 0),
+                None)
+
+    def training_batch(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(images, labels) a train step on (x, y) fits the classifier on: x and its perturbed
+        copies (append mode) or x with some images swapped for them (replace), drawn as the
+        step draws them."""
+        x, y, _ = self._unpack((x, y))
+        v = tf.convert_to_tensor(self.perturbations)
+        targets = self._targets(x, y, v)
+        inputs, swap = self._inputs(x, y, targets)
+        if swap is not None:
+            return inputs(v), y
+        return inputs(v), tf.concat([y, self._copy_index(y, targets)[0]], 0)
+
+    def learn_perturbations(self, v: tf.Tensor, grad: tf.Tensor) -> None:
+        """One projected step of V (now ``v``) down the targeted loss whose gradient is
+        ``grad``, summed over replicas: the online update of every train step."""
         grad = tf.convert_to_tensor(grad)  # IndexedSlices from the row gather -> dense
         ctx = tf.distribute.get_replica_context()
         if ctx is not None and _replicas() > 1:
@@ -426,14 +450,11 @@ class RATModel(StandardModel):
         v = tf.convert_to_tensor(self.perturbations)
         targets = self._targets(x, y, v)
         y_p, source, t_p = self._copy_index(y, targets)
-        if self.batch_mode == "replace":
-            swap = self._global_draw(1, tf.shape(y), lambda shape, seed: (
-                tf.random.stateless_uniform(shape, seed))) < f
+        inputs, swap = self._inputs(x, y, targets)
+        if swap is not None:
             swapped = tf.cast(swap, tf.float32)
-            outputs = self._step(
-                lambda v: tf.where(swap[:, None, None, None],
-                                   tf.cast(self._copies(x, y, targets, v), x.dtype), x),
-                y, sw, v, lambda outputs: self._toward(targets, outputs, swapped))
+            outputs = self._step(inputs, y, sw, v,
+                                 lambda outputs: self._toward(targets, outputs, swapped))
             w = tf.ones_like(swapped) if sw is None else sw
             self.compute_metrics(x, y, outputs, w * (1.0 - swapped))
             self.perturbed_accuracy.update_state(y, outputs, sample_weight=w * swapped)
@@ -445,10 +466,8 @@ class RATModel(StandardModel):
             tf.fill([n_pert], f * n_all / tf.cast(n_pert, tf.float32))], 0)
         if sw is not None:
             weights *= tf.concat([sw, tf.gather(sw, source)], 0)
-        outputs = self._step(
-            lambda v: tf.concat([x, tf.cast(self._copies(x, y, targets, v), x.dtype)], 0),
-            tf.concat([y, y_p], 0), weights, v,
-            lambda outputs: self._toward(t_p, outputs[n_clean:]))
+        outputs = self._step(inputs, tf.concat([y, y_p], 0), weights, v,
+                             lambda outputs: self._toward(t_p, outputs[n_clean:]))
         self.compute_metrics(x, y, outputs[:n_clean], sw)
         self.perturbed_accuracy.update_state(
             y_p, outputs[n_clean:], sample_weight=None if sw is None else tf.gather(sw, source))

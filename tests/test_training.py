@@ -239,6 +239,21 @@ def test_rat_replace_mode_swaps_images_for_their_perturbed_copies():
                                 "targets_per_image": "worst"}, x, y, v_pairs)
     for a, b in zip(worst, on_pairs):  # the worst of one target is that target
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # training_batch: the images and labels the step fits on.
+    two = models.build_model("tiny_cnn", "mnist", 2)
+    replace = trainers.make_trainer("rat", two, perturbations=v, batch_mode="replace")
+    replace.compile(optimizer="sgd")  # the draws are seeded by the optimizer's step
+    images, labels = (a.numpy() for a in replace.training_batch(x, y))
+    swapped = np.all(np.isclose(images, x_pert, atol=1e-6), axis=(1, 2, 3))
+    kept = np.all(images == x, axis=(1, 2, 3))
+    np.testing.assert_array_equal(labels, y)
+    assert np.all(swapped | kept) and swapped.any() and kept.any()
+    append = trainers.make_trainer("rat", two, perturbations=v)
+    append.compile(optimizer="sgd")
+    images, labels = (a.numpy() for a in append.training_batch(x, y))
+    np.testing.assert_array_equal(images[:32], x)
+    np.testing.assert_allclose(images[32:], x_pert, atol=1e-6)
+    np.testing.assert_array_equal(labels, np.concatenate([y, y]))
     with pytest.raises(ValueError, match="source, target"):
         trainers.make_trainer("rat", models.build_model("tiny_cnn", "mnist", 2),
                               perturbations=v, per_source=True)
