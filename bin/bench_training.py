@@ -13,7 +13,8 @@
    ``<work_dir>/start_<model>/model.keras`` when it exists), every method of
    ``--front_methods`` fine-tunes on the same balanced ``--train_subset`` images (batch
    ``--batch_size``, Adam ``--lr``): standard, RAT with static V (searched at start), RAT
-   with V searched again every epoch, RAT with V learnt online from zero, FGSM-AT and PGD-AT.
+   with V searched again every epoch, RAT with V learnt online from zero, FGSM-AT and PGD-AT
+   (``--per_source``: every RAT mode with one V per (source class, target)).
    After every epoch :class:`rat_tf.callbacks.RobustnessMonitor` measures, on the last
    ``--n_test`` test images: clean accuracy, FGSM ``--fgsm_eps`` accuracy, PGD-20
    ``--pgd_eps`` accuracy, and the success of targeted universal perturbations
@@ -74,7 +75,8 @@ cli.define("float", "time_cap", "Max training seconds per method on the front.",
            default=300.0, lower_bound=1.0)
 cli.define("integer", "max_epochs", "Max epochs per method on the front.", default=100,
            lower_bound=1)
-cli.define_search_flags(Config, only=["search_passes"], defaults={"search_passes": 3})
+cli.define_search_flags(Config, only=["search_passes", "per_source"],
+                        defaults={"search_passes": 3})
 cli.define_rat_flags(Config, only=["online_step_size"])
 
 # name -> (TrainConfig fields, examples the model trains on per input image)
@@ -92,7 +94,8 @@ _COST_METHODS = {
 
 def _front_settings(zeros: str) -> dict[str, dict]:
     """TrainConfig fields of every front method (on top of the shared ones)."""
-    rat = {"method": "rat", "search_passes": FLAGS.search_passes}
+    rat = {"method": "rat", "search_passes": FLAGS.search_passes,
+           "per_source": FLAGS.per_source}
     return {"standard": {"method": "standard"},
             "rat_static": {**rat, "refresh_every": 0},
             "rat_refresh": {**rat, "refresh_every": 1},
@@ -109,7 +112,7 @@ def _cost(base: dict, work: str, zeros: str) -> dict:
                                    train_subset=6000, model_dir=os.path.join(work, "cost_" + name),
                                    **kw)
         if cfg.method == "rat":
-            cfg.perturbations_path = zeros
+            cfg.perturbations_path, cfg.per_source = zeros, FLAGS.per_source
         m = training.train(cfg)
         results[name] = {"images_per_sec": m["images_per_sec_steady"],
                          "trained_examples_per_image": examples}
@@ -200,7 +203,8 @@ def main(argv):
                 batch_size=FLAGS.batch_size, pgd_steps=FLAGS.adv_steps,
                 adv_eps=FLAGS.adv_eps if FLAGS.adv_eps is not None else FLAGS.fgsm_eps)
     zeros = perturbation_files.save(os.path.join(work, "zeros.npz"),
-                                    np.zeros((10, 28, 28, 1), np.float32), eps=FLAGS.tup_eps)
+                                    np.zeros((10,) * (1 + FLAGS.per_source) + (28, 28, 1),
+                                             np.float32), eps=FLAGS.tup_eps)
     results = {"cost": _cost(base, work, zeros) if FLAGS.cost_steps else {}, "front": []}
     x_test, y_test = data.load_arrays("mnist", "test", data_dir=FLAGS.data_dir)
     eval_images = (x_test[-FLAGS.n_test:], y_test[-FLAGS.n_test:])
