@@ -485,7 +485,8 @@ class AdversarialTrainingModel(StandardModel):
     weights (``attacks.fgsm`` from a uniform random start with step 1.25 eps, or
     ``attacks.pgd`` from a random start) and trains on them with their true labels. The random
     starts are drawn per step from the seed for the global batch, so runs are reproducible and
-    match across strategies.
+    match across strategies. In the training logs the compiled metrics (and
+    ``adversarial_accuracy``) are on the adversarial batch the step fits; validation is clean.
     """
 
     def __init__(self, classifier: keras.Model, method: str = "pgd_at", *, eps: float = 0.3,
@@ -541,7 +542,9 @@ class AdversarialTrainingModel(StandardModel):
 
     def train_step(self, data):
         x, y, sw = self._unpack(data)
-        outputs = self._fit_on(self.adversarial_batch(x, y), y, sw)
+        x_adv = self.adversarial_batch(x, y)
+        outputs = self._fit_on(x_adv, y, sw)
+        self.compute_metrics(x_adv, y, outputs, sw)
         self.adversarial_accuracy.update_state(y, outputs, sample_weight=sw)
         return self._results(self.adversarial_accuracy)
 

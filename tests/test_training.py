@@ -371,6 +371,10 @@ def test_adversarial_training_raises_fgsm_accuracy(method, data_dir, mnist_array
                   init_from=mnist_model_path, adv_eps=0.2, pgd_steps=5)
     metrics = training.train(cfg)
     assert "adversarial_accuracy" in metrics["history"]
+    # the compiled accuracy is the one of the adversarial batch fitted, not a stale zero
+    np.testing.assert_allclose(metrics["history"]["accuracy"],
+                               metrics["history"]["adversarial_accuracy"], atol=1e-6)
+    assert metrics["history"]["accuracy"][-1] > 0.1
     model = keras.models.load_model(tmp_path / method / "model.keras")
     before = _fgsm_accuracy(mnist_model, x_eval, y_eval)
     after = _fgsm_accuracy(model, x_eval, y_eval)
