@@ -113,8 +113,8 @@ class RobustnessMonitor(keras.callbacks.Callback):
         self._begin = 0.0
         self._own = 0.0  # seconds spent measuring
         self._steps: dict = {}
-        self._search_cache: dict = {}  # the compiled search and success-rate step, reused
-        self._rate_cache: dict = {}
+        self._search_cache: dict = {}  # the compiled fresh-TUP search, reused every epoch
+        self._rate_cache: dict = {}  # the compiled success-rate step, reused every epoch
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._begin, self._own = time.time(), 0.0
