@@ -13,7 +13,8 @@
    ``<work_dir>/start_<model>/model.keras`` when it exists), every method of
    ``--front_methods`` fine-tunes on the same balanced ``--train_subset`` images (batch
    ``--batch_size``, Adam ``--lr``): standard, RAT with static V (searched at start), RAT
-   with V searched again every epoch, RAT with V learnt online from zero, FGSM-AT and PGD-AT
+   with V searched again from zero every epoch, RAT with V continued every epoch for
+   ``--refresh_passes`` passes, RAT with V learnt online from zero, FGSM-AT and PGD-AT
    (``--per_source``: every RAT mode with one V per (source class, target)).
    After every epoch :class:`rat_tf.callbacks.RobustnessMonitor` measures, on the last
    ``--n_test`` test images: clean accuracy, FGSM ``--fgsm_eps`` accuracy, PGD-20
@@ -47,8 +48,9 @@ cli.define_adv_flags(Config, only=["adv_steps"])
 cli.define("float", "adv_eps", "FGSM-AT / PGD-AT radius.", sets=Config, default=None,
            unset="--fgsm_eps")
 cli.define("list", "front_methods", "Methods of the front (standard, rat_static, rat_refresh, "
-           "rat_online, fgsm_at, pgd_at).", default=["standard", "rat_static", "rat_refresh",
-                                                    "rat_online", "fgsm_at", "pgd_at"])
+           "rat_refresh_warm, rat_online, fgsm_at, pgd_at).",
+           default=["standard", "rat_static", "rat_refresh", "rat_refresh_warm", "rat_online",
+                    "fgsm_at", "pgd_at"])
 cli.define("list", "front_models", "Zoo models of the front, one start model each.",
            default=["mnist_cnn", "wide_mnist_cnn"])
 cli.define("integer", "pretrain_subset", "Balanced training images of the start model's "
@@ -77,7 +79,8 @@ cli.define("integer", "max_epochs", "Max epochs per method on the front.", defau
            lower_bound=1)
 cli.define_search_flags(Config, only=["search_passes", "per_source"],
                         defaults={"search_passes": 3})
-cli.define_rat_flags(Config, only=["online_step_size"])
+cli.define_rat_flags(Config, only=["online_step_size", "refresh_passes"],
+                     defaults={"refresh_passes": 1})
 
 # name -> (TrainConfig fields, examples the model trains on per input image)
 _COST_METHODS = {
@@ -99,6 +102,8 @@ def _front_settings(zeros: str) -> dict[str, dict]:
     return {"standard": {"method": "standard"},
             "rat_static": {**rat, "refresh_every": 0},
             "rat_refresh": {**rat, "refresh_every": 1},
+            "rat_refresh_warm": {**rat, "refresh_every": 1,
+                                 "refresh_passes": FLAGS.refresh_passes},
             "rat_online": {**rat, "online": True, "perturbations_path": zeros,
                            "online_step_size": FLAGS.online_step_size},
             "fgsm_at": {"method": "fgsm_at"}, "pgd_at": {"method": "pgd_at"}}

@@ -481,15 +481,17 @@ class UniversalSearch:
         return int(self._run_pass.experimental_get_tracing_count())
 
     def run(self, x: np.ndarray, y: np.ndarray, *, max_passes: int = 10,
-            delta: float | None = 0.2, seed: int = 0, progress: bool = False
+            delta: float | None = 0.2, seed: int = 0, progress: bool = False,
+            init: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray, int, list[list[float]]]:
-        """Search from V = 0 on (x, y) until every row reaches 1 - delta or ``max_passes``.
+        """Search from V = ``init`` (None: 0; [rows,H,W,C] within the bound) on (x, y) until
+        every row reaches 1 - delta or ``max_passes``.
 
         Returns (V [rows,H,W,C] within the bound, exact final rate [rows] on x (NaN for rows
         no image of x can be pushed by, e.g. source == target), passes, history of the
         per-pass running rates).
         """
-        self.v.assign(tf.zeros_like(self.v))
+        self.v.assign(tf.zeros_like(self.v) if init is None else tf.constant(init, tf.float32))
         train_iter, steps = self._iterator(x, y, max_passes, seed)
         active = np.ones(self.rows, bool)
         stage = "targeted universal search" if self.targeted else "universal search"
@@ -554,7 +556,7 @@ def targeted_universal(model_fn: ModelFn, x, y, eps: float, *, num_classes: int 
                        strategy: tf.distribute.Strategy | None = None, progress: bool = False,
                        inner_steps: int = 10, jit_compile: bool = False,
                        cache: dict | None = None, per_source: bool = False,
-                       clip_values=ops.PIXEL_RANGE) -> tuple[np.ndarray, dict]:
+                       clip_values=ops.PIXEL_RANGE, init=None) -> tuple[np.ndarray, dict]:
     """Search targeted universal perturbations V [K,H,W,C] for all ``targets`` at once.
 
     ``num_classes`` K defaults to the model's number of outputs (given, it is checked).
@@ -574,6 +576,8 @@ def targeted_universal(model_fn: ModelFn, x, y, eps: float, *, num_classes: int 
     sources, ``success_rate_pairs`` and ``norm_pairs`` [K][K]). ``cache``: a dict owned by the
     caller in which the compiled :class:`UniversalSearch` is kept and reused by later calls
     with the same settings (no tracing again, e.g. when V is refreshed every epoch).
+    ``init``: the V to start from (the shape of the returned V, projected into the ball;
+    None: zero), e.g. the current V of a RAT run, so a refresh continues it.
     """
     if method not in TU_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {TU_METHODS}")
@@ -610,6 +614,16 @@ def targeted_universal(model_fn: ModelFn, x, y, eps: float, *, num_classes: int 
                              "outside a multi-replica strategy scope, or use 'batched'")
     start = time.perf_counter()
     sources = num_classes if per_source else 1
+    full_shape = ((sources,) if per_source else ()) + (num_classes,) + x.shape[1:]
+    if init is not None:
+        init = np.asarray(init, np.float32)
+        if init.shape != full_shape:
+            raise ValueError(f"init must be a V of shape {list(full_shape)} (the search's "
+                             f"output), got {list(init.shape)}")
+        if not np.all(np.isfinite(init)):
+            raise ValueError("init holds NaN or infinite values")
+        rows = init.reshape((sources, num_classes) + x.shape[1:])[:, targets]
+        init = np.asarray(ops.project(rows.reshape((-1,) + x.shape[1:]), eps, norm))
     key = (getattr(model_fn, "classifier", model_fn), tuple(x.shape[1:]), tuple(targets),
            float(eps), norm, method, float(step_size), inner_steps, batch_size, strategy,
            jit_compile, sources, clip_values)
@@ -622,7 +636,7 @@ def targeted_universal(model_fn: ModelFn, x, y, eps: float, *, num_classes: int 
             cache.clear()  # keep one compiled search (and its model) alive, not every one
             cache[key] = search
     v, rate, passes, history = search.run(x, y, max_passes=max_passes, delta=delta, seed=seed,
-                                          progress=progress)
+                                          progress=progress, init=init)
     reached = rate[np.isfinite(rate)]
     stats = {"passes": passes, "method": method, "targets": targets, "eps": float(eps),
              "norm_type": norm, "delta": float(delta), "step_size": float(step_size),

@@ -15,20 +15,23 @@ from rat_tf import attacks, evaluation, files, models, trainers
 
 
 class RefreshPerturbations(keras.callbacks.Callback):
-    """Every ``every`` epochs, search V afresh against the current weights (RAT refresh mode).
+    """Every ``every`` epochs, search V again against the current weights (RAT refresh mode).
 
-    Place it before ``BackupAndRestore`` in the callback list so the backup holds the new V.
+    The search starts from zero, or with ``warm_start`` from the model's current V (so a few
+    passes continue it instead of redoing it). Place it before ``BackupAndRestore`` in the
+    callback list so the backup holds the new V.
     """
 
     searches_perturbations = True  # RATModel.fit needs no V before the first epoch
 
     def __init__(self, x: np.ndarray, y: np.ndarray, every: int,
-                 settings: attacks.SearchSettings, *, seed: int = 0, progress: bool = False):
+                 settings: attacks.SearchSettings, *, seed: int = 0, progress: bool = False,
+                 warm_start: bool = False):
         super().__init__()
         if int(every) < 1:
             raise ValueError(f"refresh interval must be >= 1 epoch, got {every}")
         self.x, self.y, self.every, self.settings = x, y, int(every), settings
-        self.seed, self.progress = seed, progress
+        self.seed, self.progress, self.warm_start = seed, progress, bool(warm_start)
         self.history: list[dict] = []
         self._cache: dict = {}  # the compiled search, traced once and reused every refresh
 
@@ -38,14 +41,15 @@ class RefreshPerturbations(keras.callbacks.Callback):
         if not isinstance(self.model, trainers.RATModel):
             raise ValueError("RefreshPerturbations needs a RATModel")
         start = time.time()
-        logging.info("epoch %d: refreshing V against the current weights (%d images)",
-                     epoch + 1, len(self.x))
+        logging.info("epoch %d: refreshing V against the current weights (%d images, from %s)",
+                     epoch + 1, len(self.x), "the current V" if self.warm_start else "zero")
         search = {**self.settings.kwargs(), "per_source": self.model.per_source}
         v, stats = attacks.targeted_universal(
             self.model, self.x, self.y, num_classes=self.model.num_classes,
             progress=self.progress, seed=self.seed + epoch + 1,
             strategy=self.model.distribute_strategy, cache=self._cache,
-            clip_values=self.model.clip_values, **search)
+            clip_values=self.model.clip_values,
+            init=self.model.get_perturbations() if self.warm_start else None, **search)
         self.model.set_perturbations(v)
         rate = attacks.mean_success_rate(stats)
         self.history.append({"epoch": epoch + 1, "success_rate": rate,

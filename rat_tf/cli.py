@@ -273,6 +273,9 @@ SEARCH_FLAGS = {  # the targeted universal search of V (attacks.SearchSettings)
 RAT_FLAGS = {
     "refresh_every": Spec("integer", "RAT: search V again every N epochs (0: static V, the "
                           "paper).", lower_bound=0),
+    "refresh_passes": Spec("integer", "RAT: passes of each refresh of V, continuing the "
+                           "current V (0: search from zero with --search_passes).",
+                           lower_bound=0),
     "targets_per_image": Spec("enum", "RAT: one random target per image, all K-1, or the worst "
                               "(highest-loss) one.", values=tuple(trainers.TARGET_MODES)),
     "perturbed_fraction": Spec("float", "RAT: weight of the perturbed examples in the loss "
@@ -406,7 +409,7 @@ def define_search_flags(target: Target, **group: Any) -> None:
 
 
 def define_rat_flags(target: Target, **group: Any) -> None:
-    """RAT training: ``--refresh_every``, ``--targets_per_image``, ``--perturbed_fraction``,
+    """RAT training: ``--refresh_every``, ``--refresh_passes``, ``--targets_per_image``, ``--perturbed_fraction``,
     ``--batch_mode``, ``--online``, ``--online_step_size``."""
     _define_group(RAT_FLAGS, target, **group)
 

@@ -169,6 +169,7 @@ class ExperimentConfig:
     finetune_batch_size: int | None = None
     finetune_lr: float | None = None  # default 5e-4 (Adam)
     refresh_every: int | None = None  # RAT: 0 = static V (the paper); default per preset
+    refresh_passes: int | None = None  # RAT: >0 = each refresh continues V for N passes
     targets_per_image: str | None = None  # RAT: "one", "all" or "worst"; default per preset
     perturbed_fraction: float | None = None  # RAT: weight of the perturbed examples (0.5)
     batch_mode: str | None = None  # RAT: "append" (default) or "replace"
@@ -189,6 +190,7 @@ class ExperimentConfig:
                         pretrain_lr_schedule="constant", pretrain_warmup_epochs=0.0,
                         pretrain_weight_decay=0.0, pretrain_label_smoothing=0.0,
                         pretrain_augment="none", finetune_lr=5e-4, refresh_every=0,
+                        refresh_passes=0,
                         targets_per_image="one", perturbed_fraction=0.5, batch_mode="append",
                         per_source=False,
                         eps=data.get_info(self.dataset).eps,
@@ -252,7 +254,8 @@ class ExperimentConfig:
 
     def _rat_settings(self) -> dict:
         """The RAT-only TrainConfig fields of stage (c)."""
-        return dict(refresh_every=self.refresh_every, targets_per_image=self.targets_per_image,
+        return dict(refresh_every=self.refresh_every, refresh_passes=self.refresh_passes,
+                    targets_per_image=self.targets_per_image,
                     perturbed_fraction=self.perturbed_fraction, batch_mode=self.batch_mode,
                     per_source=bool(self.per_source), online=bool(self.online),
                     online_step_size=self.online_step_size)

@@ -75,6 +75,7 @@ class TrainConfig:
     search_passes: int = 10
     search_delta: float = 0.2
     refresh_every: int = 0  # 0: static V (the paper)
+    refresh_passes: int = 0  # >0: each refresh continues the current V for N passes
     targets_per_image: str = "one"
     perturbed_fraction: float = 0.5
     batch_mode: str = "append"  # or "replace": the cost of a standard step
@@ -161,6 +162,10 @@ class TrainConfig:
                                          f"{self.search_delta}"),
             (int(self.refresh_every) >= 0,
              f"refresh_every must be >= 0, got {self.refresh_every}"),
+            (int(self.refresh_passes) >= 0,
+             f"refresh_passes must be >= 0, got {self.refresh_passes}"),
+            (not self.refresh_passes or self.refresh_every,
+             "refresh_passes needs refresh_every >= 1 (it sets how V is refreshed)"),
             (self.precision in distribute.PRECISIONS,
              f"unknown precision {self.precision!r}; choose one of {distribute.PRECISIONS}"),
             (bool(self.model_dir), "model_dir must be set"),
@@ -530,8 +535,11 @@ class _Run:
         if c.test_every:
             cbs.append(_TestAccuracy(x_test, y_test, c.test_every))
         if c.method == "rat" and c.refresh_every:
+            if c.refresh_passes:
+                search = dataclasses.replace(search, max_passes=int(c.refresh_passes))
             cbs.append(callbacks_lib.RefreshPerturbations(
-                x, y, c.refresh_every, search, seed=c.seed, progress=_verbose(c) == 1))
+                x, y, c.refresh_every, search, seed=c.seed, progress=_verbose(c) == 1,
+                warm_start=bool(c.refresh_passes)))
         cbs += extra + [
             timer,
             # History before backup: a kill between the two re-runs the epoch (its row is

@@ -227,6 +227,29 @@ def test_cached_search_is_reused_without_retracing(model_fn, search_set):
     assert list(cache.values()) != [search]  # other settings: a new search replaces it
 
 
+def test_search_continues_from_a_given_v(model_fn, search_set, sgd_result):
+    """``init`` starts the search from a V (projected into the ball); rows not searched stay
+    zero; a V of the wrong shape is refused."""
+    x, y = search_set[0][:100], search_set[1][:100]
+    step = 0.01
+    kw = dict(targets=[2, 3, 8], max_passes=1, batch_size=50, step_size=step, delta=1.0)
+    start = sgd_result[0]  # a searched V, [10,28,28,1]
+    V, stats = attacks.targeted_universal(model_fn, x, y, EPS, init=start, **kw)
+    # 1 pass of 2 steps: each searched row moves at most 2 steps from where it started
+    assert linf(V[[2, 3, 8]], start[[2, 3, 8]]).max() <= 2 * step + 1e-6
+    assert not V[[0, 1, 4, 5, 6, 7, 9]].any()
+    cold, _ = attacks.targeted_universal(model_fn, x, y, EPS, **kw)
+    assert linf(cold[[2, 3, 8]], start[[2, 3, 8]]).min() > 2 * step  # from zero: far off
+    outside, _ = attacks.targeted_universal(model_fn, x, y, EPS, init=np.full_like(start, 0.9),
+                                            **kw)
+    assert np.abs(outside).max() <= EPS + 1e-6  # projected into the ball, then searched
+    assert np.abs(outside[[2, 3, 8]]).min() >= EPS - 2 * step - 1e-6
+    with pytest.raises(ValueError, match=r"init must be a V of shape \[10, 28, 28, 1\]"):
+        attacks.targeted_universal(model_fn, x, y, EPS, init=start[:5], **kw)
+    with pytest.raises(ValueError, match="init holds NaN"):
+        attacks.targeted_universal(model_fn, x, y, EPS, init=np.full_like(start, np.nan), **kw)
+
+
 def test_per_source_search_holds_one_perturbation_per_class_pair(model_fn, search_set, tmp_path):
     x, y = search_set
     V, stats = attacks.targeted_universal(model_fn, x, y, EPS, targets=[2, 3, 8],

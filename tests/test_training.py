@@ -328,6 +328,26 @@ def test_rat_refresh_searches_v_again(data_dir, tmp_path):
     assert "refresh_success_rate" in metrics["history"]
 
 
+def test_rat_refresh_passes_continue_the_current_v(data_dir, tmp_path):
+    """``refresh_passes`` > 0: every refresh continues V for that many passes instead of
+    searching it from zero."""
+    eps, step = 0.2, 0.02  # the search's default step: eps / 10
+    signs = np.where(np.random.default_rng(0).random((10, 28, 28, 1)) < 0.5, -1.0, 1.0)
+    v0 = (0.15 * signs).astype(np.float32)
+    v0_path = perturbation_files.save(str(tmp_path / "v0.npz"), v0, eps=eps)
+    kw = dict(method="rat", epochs=1, data_dir=data_dir, eps=eps, train_subset=200,
+              perturbations_path=v0_path, refresh_every=1, search_passes=1)
+    training.train(_config(tmp_path, "warm", refresh_passes=1, **kw))
+    warm, _ = perturbation_files.load(str(tmp_path / "warm" / "perturbations.npz"))
+    # one pass over 200 images in batches of 128: 2 steps from v0 at most
+    assert np.abs(warm - v0).max() <= 2 * step + 1e-6 and np.abs(warm - v0).max() > 0
+    training.train(_config(tmp_path, "cold", **kw))
+    cold, _ = perturbation_files.load(str(tmp_path / "cold" / "perturbations.npz"))
+    assert np.abs(cold).max() <= 2 * step + 1e-6  # searched again from zero
+    with pytest.raises(ValueError, match="refresh_passes needs refresh_every"):
+        _config(tmp_path, "bad", method="rat", refresh_passes=1).validate()
+
+
 def test_per_source_rat_searches_and_refreshes_one_v_per_class_pair(data_dir, tmp_path):
     cfg = _config(tmp_path, "pairs", method="rat", epochs=1, data_dir=data_dir, eps=0.2,
                   train_subset=200, refresh_every=1, search_passes=1, per_source=True)
