@@ -479,6 +479,15 @@ def _tup_column(report: Mapping, which: str) -> tuple[str, str]:
     return f"TUP {which} {tup} (succ.)", _pct(entry["mean"] if entry else None)
 
 
+def _tup_success(ctx, v: np.ndarray) -> dict:
+    """The success of V per target on the test images, its mean and its L-inf size."""
+    rates = np.asarray(attacks.targeted_success_rate(
+        ctx.model_fn, ctx.x_test, ctx.y_test, v, batch_size=ctx.settings.batch_size * 2,
+        strategy=ctx.strategy), np.float64)
+    return {"success_rate": files.floats(rates), "mean": _mean_over_targets(rates, v),
+            "linf": _linf(v)}
+
+
 class _TUPGiven(Measure):
     """Success on the test images of the perturbations used in training (if given)."""
 
@@ -492,11 +501,7 @@ class _TUPGiven(Measure):
         if v is None:
             return {"tup_given": None}
         t0 = time.time()
-        rates = np.asarray(attacks.targeted_success_rate(
-            ctx.model_fn, ctx.x_test, ctx.y_test, v, batch_size=ctx.settings.batch_size * 2,
-            strategy=ctx.strategy), np.float64)
-        out = {"success_rate": files.floats(rates), "mean": _mean_over_targets(rates, v),
-               "linf": _linf(v), "meta": _jsonable_meta(ctx.perturbation_meta)}
+        out = {**_tup_success(ctx, v), "meta": _jsonable_meta(ctx.perturbation_meta)}
         report.arrays["tup_given"] = v
         ctx.done("tup given", t0, out["mean"])
         return {"tup_given": out}
@@ -523,12 +528,9 @@ class _TUPFresh(Measure):
             step_size=s.tup_step_size, batch_size=s.tup_batch_size, seed=s.seed,
             strategy=ctx.strategy)
         v = np.asarray(v, np.float32)
-        rates = np.asarray(attacks.targeted_success_rate(
-            ctx.model_fn, ctx.x_test, ctx.y_test, v, batch_size=s.batch_size * 2,
-            strategy=ctx.strategy), np.float64)
-        out = {"success_rate": files.floats(rates), "mean": _mean_over_targets(rates, v),
+        out = {**_tup_success(ctx, v),
                "search_success_rate": files.floats(stats.get("success_rate", [])),
-               "passes": int(stats.get("passes", 0)), "linf": _linf(v),
+               "passes": int(stats.get("passes", 0)),
                "norm": files.floats(stats.get("norm", []))}
         report.arrays["tup_fresh"] = v
         ctx.done("tup fresh", t0, out["mean"])
