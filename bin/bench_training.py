@@ -164,13 +164,13 @@ def _front(model: str, base: dict, work: str, zeros: str, eval_images: tuple,
 def _print_front(front: dict) -> None:
     print(f"\nfront of {front['model']} (target: FGSM({FLAGS.fgsm_eps}) >= {FLAGS.target:.0%}"
           f" with clean >= {FLAGS.clean_target:.1%}; cap {FLAGS.time_cap:.0f}s):")
-    print(f"{'method':<12} {'to target':>10} {'seconds':>8} {'clean':>7} {'FGSM':>7} "
+    print(f"{'method':<17} {'to target':>10} {'seconds':>8} {'clean':>7} {'FGSM':>7} "
           f"{'PGD':>7} {'TUP succ':>9}")
     for method, r in front["methods"].items():
         last = r["records"][-1]
         when = (f"{r['seconds_to_target']:.0f}s" if r["seconds_to_target"] is not None
                 else "no")
-        print(f"{method:<12} {when:>10} {last['train_seconds']:>8.0f} "
+        print(f"{method:<17} {when:>10} {last['train_seconds']:>8.0f} "
               f"{last['clean_accuracy']:>7.4f} {last['fgsm_accuracy']:>7.4f} "
               f"{last.get('pgd_accuracy', float('nan')):>7.4f} "
               f"{last.get('tup_success', float('nan')):>9.4f}")
