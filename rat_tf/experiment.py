@@ -100,7 +100,7 @@ _CIFAR = {
                            aa_steps=5, aa_queries=50, masking_steps=3, masking_n=50)),
     # small/full pretraining: the CIFAR-10 recipe (crop + flip, SGD with Nesterov momentum,
     # one-cycle schedule with warm-up, label smoothing, weight decay; docs/experiments.md)
-    "small": dict(model="fast_cifar_net", pretrain_subset=0, pretrain_epochs=10,
+    "small": dict(model="fast_cifar_net", pretrain_subset=0, pretrain_epochs=20,
                   pretrain_batch_size=256, pretrain_optimizer="momentum", pretrain_lr=0.2,
                   pretrain_lr_schedule="onecycle", pretrain_warmup_epochs=1.0,
                   pretrain_weight_decay=5e-3, pretrain_label_smoothing=0.2,
