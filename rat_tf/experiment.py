@@ -356,8 +356,10 @@ def _export(model_path: str, saved_dir: str, x_check: np.ndarray) -> None:
     export.verify_export(saved_dir, classifier, x_check, atol=1e-4)
 
 
-def _cached_report(path: str, settings: evaluation.EvalSettings) -> evaluation.Report | None:
-    """A per-model report saved by an earlier run with the same settings, else None."""
+def _cached_report(path: str, settings: evaluation.EvalSettings, v_path: str
+                   ) -> evaluation.Report | None:
+    """A per-model report saved by an earlier run with the same settings and the same V (of
+    its "TUP given" measure) as ``v_path``, else None."""
     if not (os.path.isfile(path + ".json") and os.path.isfile(path + ".npz")):
         return None
     saved = _read_json(path + ".json")
@@ -366,6 +368,10 @@ def _cached_report(path: str, settings: evaluation.EvalSettings) -> evaluation.R
     report = evaluation.Report(saved)
     with np.load(path + ".npz", allow_pickle=False) as f:
         report.arrays = {k: f[k] for k in f.files}
+    given = report.arrays.get("tup_given")
+    if given is not None and not np.array_equal(given, perturbation_files.load(v_path)[0]):
+        logging.info("%s was evaluated with another V: evaluating again", path)
+        return None
     return report
 
 
@@ -444,7 +450,7 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
     os.makedirs(os.path.join(out, "evaluation"), exist_ok=True)
     for name, path in saved.items():
         cache = os.path.join(out, "evaluation", name)
-        report = _cached_report(cache, settings)
+        report = _cached_report(cache, settings, v_path)
         if report is None:
             t0 = time.time()
             report = evaluation.robustness_report(
