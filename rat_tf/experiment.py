@@ -6,7 +6,8 @@ Stages (each skipped when its outputs already exist, so a killed run resumes):
 (b) targeted universal perturbations V searched against the start model on a balanced
     training subset (:func:`rat_tf.attacks.targeted_universal`);
 (c) RAT fine-tuning of the start model on a small balanced subset (default 1,000 images)
-    with that V (static, the paper; ``refresh_every`` > 0 searches V again every N epochs);
+    with that V (static, the paper; ``refresh_every`` > 0 searches V again every N epochs,
+    from zero or, with ``refresh_passes`` > 0, continuing the current V);
 (d) FGSM-AT (random init) and PGD-AT baselines fine-tuned from the same start model on the
     same subset, for the same epochs;
 (e) every model exported as a SavedModel and evaluated on held-out test images
