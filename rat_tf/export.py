@@ -70,21 +70,23 @@ def export_saved_model(classifier: keras.Model, path: str, *, overwrite: bool = 
 
     def _nonempty(images):
         images = tf.ensure_shape(images, spec)
-        tf.debugging.assert_positive(tf.shape(images)[0],
-                                     message="images: an empty batch (0 images)")
-        return images
+        with tf.control_dependencies([tf.debugging.assert_positive(
+                tf.shape(images)[0], message="images: an empty batch (0 images)")]):
+            return tf.identity(images)
 
     def serving_default(images):
         images = _nonempty(images)
-        tf.debugging.assert_all_finite(images, message="images contain NaN or infinite values")
-        tf.debugging.assert_greater_equal(
-            tf.reduce_min(images), tf.constant(lo, tf.float32),
-            message=f"images must be in [{lo:g}, {hi:g}] (float pixels; use serving_uint8 for "
-                    f"0..255 bytes)")
-        tf.debugging.assert_less_equal(
-            tf.reduce_max(images), tf.constant(hi, tf.float32),
-            message=f"images must be in [{lo:g}, {hi:g}] (float pixels; use serving_uint8 for "
-                    f"0..255 bytes)")
+        # Checked in order (NaN first, then the range), each before the model runs.
+        images = tf.debugging.assert_all_finite(
+            images, message="images contain NaN or infinite values")
+        in_range = f"images must be in [{lo:g}, {hi:g}] (float pixels; use serving_uint8 for " \
+                   f"0..255 bytes)"
+        with tf.control_dependencies([
+                tf.debugging.assert_greater_equal(tf.reduce_min(images),
+                                                  tf.constant(lo, tf.float32), message=in_range),
+                tf.debugging.assert_less_equal(tf.reduce_max(images),
+                                               tf.constant(hi, tf.float32), message=in_range)]):
+            images = tf.identity(images)
         return _outputs(images)
 
     def serving_uint8(images):

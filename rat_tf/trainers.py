@@ -170,13 +170,19 @@ class StandardModel(keras.Model):
         message = (f"images must be finite and in [{lo:g}, {hi:g}] (clip_values); for 0..255 "
                    f"images divide by 255 or pass clip_values=(0, 255)")
         pixels = tf.cast(x, tf.float32)
-        tf.debugging.assert_greater_equal(tf.reduce_min(pixels), tf.constant(lo, tf.float32),
-                                          message=message)
-        tf.debugging.assert_less_equal(tf.reduce_max(pixels), tf.constant(hi, tf.float32),
-                                       message=message)
-        tf.debugging.assert_non_negative(y, message="labels must be class ids >= 0")
-        tf.debugging.assert_less(y, self.num_classes,
-                                 message=f"labels must be class ids < {self.num_classes}")
+        checks = [
+            tf.debugging.assert_greater_equal(tf.reduce_min(pixels),
+                                              tf.constant(lo, tf.float32), message=message),
+            tf.debugging.assert_less_equal(tf.reduce_max(pixels), tf.constant(hi, tf.float32),
+                                           message=message),
+            tf.debugging.assert_non_negative(y, message="labels must be class ids >= 0"),
+            tf.debugging.assert_less(y, self.num_classes,
+                                     message=f"labels must be class ids < {self.num_classes}"),
+        ]
+        # The step's ops read x and y only after the checks ran, so a bad batch is named by
+        # the check and never reaches the loss (whose own error would come first otherwise).
+        with tf.control_dependencies([c for c in checks if c is not None]):
+            x, y = tf.identity(x), tf.identity(y)
         if sample_weight is not None:
             sample_weight = tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
         return x, y, sample_weight

@@ -111,6 +111,19 @@ def test_signatures_reject_wrong_shape_and_dtype(exported):
         loaded.serving_default(tf.zeros((1, 32, 32, 3)))
 
 
+def test_signatures_reject_bad_values_before_the_model_runs(exported):
+    sig = tf.saved_model.load(exported).signatures["serving_default"]
+    nan = np.full((2, 28, 28, 1), 0.5, np.float32)
+    nan[1, 3, 3, 0] = np.nan
+    for _ in range(3):  # each check runs before the next and before the model
+        with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or infinite"):
+            sig(images=tf.constant(nan))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"images must be in \[0, 1\]"):
+            sig(images=tf.fill((2, 28, 28, 1), 255.0))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="an empty batch"):
+            sig(images=tf.zeros((0, 28, 28, 1)))
+
+
 def test_load_serving_fn_checks_inputs(exported):
     fn = export.load_serving_fn(exported)
     gc.collect()  # the callable keeps the loaded SavedModel (and its variables) alive
