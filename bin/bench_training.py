@@ -15,7 +15,8 @@
    ``--batch_size``, Adam ``--lr``): standard, RAT with static V (searched at start), RAT
    with V searched again from zero every epoch, RAT with V continued every epoch for
    ``--refresh_passes`` passes, RAT with V learnt online from zero, FGSM-AT and PGD-AT
-   (``--per_source``: every RAT mode with one V per (source class, target)).
+   (``--per_source``: every RAT mode with one V per (source class, target);
+   ``--targets_per_image``, ``--perturbed_fraction``, ``--batch_mode``: every RAT mode's).
    After every epoch :class:`rat_tf.callbacks.RobustnessMonitor` measures, on the last
    ``--n_test`` test images: clean accuracy, FGSM ``--fgsm_eps`` accuracy, PGD-20
    ``--pgd_eps`` accuracy, and the success of targeted universal perturbations
@@ -79,7 +80,8 @@ cli.define("integer", "max_epochs", "Max epochs per method on the front.", defau
            lower_bound=1)
 cli.define_search_flags(Config, only=["search_passes", "per_source"],
                         defaults={"search_passes": 3})
-cli.define_rat_flags(Config, only=["online_step_size", "refresh_passes"],
+cli.define_rat_flags(Config, only=["online_step_size", "refresh_passes", "targets_per_image",
+                                   "perturbed_fraction", "batch_mode"],
                      defaults={"refresh_passes": 1})
 
 # name -> (TrainConfig fields, examples the model trains on per input image)
@@ -98,7 +100,8 @@ _COST_METHODS = {
 def _front_settings(zeros: str) -> dict[str, dict]:
     """TrainConfig fields of every front method (on top of the shared ones)."""
     rat = {"method": "rat", "search_passes": FLAGS.search_passes,
-           "per_source": FLAGS.per_source}
+           "per_source": FLAGS.per_source, "targets_per_image": FLAGS.targets_per_image,
+           "perturbed_fraction": FLAGS.perturbed_fraction, "batch_mode": FLAGS.batch_mode}
     return {"standard": {"method": "standard"},
             "rat_static": {**rat, "refresh_every": 0},
             "rat_refresh": {**rat, "refresh_every": 1},
