@@ -357,10 +357,10 @@ def _export(model_path: str, saved_dir: str, x_check: np.ndarray) -> None:
     export.verify_export(saved_dir, classifier, x_check, atol=1e-4)
 
 
-def _cached_report(path: str, settings: evaluation.EvalSettings, v_path: str
+def _cached_report(path: str, settings: evaluation.EvalSettings, v: np.ndarray
                    ) -> evaluation.Report | None:
-    """A per-model report saved by an earlier run with the same settings and the same V (of
-    its "TUP given" measure) as ``v_path``, else None."""
+    """A per-model report saved by an earlier run with the same settings and the same V ``v``
+    (of its "TUP given" measure), else None."""
     if not (os.path.isfile(path + ".json") and os.path.isfile(path + ".npz")):
         return None
     saved = _read_json(path + ".json")
@@ -370,7 +370,7 @@ def _cached_report(path: str, settings: evaluation.EvalSettings, v_path: str
     with np.load(path + ".npz", allow_pickle=False) as f:
         report.arrays = {k: f[k] for k in f.files}
     given = report.arrays.get("tup_given")
-    if given is not None and not np.array_equal(given, perturbation_files.load(v_path)[0]):
+    if given is not None and not np.array_equal(given, v):
         logging.info("%s was evaluated with another V: evaluating again", path)
         return None
     return report
@@ -449,9 +449,10 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
     settings = config.eval_settings()
     reports: dict[str, evaluation.Report] = {}
     os.makedirs(os.path.join(out, "evaluation"), exist_ok=True)
+    v_given = perturbation_files.load(v_path)[0]
     for name, path in saved.items():
         cache = os.path.join(out, "evaluation", name)
-        report = _cached_report(cache, settings, v_path)
+        report = _cached_report(cache, settings, v_given)
         if report is None:
             t0 = time.time()
             report = evaluation.robustness_report(
