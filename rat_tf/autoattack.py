@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -551,6 +551,41 @@ def _bucket(n: int, b: int, replicas: int) -> int:
 
 
 _MIN_BUCKET = 16  # below this a batch is cheaper to pad than to compile again
+_MIN_EFFECTIVE = 64  # below this many images a step costs about the same on a CPU
+_PASSES_PER_STEP = {"apgd-ce": 2.0, "apgd-dlr": 2.0, "apgd-t": 2.0, "fab-t": 3.0, "square": 1.0}
+
+
+def _run_cost(name: str, n: int, steps: int, n_queries: int) -> float:
+    """Rough cost of one run of attack ``name`` on one batch of ``n`` padded images, in
+    forward passes of one image (a backward pass counts as one)."""
+    iterations = n_queries if name == "square" else steps
+    return _PASSES_PER_STEP[name] * iterations * max(n, _MIN_EFFECTIVE)
+
+
+def _batches_cost(name: str, n: int, b: int, replicas: int, steps: int,
+                  n_queries: int) -> float:
+    """Rough cost of one run of attack ``name`` on ``n`` images in batches of at most ``b``."""
+    full, rest = divmod(n, b)
+    cost = full * _run_cost(name, b, steps, n_queries)
+    return cost + (_run_cost(name, _bucket(rest, b, replicas), steps, n_queries) if rest else 0.0)
+
+
+def _runs(name: str, restarts: int, n_target_classes: int) -> int:
+    """How many runs :func:`autoattack` makes of attack ``name``."""
+    return {"apgd-ce": restarts, "apgd-dlr": restarts, "apgd-t": n_target_classes,
+            "fab-t": n_target_classes}.get(name, 1)
+
+
+def attack_cost(name: str, n: int, *, steps: int = 100, n_queries: int = 5000,
+                n_target_classes: int = 9, restarts: int = 1, batch_size: int = 500,
+                replicas: int = 1) -> float:
+    """Rough cost of :func:`autoattack`'s attack ``name`` on ``n`` images, in forward passes
+    of one image (a backward pass counts as one): the weight a progress bar gives it."""
+    if n <= 0:
+        return 0.0
+    b = min(batch_size, _multiple(n, replicas))
+    return _runs(name, restarts, n_target_classes) * _batches_cost(name, n, b, replicas, steps,
+                                                                   n_queries)
 
 
 def check_attacks(attacks: Sequence[str] | str | None, version: str, norm: str) -> list[str]:
@@ -576,7 +611,8 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
                steps: int = 100, n_queries: int = 5000, n_target_classes: int = 9,
                restarts: int = 1, p_init: float = 0.8, rho: float = 0.75,
                clip_values=ops.PIXEL_RANGE,
-               strategy: tf.distribute.Strategy | None = None) -> dict:
+               strategy: tf.distribute.Strategy | None = None,
+               progress: Callable[[float, float], None] | None = None) -> dict:
     """Robust accuracy under AutoAttack: ``attacks`` (default the version's APGD-CE, APGD-T,
     FAB-T, Square) in order, each only on the images no earlier attack broke.
 
@@ -590,7 +626,9 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
 
     Every batch of ``batch_size`` images (a multiple of the replicas; for fewer images, their
     number rounded up to one) is split over the replicas of ``strategy`` (None: the current
-    strategy); the results do not depend on the split.
+    strategy); the results do not depend on the split. ``progress(done, total)``, if given, is
+    called after every batch with the :func:`attack_cost` done so far and the estimated total
+    (the later attacks weighed by the images still robust).
     """
     norm = ops.check_norm(norm)
     names = check_attacks(attacks, version, norm)
@@ -624,18 +662,31 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
     x_adv = x.copy()
     accuracy = {"clean": float(robust.mean())}
     seconds = {}
-    runs = {"apgd-ce": restarts, "apgd-dlr": restarts, "apgd-t": n_target_classes,
-            "fab-t": n_target_classes}
     first = True
-    for name in names:
+    replicas = strategy.num_replicas_in_sync
+    done = 0.0
+
+    def report(index: int, run: int, batches_left: float) -> None:
+        """Tell ``progress`` the cost done and the total: the batches left in this run, then
+        this attack's later runs and the later attacks on the images robust now."""
+        if progress is not None:
+            left = int(robust.sum())
+            later = (_runs(names[index], restarts, n_target_classes) - run - 1) * \
+                _batches_cost(names[index], left, b, replicas, steps, n_queries)
+            later += sum(_runs(a, restarts, n_target_classes) *
+                         _batches_cost(a, left, b, replicas, steps, n_queries)
+                         for a in names[index + 1:])
+            progress(done, done + batches_left + later)
+
+    for index, name in enumerate(names):
         start = time.perf_counter()
         fn = _batch_attack(name, model_fn, eps, norm, clip, seed, steps, n_queries,
                            n_target_classes, p_init, rho, strategy)
-        for r in range(runs.get(name, 1)):
+        for r in range(_runs(name, restarts, n_target_classes)):
             todo = np.flatnonzero(robust)
             for k, i in enumerate(range(0, len(todo), b)):
                 ids = todo[i:i + b]
-                size = _bucket(len(ids), b, strategy.num_replicas_in_sync)
+                size = _bucket(len(ids), b, replicas)
                 out, broken = fn([_pad(x[ids], size), _pad(y[ids], size),
                                   np.arange(size) < len(ids)], np.int32(r), np.int32(k))
                 out, broken = out[:len(ids)], broken[:len(ids)]
@@ -644,6 +695,9 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
                 robust[ids[broken]] = False
                 for j in ids[broken]:
                     broken_by[j] = name
+                done += _run_cost(name, size, steps, n_queries)
+                report(index, r, _batches_cost(name, max(0, len(todo) - i - b), b, replicas,
+                                               steps, n_queries))
             first = False
         accuracy[name] = float(robust.mean())
         seconds[name] = time.perf_counter() - start
@@ -653,4 +707,5 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
             "broken_by": broken_by, "seconds": seconds}
 
 
-__all__ = ["apgd", "fab", "square", "autoattack", "ATTACKS", "LOSSES", "VERSIONS"]
+__all__ = ["apgd", "fab", "square", "autoattack", "attack_cost", "ATTACKS", "LOSSES",
+           "VERSIONS"]

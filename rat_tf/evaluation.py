@@ -312,6 +312,8 @@ class Context:
         default_factory=tf.distribute.get_strategy)
     correct: dict = dataclasses.field(default_factory=dict)  # key -> bool [n] per test image
     done: Callable = lambda stage, t0, result=None: None  # noqa: E731 (set by the report)
+    # progress(stage, cost done, revised cost) within a stage (set by the report)
+    progress: Callable = lambda stage, done, total: None  # noqa: E731
     _steps: dict = dataclasses.field(default_factory=dict)
 
     def cached(self, key: str, build: Callable[[], attacks.ReplicaStep]
@@ -343,8 +345,8 @@ class Context:
                                            self.settings.batch_size, eps)
         return self.correct[key][:n]
 
-    def share(self, n: int) -> float:
-        """``n`` images as a fraction of the test set (for stage costs)."""
+    def share(self, n: float) -> float:
+        """``n`` images (or image passes) as a fraction of the test set (for stage costs)."""
         return n / max(1, len(self.x_test))
 
 
@@ -571,6 +573,9 @@ class _UAP(Measure):
                  _pct(report["uap"]["fooling_rate"] if report.get("uap") else None))]
 
 
+_AA_ROBUST_GUESS = 0.1  # the share of images left for the attacks after the first
+
+
 def _aa_n(ctx: Context) -> int:
     n = ctx.settings.aa_n
     return len(ctx.x_test) if n is None else min(int(n), len(ctx.x_test))
@@ -584,22 +589,33 @@ class _AutoAttack(Measure):
     def check(self, settings):
         autoattack.check_attacks(settings.aa_attacks, settings.aa_version, "linf")
 
+    def _attacks(self, ctx):
+        names = autoattack.check_attacks(ctx.settings.aa_attacks, ctx.settings.aa_version,
+                                         "linf")
+        if ctx.num_classes < 4 and ctx.settings.aa_attacks is None:
+            names = [a for a in names if a != "apgd-t"]  # targeted DLR needs 4 classes
+        return names
+
     def stages(self, ctx):
-        s, k = ctx.settings, min(9, ctx.num_classes - 1)
-        # an upper bound: every attack on every image (later ones only see the robust ones)
-        cost = 2.0 * s.aa_steps * (2 * k + 1) + s.aa_queries
-        return [("autoattack", cost * ctx.share(_aa_n(ctx)))]
+        # a guess until the run tells how many images the first attack left robust
+        s, n = ctx.settings, _aa_n(ctx)
+        kw = dict(steps=s.aa_steps, n_queries=s.aa_queries, batch_size=s.batch_size,
+                  n_target_classes=min(9, ctx.num_classes - 1),
+                  replicas=ctx.strategy.num_replicas_in_sync)
+        names = self._attacks(ctx)
+        cost = autoattack.attack_cost(names[0], n, **kw) + sum(
+            autoattack.attack_cost(a, math.ceil(n * _AA_ROBUST_GUESS), **kw) for a in names[1:])
+        return [("autoattack", ctx.share(cost))]
 
     def run(self, ctx, report):
         s, n, t0 = ctx.settings, _aa_n(ctx), time.time()
         eps = s.resolved_aa_eps()
-        names = autoattack.check_attacks(s.aa_attacks, s.aa_version, "linf")
-        if ctx.num_classes < 4 and s.aa_attacks is None:
-            names = [a for a in names if a != "apgd-t"]  # targeted DLR needs 4 classes
         out = autoattack.autoattack(
-            ctx.model_fn, ctx.x_test[:n], ctx.y_test[:n], eps, attacks=names, seed=s.seed,
-            batch_size=s.batch_size, steps=s.aa_steps, n_queries=s.aa_queries,
-            n_target_classes=min(9, ctx.num_classes - 1), strategy=ctx.strategy)
+            ctx.model_fn, ctx.x_test[:n], ctx.y_test[:n], eps, attacks=self._attacks(ctx),
+            seed=s.seed, batch_size=s.batch_size, steps=s.aa_steps, n_queries=s.aa_queries,
+            n_target_classes=min(9, ctx.num_classes - 1), strategy=ctx.strategy,
+            progress=lambda done, total: ctx.progress("autoattack", ctx.share(done),
+                                                      ctx.share(total)))
         broken = [b for b in out["broken_by"] if b not in (None, "clean")]
         result = {"eps": eps, "num_images": n, "robust_accuracy": float(out["robust"].mean()),
                   "after_each": out["robust_accuracy"],
@@ -767,9 +783,10 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
     bar = None
     if progress:
         print(f"evaluating {name or description}: {', '.join(stages)}", flush=True)
-        # Progress in units of cost (forward+backward passes over the test set, roughly), so
-        # the ETA weighs PGD and the searches as they deserve; it shows the last result.
-        bar = keras.utils.Progbar(sum(stages.values()), unit_name="cost",
+        # Progress in passes over the test set (a forward or a backward pass of every image,
+        # roughly), so the ETA weighs PGD and the searches as they deserve; a stage may revise
+        # its cost as it learns more (AutoAttack, as images fall). It shows the last result.
+        bar = keras.utils.Progbar(sum(stages.values()), unit_name="pass",
                                   stateful_metrics=["stage", "result"])
     seconds: dict[str, float] = {}
     report = Report(name=name or description, model=description, dataset=settings.dataset,
@@ -780,6 +797,15 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                     strategy=type(strategy).__name__,
                     num_replicas=int(strategy.num_replicas_in_sync))
 
+    added: dict[str, float] = {}  # the cost of each stage already on the bar
+
+    def progress_within(stage: str, done_cost: float, total_cost: float) -> None:
+        if bar is not None and stage in stages:
+            bar.target += total_cost - stages[stage]
+            stages[stage] = total_cost
+            bar.add(done_cost - added.get(stage, 0.0))
+            added[stage] = done_cost
+
     def done(stage: str, t0: float, result: float | None = None) -> None:
         seconds[stage] = round(time.time() - t0, 2)
         logging.info("%s: stage %d/%d (%s) done in %.1fs%s", report["name"], len(seconds),
@@ -787,9 +813,9 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                      "" if result is None else f": {result:.4f}")
         if bar is not None:
             values = [("stage", len(seconds))] + ([] if result is None else [("result", result)])
-            bar.add(stages.get(stage, 0.0), values)
+            bar.add(stages.get(stage, 0.0) - added.get(stage, 0.0), values)
 
-    ctx.done = done
+    ctx.done, ctx.progress = done, progress_within
     for unit in units:
         results = unit.run(ctx, report)
         report.update(results)

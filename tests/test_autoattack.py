@@ -141,7 +141,7 @@ FAST = {"steps": 10, "n_queries": 100, "n_target_classes": 3}
 
 def test_autoattack_breakdown_is_consistent(model_fn, images):
     x, y = images[0][:60], images[1][:60]
-    res = aa.autoattack(model_fn, x, y, 0.1, batch_size=25, **FAST)
+    res = aa.autoattack(model_fn, x, y, 0.1, batch_size=10, **FAST)
     acc = list(res["robust_accuracy"].values())
     assert list(res["robust_accuracy"]) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
     assert all(a >= b for a, b in zip(acc[:-1], acc[1:], strict=True)) and acc[-1] < acc[0] - 0.2
@@ -156,8 +156,27 @@ def test_autoattack_breakdown_is_consistent(model_fn, images):
     correct = np.argmax(model_fn(tf.constant(x_adv)).numpy(), -1) == y
     np.testing.assert_array_equal(correct, robust)
     assert linf(x_adv, x).max() <= 0.1 + 1e-5 and x_adv.min() >= 0 and x_adv.max() <= 1
-    again = aa.autoattack(model_fn, x, y, 0.1, batch_size=25, **FAST)
+    calls = []
+    again = aa.autoattack(model_fn, x, y, 0.1, batch_size=10, **FAST,
+                          progress=lambda done, total: calls.append((done, total)))
     np.testing.assert_array_equal(again["x_adv"], x_adv)
+    # progress: the cost done grows with every batch, the estimated total shrinks as images
+    # fall, and the last call has nothing left
+    done, total = np.array(calls).T
+    assert len(calls) >= 4 and np.all(np.diff(done) > 0) and np.all(total >= done - 1e-9)
+    assert total[0] > total[-1] and total[-1] == pytest.approx(done[-1])
+    first_batch = aa.attack_cost("apgd-ce", 10, batch_size=10, **FAST)
+    assert done[0] == pytest.approx(first_batch)
+
+
+def test_attack_cost_weighs_runs_iterations_and_images():
+    kw = dict(steps=100, n_queries=5000, n_target_classes=9, batch_size=500)
+    ce, t = aa.attack_cost("apgd-ce", 500, **kw), aa.attack_cost("apgd-t", 500, **kw)
+    assert t == pytest.approx(9 * ce) and aa.attack_cost("apgd-ce", 500, restarts=2) == 2 * ce
+    assert aa.attack_cost("apgd-ce", 1000, **kw) == pytest.approx(2 * ce)
+    assert aa.attack_cost("square", 500, **kw) > ce and aa.attack_cost("fab-t", 0, **kw) == 0
+    # the last few robust images cost a small padded batch, not a whole one
+    assert aa.attack_cost("apgd-ce", 510, **kw) < 1.2 * ce
 
 
 def test_autoattack_compiles_each_attack_once(model_fn, images):

@@ -294,3 +294,29 @@ def test_masking_checks_flag_a_masked_model(trap, mnist_model, split):
         assert m["square_only_breaks"] > 20 and any("Square" in f for f in m["flags"]), m
         assert r["autoattack"]["robust_accuracy"] <= r["clean_accuracy"] - 0.2
     assert "no sign of gradient masking" not in evaluation.report_markdown({"m": r})
+
+
+def test_progress_bar_follows_autoattack_and_ends_full(mnist_model, split, monkeypatch, capsys):
+    """AutoAttack's stage starts from a guess and revises its cost as images fall; the bar
+    names the stages and ends exactly at its (revised) total."""
+    import keras
+
+    bars = []
+
+    class Recorded(keras.utils.Progbar):
+        def update(self, current, values=None, finalize=None):
+            bars.append((self.target, current))
+            super().update(current, values, finalize)
+
+    monkeypatch.setattr(evaluation.keras.utils, "Progbar", Recorded)
+    x_test, y_test, xs, ys = split
+    settings = evaluation.EvalSettings.for_dataset(
+        "mnist", measures=("clean", "autoattack"), n_test=100, batch_size=20, aa_n=100,
+        aa_steps=5, aa_queries=50, seed=0)
+    evaluation.robustness_report(mnist_model, x_test, y_test, x_search=xs, y_search=ys,
+                                 settings=settings, progress=True)
+    targets = [t for t, _ in bars]
+    assert len(set(targets)) > 1, bars  # the estimate was revised during the run
+    assert bars[-1][1] == pytest.approx(bars[-1][0]), bars  # and the bar ends full
+    assert all(b[1] <= b[0] + 1e-9 for b in bars), bars
+    assert "evaluating" in capsys.readouterr().out
