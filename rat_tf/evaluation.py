@@ -1001,6 +1001,24 @@ def report_markdown(reports: Mapping[str, Mapping], title: str = "Robustness rep
     return "\n".join(parts)
 
 
+def accuracy_figure(reports: Mapping[str, Mapping], path: str) -> str | None:
+    """Write the PNG of FGSM accuracy against radius (lines) with PGD and AutoAttack
+    (markers), one colour per model; return its path (None: no accuracy to draw)."""
+    curves, points = {}, {}
+    for name, r in reports.items():
+        aa = r.get("autoattack")
+        points[name] = {"PGD": [(float(e), a) for e, a in r.get("pgd_accuracy", {}).items()],
+                        "AA": [(aa["eps"], aa["robust_accuracy"])] if aa else []}
+        curve = {0.0: r["clean_accuracy"]} if "clean_accuracy" in r else {}
+        curve.update({float(e): a for e, a in r.get("fgsm_accuracy", {}).items()})
+        if curve:
+            curves[name] = curve
+    if not curves:
+        return None
+    return plots.accuracy_vs_radius(curves, path, points=points,
+                                    title="FGSM accuracy (lines), PGD and AA (markers)")
+
+
 def write_report(reports: Mapping[str, Mapping], out_dir: str,
                  title: str = "Robustness report", extra_markdown: str = "",
                  save_arrays: bool = True) -> dict[str, str]:
@@ -1017,19 +1035,9 @@ def write_report(reports: Mapping[str, Mapping], out_dir: str,
     files.write_json(paths["json"], {name: dict(r) for name, r in reports.items()}, indent=1)
     files.write_bytes(paths["markdown"],
                       (report_markdown(reports, title) + extra_markdown).encode(), ".md")
-    curves, points = {}, {}
-    for name, r in reports.items():
-        aa = r.get("autoattack")
-        points[name] = {"PGD": [(float(e), a) for e, a in r.get("pgd_accuracy", {}).items()],
-                        "AA": [(aa["eps"], aa["robust_accuracy"])] if aa else []}
-        curve = {0.0: r["clean_accuracy"]} if "clean_accuracy" in r else {}
-        curve.update({float(e): a for e, a in r.get("fgsm_accuracy", {}).items()})
-        if curve:
-            curves[name] = curve
-    if curves:
-        paths["accuracy_vs_radius"] = plots.accuracy_vs_radius(
-            curves, os.path.join(out_dir, "accuracy_vs_radius.png"),
-            title="FGSM accuracy (lines), PGD and AA (markers)", points=points)
+    figure = accuracy_figure(reports, os.path.join(out_dir, "accuracy_vs_radius.png"))
+    if figure:
+        paths["accuracy_vs_radius"] = figure
     rows, labels = [], []
     for name, r in reports.items():
         arrays = getattr(r, "arrays", {})

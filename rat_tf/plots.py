@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.lines as mlines  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -90,14 +91,18 @@ def fit_png(path: str, max_bytes: int = MAX_PNG_BYTES) -> str:
 
 
 def _accuracy_axes(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str,
-                   path: str, dpi: int) -> str:
-    """Label an accuracy plot (y in [0, 1]), add grid and legend, write it."""
+                   path: str, dpi: int, handles: Sequence | None = None) -> str:
+    """Label an accuracy plot (y in [0, 1]), add grid and legend (``handles``: to the right
+    of the axes, off the data), write it."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.01)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if handles is None:
+        ax.legend(fontsize=8)
+    else:
+        ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, path, dpi)
 
 
@@ -112,19 +117,26 @@ def accuracy_vs_radius(curves: Mapping[str, Mapping[float, float]], path: str,
     ``points``: per model, stronger attacks as markers {attack: [(eps, accuracy), ...]}, in
     the colour of the model's line (e.g. PGD and AutoAttack).
     """
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    markers = {}
+    fig, ax = plt.subplots(figsize=(5.6 if points else 4.5, 3.2))
+    markers, lines = {}, []
     for name, curve in curves.items():
         eps = sorted(float(e) for e in curve)
         (line,) = ax.plot(eps, [curve[e] if e in curve else curve[str(e)] for e in eps],
                           marker="o", label=name)
+        lines.append(line)
         for attack, xy in (points or {}).get(name, {}).items():
             if not xy:
                 continue
             marker = markers.setdefault(attack, "sxD^v"[len(markers) % 5])
             ax.plot([e for e, _ in xy], [a for _, a in xy], marker=marker, linestyle="none",
-                    color=line.get_color(), markersize=7, label=f"{name}: {attack}")
-    return _accuracy_axes(fig, ax, xlabel, "accuracy", title, path, dpi)
+                    color=line.get_color(), markersize=7)
+    if not markers:
+        return _accuracy_axes(fig, ax, xlabel, "accuracy", title, path, dpi)
+    # one entry per model (its colour) and one per attack (its marker)
+    keys = [mlines.Line2D([], [], color="grey", marker=m, linestyle="none",
+                                    markersize=7, label=attack)
+            for attack, m in markers.items()]
+    return _accuracy_axes(fig, ax, xlabel, "accuracy", title, path, dpi, handles=lines + keys)
 
 
 def accuracy_vs_time(curves: Mapping[str, Sequence[tuple[float, float]]], path: str,

@@ -320,3 +320,21 @@ def test_progress_bar_follows_autoattack_and_ends_full(mnist_model, split, monke
     assert bars[-1][1] == pytest.approx(bars[-1][0]), bars  # and the bar ends full
     assert all(b[1] <= b[0] + 1e-9 for b in bars), bars
     assert "evaluating" in capsys.readouterr().out
+
+
+def test_accuracy_figure_keys_models_by_colour_and_attacks_by_marker(monkeypatch, tmp_path):
+    from rat_tf import plots
+
+    legends, real = [], plots._save
+
+    def save(fig, path, dpi, max_bytes=None):
+        legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()])
+        return real(fig, path, dpi, max_bytes)
+
+    monkeypatch.setattr(plots, "_save", save)
+    report = {"clean_accuracy": 0.99, "fgsm_accuracy": {"0.1": 0.9, "0.3": 0.5},
+              "pgd_accuracy": {"0.3": 0.2}, "autoattack": {"eps": 0.3, "robust_accuracy": 0.1}}
+    path = evaluation.accuracy_figure({"a": report, "b": report}, str(tmp_path / "acc.png"))
+    assert os.path.getsize(path) > 1000
+    assert legends == [["a", "b", "PGD", "AA"]]  # not one entry per (model, attack)
+    assert evaluation.accuracy_figure({"a": {}}, str(tmp_path / "none.png")) is None
