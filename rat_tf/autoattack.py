@@ -581,11 +581,8 @@ def attack_cost(name: str, n: int, *, steps: int = 100, n_queries: int = 5000,
                 replicas: int = 1) -> float:
     """Rough cost of :func:`autoattack`'s attack ``name`` on ``n`` images, in forward passes
     of one image (a backward pass counts as one): the weight a progress bar gives it."""
-    if n <= 0:
-        return 0.0
-    b = min(batch_size, _multiple(n, replicas))
-    return _runs(name, restarts, n_target_classes) * _batches_cost(name, n, b, replicas, steps,
-                                                                   n_queries)
+    return _runs(name, restarts, n_target_classes) * _batches_cost(
+        name, max(0, n), _multiple(batch_size, replicas), replicas, steps, n_queries)
 
 
 def check_attacks(attacks: Sequence[str] | str | None, version: str, norm: str) -> list[str]:
@@ -671,11 +668,11 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
         this attack's later runs and the later attacks on the images robust now."""
         if progress is not None:
             left = int(robust.sum())
-            later = (_runs(names[index], restarts, n_target_classes) - run - 1) * \
-                _batches_cost(names[index], left, b, replicas, steps, n_queries)
-            later += sum(_runs(a, restarts, n_target_classes) *
-                         _batches_cost(a, left, b, replicas, steps, n_queries)
-                         for a in names[index + 1:])
+            kw = dict(steps=steps, n_queries=n_queries, n_target_classes=n_target_classes,
+                      restarts=restarts, batch_size=b, replicas=replicas)
+            runs_left = _runs(names[index], restarts, n_target_classes) - run - 1
+            later = runs_left * _batches_cost(names[index], left, b, replicas, steps, n_queries)
+            later += sum(attack_cost(a, left, **kw) for a in names[index + 1:])
             progress(done, done + batches_left + later)
 
     for index, name in enumerate(names):

@@ -133,9 +133,8 @@ def accuracy_vs_radius(curves: Mapping[str, Mapping[float, float]], path: str,
     if not markers:
         return _accuracy_axes(fig, ax, xlabel, "accuracy", title, path, dpi)
     # one entry per model (its colour) and one per attack (its marker)
-    keys = [mlines.Line2D([], [], color="grey", marker=m, linestyle="none",
-                                    markersize=7, label=attack)
-            for attack, m in markers.items()]
+    keys = [mlines.Line2D([], [], color="grey", marker=m, linestyle="none", markersize=7,
+                          label=attack) for attack, m in markers.items()]
     return _accuracy_axes(fig, ax, xlabel, "accuracy", title, path, dpi, handles=lines + keys)
 
 
