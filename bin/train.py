@@ -8,6 +8,9 @@
         --optimizer=momentum --lr=0.2 --lr_schedule=onecycle --warmup_epochs=1 \
         --weight_decay=0.005 --label_smoothing=0.2 --augment=crop_flip --model_dir=runs/cifar
                                         # the CIFAR-10 start-model recipe (docs/experiments.md)
+    python bin/train.py --recipe=mnist_fgsm_rs --model_dir=runs/fgsm_rs
+                                        # a published recipe (rat_tf.recipes); flags given
+                                        # on the command line override its settings
 
 Rerunning the same command after a kill resumes from ``model_dir/backup``. Outputs:
 ``model_dir/model.keras``, ``metrics.json``, ``history.csv`` (and ``perturbations.npz``).
@@ -18,11 +21,14 @@ import json
 
 from absl import flags, logging
 
-from rat_tf import cli, trainers, training
+from rat_tf import cli, recipes, trainers, training
 
 Config = training.TrainConfig
 FLAGS = flags.FLAGS
 cli.define("enum", "method", "Training method.", sets=Config, values=trainers.METHODS)
+cli.define("enum", "recipe", "A published recipe (rat_tf.recipes) whose settings replace the "
+           "defaults; flags given on the command line override them.",
+           sets="rat_tf.recipes.RECIPES", default=None, values=sorted(recipes.RECIPES))
 cli.define_dataset_flag(Config)
 cli.define_data_flags(Config)
 cli.define("string", "model", "Model zoo name (rat_tf.models) to train from scratch; ignored "
@@ -60,10 +66,14 @@ cli.define("bool", "restart", "Drop a backup left in --model_dir and start over 
 
 def main(argv):
     del argv
-    cli.check_data(FLAGS.dataset, FLAGS.data_dir, FLAGS.data_source)
+    if FLAGS.recipe:
+        config = recipes.train_config(FLAGS.recipe, **cli.given_values(Config))
+    else:
+        config = Config(**cli.values(Config))
+    cli.check_data(config.dataset, config.data_dir, config.data_source)
     cli.check_inputs(init_from=FLAGS.init_from, perturbations_path=FLAGS.perturbations_path)
     cli.check_output_dirs(model_dir=FLAGS.model_dir)
-    metrics = training.train(Config(**cli.values(Config)), cli.strategy())
+    metrics = training.train(config, cli.strategy())
     summary = {k: metrics[k] for k in ("test_accuracy", "images_per_sec", "wall_seconds",
                                        "epochs_run_this_session", "resumed")}
     logging.info("metrics: %s", json.dumps(summary))

@@ -85,13 +85,17 @@ def _setup(model_fn, x, norm, eps, step_size, clip_values):
     return models.as_model_fn(model_fn), tf.convert_to_tensor(x), norm, clip_values
 
 
-def _ascent_grad(model_fn: ModelFn, x_adv: tf.Tensor, y: tf.Tensor, targeted: bool):
-    """Gradient of the attack objective (CE, or -CE toward ``y`` if targeted) w.r.t. ``x_adv``."""
+def _ascent_grad(model_fn: ModelFn, x_adv: tf.Tensor, y: tf.Tensor, targeted: bool,
+                 with_logits: bool = False):
+    """Gradient of the attack objective (CE, or -CE toward ``y`` if targeted) w.r.t. ``x_adv``
+    (and the logits at ``x_adv`` with ``with_logits``)."""
     with tf.GradientTape() as tape:
         tape.watch(x_adv)
-        loss = _xent(y, model_fn(x_adv))
+        logits = model_fn(x_adv)
+        loss = _xent(y, logits)
         total = -tf.reduce_sum(loss) if targeted else tf.reduce_sum(loss)
-    return tape.gradient(total, x_adv)
+    grad = tape.gradient(total, x_adv)
+    return (grad, logits) if with_logits else grad
 
 
 def _objective(model_fn: ModelFn, x_adv: tf.Tensor, y: tf.Tensor, targeted: bool):
@@ -134,32 +138,44 @@ def _start(x: tf.Tensor, eps, norm: str, seed, init: tf.Tensor | None) -> tf.Ten
 
 def fgsm(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", targeted: bool = False,
          rand_init: bool = False, seed: int | None = None, step_size=None,
-         init: tf.Tensor | None = None, clip_values=ops.PIXEL_RANGE) -> tf.Tensor:
+         init: tf.Tensor | None = None, init_scale: float = 1.0, box_start: bool = True,
+         project: bool = True, clip_values=ops.PIXEL_RANGE) -> tf.Tensor:
     """Fast gradient (sign) method: one step of size ``eps`` (FGSM-RS with ``rand_init``).
 
     ``y``: true labels (untargeted; None uses the model's predictions) or targets. With
-    ``rand_init`` (Wong et al. 2020) the start is uniform in the ball (or ``init``, a start
-    perturbation drawn by the caller) and the step defaults to 1.25 * eps, then projected back
-    to the ball. A seeded start does not depend on the split over replicas (see module).
-    Returns x_adv in ``clip_values`` (gradient stopped).
+    ``rand_init`` (Wong et al. 2020) the start is uniform in the ball of radius
+    ``init_scale * eps`` (or ``init``, a start perturbation drawn by the caller) and the step
+    defaults to 1.25 * eps. The gradient is taken at the start clipped to the pixel box, or
+    with ``box_start=False`` at x + start itself (Wong et al.'s MNIST code: clipping gives the
+    zero background a one-sided start). The step is projected back to the ``eps`` ball unless
+    ``project=False`` (N-FGSM, de Jorge et al. 2022: ``init_scale=2``, step ``eps``). A seeded
+    start does not depend on the split over replicas (see module). Returns x_adv in
+    ``clip_values`` (gradient stopped).
     """
     model_fn, x, norm, clip = _setup(model_fn, x, norm, eps, step_size, clip_values)
     y = _labels(model_fn, x, y)
+    if not init_scale > 0:
+        raise ValueError(f"init_scale must be positive, got {init_scale}")
     if step_size is None:
         step_size = 1.25 * eps if rand_init else eps
-    delta = (_start(x, eps, norm, seed, init) if rand_init else tf.zeros_like(x))
-    x0 = ops.apply_perturbation(x, delta, clip)
+    delta = (_start(x, eps * init_scale, norm, seed, init) if rand_init else tf.zeros_like(x))
+    x0 = ops.apply_perturbation(x, delta, clip) if box_start else x + delta
     g = _ascent_grad(model_fn, x0, y, targeted)
-    step = tf.cast(step_size, x.dtype) * ops.normalized_step(g, norm)
-    delta = ops.project(x0 - x + step, eps, norm)
+    delta = x0 - x + tf.cast(step_size, x.dtype) * ops.normalized_step(g, norm)
+    if project:
+        delta = ops.project(delta, eps, norm)
     return tf.stop_gradient(ops.apply_perturbation(x, delta, clip))
 
 
 def pgd(model_fn: ModelFn, x, y, eps, *, step_size=None, steps: int = 40, norm: str = "linf",
         targeted: bool = False, rand_init: bool = True, restarts: int = 1,
-        seed: int | None = None, init: tf.Tensor | None = None,
+        seed: int | None = None, init: tf.Tensor | None = None, freeze_fooled: bool = False,
         clip_values=ops.PIXEL_RANGE) -> tf.Tensor:
     """Projected gradient descent (Madry et al. 2018), keeping the worst case over restarts.
+
+    With ``freeze_fooled`` an example stops moving once the model gets it wrong (right, if
+    targeted), as in Wong et al.'s MNIST PGD training: a model at chance then still trains on
+    mildly perturbed images.
 
     Per example, a restart replaces the current worst case if it succeeds where that one did
     not, or succeeds equally and has a higher loss (lower, toward the target, if targeted).
@@ -177,8 +193,12 @@ def pgd(model_fn: ModelFn, x, y, eps, *, step_size=None, steps: int = 40, norm: 
 
     def body(i, delta):
         x_adv = ops.apply_perturbation(x, delta, clip)
-        g = _ascent_grad(model_fn, x_adv, y, targeted)
-        return i + 1, ops.project(x_adv - x + step_size * ops.normalized_step(g, norm), eps, norm)
+        g, logits = _ascent_grad(model_fn, x_adv, y, targeted, with_logits=True)
+        moved = ops.project(x_adv - x + step_size * ops.normalized_step(g, norm), eps, norm)
+        if freeze_fooled:
+            hit = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
+            moved = tf.where(_bcast(hit if not targeted else ~hit, rank), moved, delta)
+        return i + 1, moved
 
     best_x = best_ok = best_obj = None
     for r in range(restarts):

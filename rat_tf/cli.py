@@ -197,6 +197,13 @@ def values(target: Target) -> dict[str, Any]:
     return out
 
 
+def given_values(target: Target) -> dict[str, Any]:
+    """{field: value} of the flags that set ``target`` and were given on the command line."""
+    return {field: value for field, value in values(target).items()
+            if any(FLAGS[name].present for name, (t, f) in SETS.items()
+                   if t is target and f == field and name in FLAGS)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """A shared flag: its kind and help, the field it sets in a target named otherwise (by the
@@ -307,8 +314,25 @@ ADV_FLAGS = {  # the attack of FGSM-AT / PGD-AT training
     "adv_eps": Spec("float", "FGSM-AT / PGD-AT radius.", per_dataset=True),
     "adv_steps": Spec("integer", "PGD-AT steps.", lower_bound=1,
                       fields={"TrainConfig": "pgd_steps", "ExperimentConfig": "train_pgd_steps"}),
-    "adv_step_size": Spec("float", "PGD-AT step size.", fields={"TrainConfig": "pgd_step_size"},
-                          unset="2.5 eps / steps"),
+    "adv_step_size": Spec("float", "FGSM-AT / PGD-AT step size.",
+                          fields={"TrainConfig": "pgd_step_size"},
+                          unset="1.25 eps for FGSM-AT, 2.5 eps / steps for PGD-AT"),
+    "adv_init_scale": Spec("float", "FGSM-AT: the random start is uniform in the ball of "
+                           "radius adv_init_scale * eps (1: FGSM-RS; 2: N-FGSM).",
+                           lower_bound=0),
+    "adv_box_start": Spec("bool", "FGSM-AT: take the gradient at the random start clipped to "
+                          "the pixel box (N-FGSM, Wong et al.'s CIFAR code), not at the "
+                          "unclipped start (Wong et al.'s MNIST code)."),
+    "adv_project": Spec("bool", "FGSM-AT: project the step back to the eps ball (FGSM-RS); "
+                        "--noadv_project for N-FGSM."),
+    "adv_freeze_fooled": Spec("bool", "PGD-AT: an example stops moving once the model gets "
+                              "it wrong (Wong et al.'s MNIST PGD training)."),
+    "early_stop_drop": Spec("float", "Stop training when the PGD accuracy on held-out "
+                            "training images falls this far below its best (Wong et al.'s "
+                            "guard against catastrophic overfitting), keeping the best "
+                            "weights (0: off).", lower_bound=0),
+    "early_stop_images": Spec("integer", "Training images held out (not trained on) for "
+                              "--early_stop_drop's check.", lower_bound=1),
 }
 
 STRATEGY_FLAGS = {
@@ -421,8 +445,10 @@ def define_recipe_flags(target: Target, **group: Any) -> None:
 
 
 def define_adv_flags(target: Target, **group: Any) -> None:
-    """FGSM-AT / PGD-AT: ``--adv_eps``, ``--adv_steps``, ``--adv_step_size`` (those ``target``
-    has)."""
+    """FGSM-AT / PGD-AT: ``--adv_eps``, ``--adv_steps``, ``--adv_step_size``,
+    ``--adv_init_scale``, ``--adv_box_start``, ``--adv_project``, ``--adv_freeze_fooled``,
+    ``--early_stop_drop``,
+    ``--early_stop_images`` (those ``target`` has)."""
     _define_group(ADV_FLAGS, target, **group)
 
 

@@ -146,6 +146,83 @@ def tiny_cnn(dataset: str | data.DatasetInfo = "mnist", num_classes: int | None 
     return keras.Model(inputs, _logits(x, info, num_classes), name="tiny_cnn")
 
 
+def _torch_init(fan_in: int) -> dict:
+    """PyTorch's default initialisation of a layer with ``fan_in`` inputs: weights and biases
+    uniform in +-1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5))."""
+    bound = 1.0 / float(np.sqrt(fan_in))
+    return {"kernel_initializer": keras.initializers.RandomUniform(-bound, bound),
+            "bias_initializer": keras.initializers.RandomUniform(-bound, bound)}
+
+
+def wong_mnist_net(dataset: str | data.DatasetInfo = "mnist", num_classes: int | None = None
+                   ) -> keras.Model:
+    """The MNIST net of Wong et al. (2020) for FGSM-RS: conv4x4/2 (16) - conv4x4/2 (32) - dense
+    100, on raw [0, 1] pixels (no normalisation layer) with PyTorch's default initialisation,
+    as published; 0.17M parameters."""
+    info = _info(dataset)
+    k = num_classes or info.num_classes
+    channels = info.image_shape[-1]
+    inputs = keras.Input(shape=info.image_shape, name="image")
+    x = layers.ZeroPadding2D(1)(inputs)
+    x = layers.Conv2D(16, 4, strides=2, activation="relu", name="conv1",
+                      **_torch_init(16 * channels))(x)
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.Conv2D(32, 4, strides=2, activation="relu", name="conv2",
+                      **_torch_init(16 * 16))(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(100, activation="relu", name="fc1", **_torch_init(int(x.shape[-1])))(x)
+    x = layers.Dense(k, name="logits_dense", **_torch_init(100))(x)
+    return keras.Model(inputs, layers.Activation("linear", dtype="float32", name="logits")(x),
+                       name="wong_mnist_net")
+
+
+def madry_mnist_cnn(dataset: str | data.DatasetInfo = "mnist", num_classes: int | None = None
+                    ) -> keras.Model:
+    """The MNIST challenge CNN of Madry et al. (2018): conv5x5 (32) - pool - conv5x5 (64) -
+    pool - dense 1024, on raw [0, 1] pixels, initialised as its TensorFlow code; 3.3M
+    parameters."""
+    info = _info(dataset)
+    init = {"kernel_initializer": keras.initializers.TruncatedNormal(stddev=0.1),
+            "bias_initializer": keras.initializers.Constant(0.1)}  # as the challenge code
+    inputs = keras.Input(shape=info.image_shape, name="image")
+    x = layers.Conv2D(32, 5, padding="same", activation="relu", name="conv1", **init)(inputs)
+    x = layers.MaxPooling2D(2, padding="same")(x)
+    x = layers.Conv2D(64, 5, padding="same", activation="relu", name="conv2", **init)(x)
+    x = layers.MaxPooling2D(2, padding="same")(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(1024, activation="relu", name="fc1", **init)(x)
+    x = layers.Dense(num_classes or info.num_classes, name="logits_dense", **init)(x)
+    return keras.Model(inputs, layers.Activation("linear", dtype="float32", name="logits")(x),
+                       name="madry_mnist_cnn")
+
+
+def preact_resnet18(dataset: str | data.DatasetInfo = "cifar10", num_classes: int | None = None
+                    ) -> keras.Model:
+    """PreAct ResNet-18 (He et al. 2016), the CIFAR-10 model of the FGSM-RS, N-FGSM and PGD-AT
+    papers (11.2M parameters; a GPU model)."""
+    info = _info(dataset)
+    inputs, x = _inputs_normalized(info)
+
+    def conv(x, filters, kernel=3, stride=1):
+        return layers.Conv2D(filters, kernel, strides=stride, padding="same",
+                             use_bias=False)(x)
+
+    x = conv(x, 64)
+    for stage, filters in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            out = layers.ReLU()(layers.BatchNormalization()(x))
+            shortcut = x
+            if stride != 1 or x.shape[-1] != filters:
+                shortcut = conv(out, filters, 1, stride)
+            y = conv(out, filters, 3, stride)
+            y = conv(layers.ReLU()(layers.BatchNormalization()(y)), filters)
+            x = layers.Add()([y, shortcut])
+    x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, _logits(x, info, num_classes), name="preact_resnet18")
+
+
 MODELS: dict[str, Callable[..., keras.Model]] = {
     "mnist_cnn": mnist_cnn,
     "wide_mnist_cnn": wide_mnist_cnn,
@@ -153,6 +230,9 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
     "wide_resnet20": wide_resnet20,
     "fast_cifar_net": fast_cifar_net,
     "tiny_cnn": tiny_cnn,
+    "wong_mnist_net": wong_mnist_net,
+    "madry_mnist_cnn": madry_mnist_cnn,
+    "preact_resnet18": preact_resnet18,
 }
 
 

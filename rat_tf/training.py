@@ -85,7 +85,13 @@ class TrainConfig:
     # FGSM-AT / PGD-AT
     adv_eps: float | None = None  # attack radius; None: the dataset's (DatasetInfo.adv_eps)
     pgd_steps: int = 10
-    pgd_step_size: float | None = None  # None: 2.5 eps / steps
+    pgd_step_size: float | None = None  # None: 1.25 eps (FGSM-AT), 2.5 eps / steps (PGD-AT)
+    adv_init_scale: float = 1.0  # FGSM-AT: random start in the ball of radius scale * eps
+    adv_box_start: bool = False  # FGSM-AT: gradient at the start clipped to the pixel box
+    adv_project: bool = True  # FGSM-AT: project the step to the eps ball (False: N-FGSM)
+    adv_freeze_fooled: bool = False  # PGD-AT: an example stops moving once misclassified
+    early_stop_drop: float = 0.0  # >0: stop when held-out PGD accuracy falls this far below its best
+    early_stop_images: int = 1000  # training images held out for that check
     # performance
     precision: str = "float32"
     jit_compile: bool = False
@@ -152,6 +158,10 @@ class TrainConfig:
              f"train_subset {self.resolved_subset()} must be a multiple of the "
              f"{info.num_classes} classes (balanced subset)"),
             (int(self.test_subset) >= 0, f"test_subset must be >= 0, got {self.test_subset}"),
+            (math.isfinite(self.early_stop_drop) and 0 <= self.early_stop_drop <= 1,
+             f"early_stop_drop must be in [0, 1], got {self.early_stop_drop}"),
+            (int(self.early_stop_images) >= 1,
+             f"early_stop_images must be >= 1, got {self.early_stop_images}"),
             (self.resolved_eps() > 0, f"eps must be positive, got {self.eps}"),
             (self.norm in ops.NORMS, f"unknown norm {self.norm!r}; choose one of {ops.NORMS}"),
             (self.search_method in SEARCH_METHODS,
@@ -204,7 +214,9 @@ class TrainConfig:
     def _adv_settings(self) -> dict:
         return {"method": self.method if self.method in ("fgsm_at", "pgd_at") else "pgd_at",
                 "eps": self.resolved_adv_eps(), "norm": self.norm, "steps": self.pgd_steps,
-                "step_size": self.pgd_step_size}
+                "step_size": self.pgd_step_size, "init_scale": self.adv_init_scale,
+                "box_start": bool(self.adv_box_start), "project": bool(self.adv_project),
+                "freeze_fooled": bool(self.adv_freeze_fooled)}
 
     def trainer_settings(self) -> dict:
         """The keyword settings of :func:`rat_tf.trainers.make_trainer` for this config."""
@@ -401,6 +413,8 @@ class _Run:
         self.history_path = os.path.join(self.work_dir, "history.csv")
         self.info = data_lib.get_info(config.dataset)
         self.resuming = False
+        self.early_stop_dir = os.path.join(self.work_dir, "early_stop")
+        self.held_out: Arrays | None = None  # the early-stopping check's images
 
     def execute(self, extra_callbacks: list, train_data: Arrays | None,
                 test_data: Arrays | None) -> dict:
@@ -451,8 +465,10 @@ class _Run:
         self.resuming = os.path.exists(os.path.join(self.chief_backup, "training_metadata.json"))
         if self.resuming:
             _check_resume(os.path.join(self.chief_backup, SETTINGS_FILE), self.config)
-        elif os.path.exists(self.history_path):
-            os.remove(self.history_path)  # a fresh run: drop the history of an earlier run
+        else:  # a fresh run: drop the history and early-stopping state of an earlier run
+            if os.path.exists(self.history_path):
+                os.remove(self.history_path)
+            shutil.rmtree(self.early_stop_dir, ignore_errors=True)
 
     def load_data(self, train_data: Arrays | None, test_data: Arrays | None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -462,6 +478,13 @@ class _Run:
                                                               c.data_source, c.data_dir)
         x_test, y_test = test_data or data_lib.load_arrays(c.dataset, "test", c.data_source,
                                                            c.data_dir)
+        if c.early_stop_drop:  # the last images of the split are held out, never trained on
+            n = int(c.early_stop_images)
+            if n >= len(x_train):
+                raise ValueError(f"early_stop_images {n} leaves none of the {len(x_train)} "
+                                 f"training images to train on")
+            self.held_out = x_train[-n:], y_train[-n:]
+            x_train, y_train = x_train[:-n], y_train[:-n]
         subset = c.resolved_subset()
         if subset:
             x_train, y_train = data_lib.balanced_subset(
@@ -540,8 +563,14 @@ class _Run:
             cbs.append(callbacks_lib.RefreshPerturbations(
                 x, y, c.refresh_every, search, seed=c.seed, progress=_verbose(c) == 1,
                 warm_start=bool(c.refresh_passes)))
-        cbs += extra + [
-            timer,
+        cbs += extra + [timer]
+        if c.early_stop_drop:
+            os.makedirs(self.early_stop_dir, exist_ok=True)
+            self.early_stop = callbacks_lib.RobustEarlyStopping(
+                *self.held_out, c.resolved_adv_eps(), drop=c.early_stop_drop,
+                state_dir=self.early_stop_dir, seed=c.seed)
+            cbs.append(self.early_stop)
+        cbs += [
             # History before backup: a kill between the two re-runs the epoch (its row is
             # written again; read_history keeps the last) instead of losing a backed-up row.
             callbacks_lib.HistoryCSV(self.history_path),
@@ -606,6 +635,11 @@ class _Run:
             "epoch_seconds": timer.seconds,
             "images_per_sec_steady": (len(steady) * steps_per_epoch * c.batch_size
                                       / sum(steady)) if steady else None,
+            **({"early_stop": {"best_epoch": self.early_stop.best_epoch,
+                               "best_pgd_accuracy": self.early_stop.best_accuracy,
+                               "stopped_epoch": self.early_stop.stopped_epoch,
+                               "held_out_images": len(self.held_out[0])}}
+               if c.early_stop_drop else {}),
         }
 
     def write_outputs(self, trainer: trainers.StandardModel, metrics: dict, eps: float,
@@ -628,6 +662,7 @@ class _Run:
                                        **meta)
         files.write_json(os.path.join(self.model_dir, "metrics.json"), metrics)
         shutil.rmtree(self.chief_backup, ignore_errors=True)  # every output is written
+        shutil.rmtree(self.early_stop_dir, ignore_errors=True)
 
 
 def _remove_stale_temporaries(*folders: str) -> None:
