@@ -11,10 +11,9 @@ Example:
       --output_dir=runs/std/tup --eps=0.3 --train_subset=1000
 """
 
-import keras
 from absl import flags, logging
 
-from rat_tf import attacks, cli, data, distribute, perturbation_files, training
+from rat_tf import attacks, cli, data, distribute, models, perturbation_files, trainers, training
 
 Search = attacks.SearchSettings
 FLAGS = flags.FLAGS
@@ -54,8 +53,8 @@ def main(argv):
     x, y = cli.balanced_subset(x_train, y_train, FLAGS.train_subset, info.num_classes,
                                FLAGS.seed)
     with strategy.scope():
-        model = keras.models.load_model(FLAGS.model_path)
-    model_fn = lambda images: model(images, training=False)  # noqa: E731
+        model = trainers.load_classifier(FLAGS.model_path, info.image_shape, info.num_classes)
+    model_fn = models.as_model_fn(model)  # the logits, also of a classifier ending in a softmax
     logging.info("searching %s on %d %s training images", search.method, len(x), FLAGS.dataset)
     V, stats = attacks.targeted_universal(
         model_fn, x, y, num_classes=info.num_classes, targets=targets, seed=FLAGS.seed,

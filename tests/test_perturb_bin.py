@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
@@ -60,3 +61,24 @@ def test_perturb_checks_inputs_and_output_dir_before_searching(data_dir, tmp_pat
     assert proc.returncode == 2 and last.startswith("error: --output_dir: ")
     assert f"{blocker}/out" in last and "searching" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_perturb_binary_attacks_the_logits_of_a_softmax_classifier(mnist_model,
+                                                                    mnist_model_path,
+                                                                    data_dir, tmp_path):
+    """A classifier ending in a softmax gets the V of its logits (the same model without the
+    softmax), not a search on its probabilities."""
+    softmax_path = str(tmp_path / "softmax.keras")
+    keras.Sequential([keras.Input((28, 28, 1)), mnist_model,
+                      keras.layers.Softmax()]).save(softmax_path)
+    found = {}
+    for name, path in (("logits", mnist_model_path), ("softmax", softmax_path)):
+        out = tmp_path / name
+        proc = _perturb("--dataset=mnist", f"--data_dir={data_dir}", f"--model_path={path}",
+                        f"--output_dir={out}", "--train_subset=40", "--search_passes=2",
+                        "--batch_size=20", "--targets=3", "--n_test=100", "--eps=0.3",
+                        "--noprogress")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found[name] = perturbation_files.load(str(out / "perturbations.npz"))[0][3]
+    assert np.abs(found["logits"]).max() > 0.1
+    np.testing.assert_allclose(found["softmax"], found["logits"], atol=1e-4)
