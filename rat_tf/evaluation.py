@@ -782,7 +782,7 @@ def _training_gap(report: Mapping, threshold: float) -> list[str]:
     train = float(t["adversarial_accuracy"])
     if train - heldout <= max(threshold, noise_margin(train, heldout, n)) + _ROUNDING:
         return []
-    return [f"the training adversarial accuracy ({t.get('method') or 'training'}, last epoch) "
+    return [f"Training adversarial accuracy ({t.get('method') or 'training'}, last epoch) "
             f"is {_pct(train)}% but PGD at the training radius {_radius_of(report, eps)} "
             f"leaves {_pct(heldout)}% of {n} held-out images, {100 * (train - heldout):.1f} "
             f"points less (more than {100 * threshold:.0f}): the training attack stopped "

@@ -154,7 +154,7 @@ def test_training_gap_rule():
     r = _report(0.98, {"0.1": 0.75, "0.3": 0.40}, {"0.1": 0.7, "0.3": 0.0},
                 training_record=record)
     flags = evaluation.masking_flags(r)
-    assert len(flags) == 1 and "training adversarial accuracy (fgsm_at, last epoch) is 95.0%" \
+    assert len(flags) == 1 and "Training adversarial accuracy (fgsm_at, last epoch) is 95.0%" \
         in flags[0] and "leaves 0.0% of 500 held-out images" in flags[0], flags
     # 50 points exactly is not above the threshold; 52 is
     for acc, flagged in ((0.50, False), (0.52, True)):
@@ -279,7 +279,7 @@ def test_fgsm_at_that_collapses_is_flagged_from_its_run_folder(mnist_model_path,
     assert r["pgd_accuracy"]["0.3"] < 0.05 and t["adversarial_accuracy"] > 0.6, r
     assert len(_has(flags, "FGSM accuracy rises with the radius")) == 1, flags
     assert len(_has(flags, "FGSM at 0.3 leaves")) == 1, flags
-    assert len(_has(flags, "the training adversarial accuracy (fgsm_at, last epoch)")) == 1
+    assert len(_has(flags, "Training adversarial accuracy (fgsm_at, last epoch)")) == 1
     assert "no sign of gradient masking" not in evaluation.report_markdown({"run": r})
 
 
