@@ -389,6 +389,12 @@ EVAL_FLAGS = {  # one per evaluation.EvalSettings field, named as the field
     "masking_steps": Spec("integer", "Gradient-masking check: PGD steps at the radius of the "
                           "whole pixel box.", lower_bound=1),
     "masking_n": Spec("integer", "Gradient-masking check: test images.", lower_bound=1),
+    "masking_fgsm_share": Spec("float", "Gradient-masking check: flag FGSM far above PGD or "
+                               "AutoAttack at a radius when it costs at most this share of "
+                               "the accuracy they cost."),
+    "masking_train_gap": Spec("float", "Gradient-masking check: flag a final training "
+                              "adversarial accuracy (the run's metrics.json) above "
+                              "held-out PGD at the training radius by more than this."),
     "batch_size": Spec("integer", "Evaluation batch size.", lower_bound=1),
     "seed": Spec("integer", "Seed of the random starts and searches."),
 }

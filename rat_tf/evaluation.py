@@ -30,6 +30,15 @@ from rat_tf import registry
 ModelFn = Callable[[tf.Tensor], tf.Tensor]
 DEFAULT_MEASURES = ("clean", "fgsm", "pgd", "per_class", "tup_given", "tup_fresh", "uap",
                     "autoattack", "masking")
+TRAINING_METRICS_FILE = "metrics.json"  # what rat_tf.training.train writes beside model.keras
+
+# The gradient-masking rules (:func:`masking_flags` says why these numbers).
+MASKING_MIN_IMAGES = 5  # a difference of accuracies is real only beyond this many images ...
+MASKING_SE = 2.0  # ... and beyond this many binomial standard errors (:func:`noise_margin`)
+MASKING_MIN_GAP = 0.3  # FGSM above PGD / AutoAttack by at least this (and the share below)
+MASKING_FGSM_SHARE = 0.1  # FGSM takes at most this share of the accuracy PGD / AA take
+MASKING_TRAIN_GAP = 0.5  # training adversarial accuracy above held-out PGD by more than this
+_ROUNDING = 1e-9  # accuracies are k / n: a difference equal to a threshold is not above it
 
 @dataclasses.dataclass
 class EvalSettings:
@@ -41,7 +50,9 @@ class EvalSettings:
     costly attack, runs on the first ``n_pgd`` of them (None: all), and the report then also
     holds FGSM at the PGD radii on those same images (``pgd_fgsm_accuracy``). AutoAttack
     (:func:`rat_tf.autoattack.autoattack`) runs at ``aa_eps`` on the first ``aa_n`` test
-    images. ``measures`` names the measures of the report, in order (:data:`MEASURES`).
+    images. ``masking_fgsm_share`` and ``masking_train_gap`` are thresholds of the
+    gradient-masking checks (:func:`masking_flags`). ``measures`` names the measures of the
+    report, in order (:data:`MEASURES`).
     """
 
     dataset: str = "mnist"
@@ -72,6 +83,8 @@ class EvalSettings:
     aa_n: int | None = 1000  # AutoAttack on the first aa_n test images (None: all)
     masking_steps: int = 20  # PGD steps of the gradient-masking check at the whole-box radius
     masking_n: int = 200  # its test images
+    masking_fgsm_share: float = MASKING_FGSM_SHARE
+    masking_train_gap: float = MASKING_TRAIN_GAP
     measures: tuple[str, ...] = DEFAULT_MEASURES
     seed: int = 0
 
@@ -111,6 +124,9 @@ class EvalSettings:
                              f"{self.tup_method!r}")
         if not 0.0 <= self.tup_delta <= 1.0:
             raise ValueError(f"tup_delta must be in [0, 1], got {self.tup_delta}")
+        for name in ("masking_fgsm_share", "masking_train_gap"):
+            if not 0.0 < float(getattr(self, name)) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         for name in ("n_test", "n_pgd", "aa_n"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
@@ -190,6 +206,49 @@ def load_model_fn(model: keras.Model | str | Callable) -> tuple[ModelFn, str]:
         return model, getattr(model, "__name__", type(model).__name__)
     raise ValueError(f"cannot evaluate a {type(model).__name__}: pass a keras Model, a callable "
                      f"or a model path")
+
+
+def training_metrics_path(model: Any) -> str | None:
+    """The ``metrics.json`` of the training run beside a model given as a path (a ``.keras``
+    file, or a folder holding ``model.keras`` or a SavedModel); None: no such file."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    path = os.fspath(model)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    metrics = os.path.join(folder, TRAINING_METRICS_FILE)
+    return metrics if os.path.isfile(metrics) else None
+
+
+def read_training_metrics(path: str) -> dict | None:
+    """The training metrics in ``path`` (a ``metrics.json``); None, with a warning, if the file
+    is not a JSON object."""
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError) as e:
+        logging.warning("%s: not readable (%s); the masking checks go without it", path, e)
+        return None
+    if not isinstance(metrics, dict):
+        logging.warning("%s holds no metrics object; the masking checks go without it", path)
+        return None
+    return metrics
+
+
+def training_record(metrics: Mapping, source: str = "given") -> dict | None:
+    """What the masking checks use of a model's training metrics: the final training
+    adversarial accuracy (``train_adversarial_accuracy``, else the last epoch of the history's
+    ``adversarial_accuracy``) and the trainer's method, radius and norm; None for a method
+    without adversarial batches (standard, RAT)."""
+    accuracy = metrics.get("train_adversarial_accuracy")
+    if accuracy is None:
+        epochs = (metrics.get("history") or {}).get("adversarial_accuracy") or []
+        accuracy = next((a for a in reversed(epochs) if a is not None), None)
+    trainer = metrics.get("settings") or {}
+    if accuracy is None or trainer.get("eps") is None:
+        return None
+    return {"adversarial_accuracy": float(accuracy), "eps": float(trainer["eps"]),
+            "norm": trainer.get("norm", "linf"), "method": trainer.get("method"),
+            "source": source}
 
 
 def correct_fn(model_fn: ModelFn, attack: Callable | None = None,
@@ -308,6 +367,7 @@ class Context:
     n_pgd: int
     perturbations: np.ndarray | None = None  # V given (of training), if any
     perturbation_meta: dict = dataclasses.field(default_factory=dict)
+    training: dict | None = None  # the model's final training adversarial accuracy, if known
     strategy: tf.distribute.Strategy = dataclasses.field(
         default_factory=tf.distribute.get_strategy)
     correct: dict = dataclasses.field(default_factory=dict)  # key -> bool [n] per test image
@@ -634,10 +694,170 @@ class _AutoAttack(Measure):
         return [(f"AA {_radius_of(report, aa['eps'])}{first}", _pct(aa["robust_accuracy"]))]
 
 
+def noise_margin(a: float, b: float, n: int) -> float:
+    """The least difference between two accuracies ``a`` and ``b`` on the same ``n`` images
+    that the masking checks take as real: :data:`MASKING_MIN_IMAGES` images, or
+    :data:`MASKING_SE` binomial standard errors at their mean accuracy, whichever is larger
+    (a conservative bound: the two are measured on the same images, so their difference
+    varies less)."""
+    n = max(int(n), 1)
+    p = min(max((float(a) + float(b)) / 2, 0.0), 1.0)
+    return max(MASKING_MIN_IMAGES / n, MASKING_SE * math.sqrt(p * (1.0 - p) / n))
+
+
+def _eps_key(accuracies: Mapping[str, float], eps: float) -> str | None:
+    """The key of radius ``eps`` in a {radius: accuracy} dict of a report (None: not there)."""
+    return next((k for k in accuracies if abs(float(k) - float(eps)) < 1e-6), None)
+
+
+def _rising_fgsm(report: Mapping) -> list[str]:
+    """FGSM accuracy above the accuracy at a smaller radius (clean: radius 0) beyond noise."""
+    curve = sorted((float(e), float(a)) for e, a in report.get("fgsm_accuracy", {}).items())
+    if report.get("clean_accuracy") is not None:
+        curve.insert(0, (0.0, float(report["clean_accuracy"])))
+    n, rise = report["num_test"], None
+    for j in range(1, len(curve)):
+        low_eps, low = min(curve[:j], key=lambda point: point[1])
+        eps, acc = curve[j]
+        margin = noise_margin(low, acc, n)
+        if acc - low > margin + _ROUNDING and (rise is None or acc - low > rise[3] - rise[1]):
+            rise = (low_eps, low, eps, acc, margin)
+    if rise is None:
+        return []
+    low_eps, low, eps, acc, margin = rise
+    where = "clean" if low_eps == 0 else f"FGSM {_radius_of(report, low_eps)}"
+    return [f"FGSM accuracy rises with the radius: {_pct(acc)}% at {_radius_of(report, eps)} "
+            f"against {_pct(low)}% {where}, {100 * (acc - low):.1f} points more on {n} images "
+            f"(noise margin {100 * margin:.1f}): a larger step should not help, the gradient "
+            f"at the image misleads one step (catastrophic overfitting)"]
+
+
+def _fgsm_overstates(report: Mapping, share: float) -> list[str]:
+    """FGSM far above PGD / AutoAttack on the same images while it costs almost no accuracy."""
+    m = report.get("masking") or {}
+    fallback = report.get("clean_accuracy")
+    pairs = [("PGD", float(e), report.get("num_pgd", report["num_test"]),
+              m.get("clean_on_pgd_images", fallback), report["pgd_fgsm_accuracy"][e], a)
+             for e, a in report.get("pgd_accuracy", {}).items()
+             if e in report.get("pgd_fgsm_accuracy", {})]
+    aa = report.get("autoattack")
+    if aa and m.get("fgsm_at_aa_eps") is not None:
+        pairs.append(("AutoAttack", float(aa["eps"]), aa["num_images"],
+                      m.get("clean_on_aa_images", fallback), m["fgsm_at_aa_eps"],
+                      aa["robust_accuracy"]))
+    flags = []
+    for attack, eps, n, clean, fgsm, strong in pairs:
+        if clean is None:
+            continue
+        gap = fgsm - strong
+        if (gap > max(MASKING_MIN_GAP, noise_margin(fgsm, strong, n)) + _ROUNDING
+                and clean - fgsm <= share * (clean - strong) + _ROUNDING):
+            flags.append(
+                f"FGSM at {_radius_of(report, eps)} leaves {_pct(fgsm)}% accuracy where "
+                f"{attack} leaves {_pct(strong)}% on the same {n} images (clean "
+                f"{_pct(clean)}%): FGSM changes accuracy by {100 * (fgsm - clean):+.1f} "
+                f"points, {attack} by {100 * (strong - clean):+.1f}, so FGSM does under "
+                f"{share:.0%} of {attack}'s harm: the model defeats the single step only "
+                f"(catastrophic overfitting)")
+    return flags
+
+
+def _training_pgd(report: Mapping) -> tuple[str, float] | None:
+    """(radius, held-out PGD accuracy) at the training radius of the report's training
+    record, if the report has PGD there (L-inf training only)."""
+    t = (report.get("masking") or {}).get("training")
+    if not t or t.get("norm", "linf") != "linf":
+        return None
+    key = _eps_key(report.get("pgd_accuracy", {}), t["eps"])
+    return None if key is None else (key, float(report["pgd_accuracy"][key]))
+
+
+def _training_gap(report: Mapping, threshold: float) -> list[str]:
+    """Training adversarial accuracy far above held-out PGD at the training radius."""
+    pgd = _training_pgd(report)
+    if pgd is None:
+        return []
+    t, (eps, heldout) = report["masking"]["training"], pgd
+    n = report.get("num_pgd", report["num_test"])
+    train = float(t["adversarial_accuracy"])
+    if train - heldout <= max(threshold, noise_margin(train, heldout, n)) + _ROUNDING:
+        return []
+    return [f"Training adversarial accuracy ({t.get('method') or 'training'}, last epoch) "
+            f"is {_pct(train)}% but PGD at the training radius {_radius_of(report, eps)} "
+            f"leaves {_pct(heldout)}% of {n} held-out images, {100 * (train - heldout):.1f} "
+            f"points less (more than {100 * threshold:.0f}): the training attack stopped "
+            f"finding the adversarial examples PGD finds (catastrophic overfitting)"]
+
+
+def masking_flags(report: Mapping) -> list[str]:
+    """The signs of gradient masking in a report's figures, each a plain sentence with its
+    numbers (empty: no sign). Reads what the measures put in the report, its ``masking``
+    checks among them, and the thresholds in its ``settings``.
+
+    - PGD at the radius of the whole pixel box leaves more than 1% accuracy; FGSM accuracy is
+      more than 1 point below PGD's at a radius; Square (gradient-free) breaks more than 0.5%
+      of the images the gradient attacks of AutoAttack left robust.
+    - FGSM accuracy rises with the radius: accuracy at a radius exceeds the lowest accuracy
+      at a smaller one (clean accuracy counts as radius 0) by more than
+      :func:`noise_margin` (5 images, or 2 binomial standard errors). A catastrophically
+      overfit FGSM-AT model on 500 MNIST test images: 92.4% at 0.05 up to 97.2% at 0.3.
+    - FGSM overstates robustness: at a radius where PGD (or AutoAttack) was run, FGSM accuracy
+      on the same images exceeds PGD's by more than :data:`MASKING_MIN_GAP` (30 points) *and*
+      FGSM costs at most ``masking_fgsm_share`` (:data:`MASKING_FGSM_SHARE`, 10%) of the
+      accuracy PGD costs: (clean - FGSM) <= share * (clean - PGD). The gap alone does not
+      tell masking from a model robust to nothing. FGSM's share of AutoAttack's harm on MNIST
+      at 0.3 (wide_mnist_cnn, README; FGSM / PGD / AA %): standard 21.6 / 0.0 / 0.0 (clean
+      99.4: 78%), RAT 66.0 / 1.3 / 0.0 (33%), FGSM-AT 78.3 / 10.6 / 2.8 (21%: a weak model,
+      not flagged), PGD-AT 72.3 / 44.6 / 17.4 (29%); mnist_cnn's four models 46% to 92%,
+      CIFAR-10 FGSM-AT and PGD-AT at 8/255 71% and 66%. A collapsed FGSM-AT model, 97.2 / 0.0
+      / 0.0, is under 3% whatever its clean accuracy; the collapsed tiny_cnn runs of the next
+      rule are at 2%, below 0 and 8%. A plain gap threshold of 60 points
+      would flag RAT and FGSM-AT above (66 and 75 points to AA) with PGD-AT at 55 close
+      behind. The 30-point floor keeps a model that both attacks barely dent from being
+      flagged for FGSM denting it less.
+    - The training adversarial accuracy (``masking.training``: FGSM-AT / PGD-AT, the last
+      epoch's accuracy on its adversarial training batches, from ``metrics.json``) exceeds
+      held-out PGD accuracy at the training radius by more than ``masking_train_gap``
+      (:data:`MASKING_TRAIN_GAP`, 50 points). The training attack is weaker than the report's
+      PGD (FGSM-RS, or PGD from one start) and runs on training images, so honest runs show a
+      gap too. tiny_cnn fine-tuned at 0.3 on 2,000 MNIST images (PGD-20 on 500 test images):
+      FGSM-RS (step 1.25 eps) for 3 epochs 25.6% against PGD 0.8%, on 5,000 images 37.0%
+      against 2.4% (35 points), PGD-AT 4.4% against 2.0%; FGSM-RS with step 2 eps after 15
+      epochs 65.4% against 0.6% (FGSM 0.3 still 83.6%: partly collapsed, and only this rule
+      says so), after 30 epochs 75.0 to 77.1% against 0.0% (three seeds, collapsed).
+
+    Each difference must also exceed :func:`noise_margin` on the images it is measured on.
+    """
+    st = report.get("settings", {})
+    m = report.get("masking") or {}
+    flags = []
+    box = m.get("box_accuracy")
+    if box is not None and box > 0.01:
+        flags.append(f"PGD at L-inf {m['box_radius']:g} (the whole pixel box) leaves "
+                     f"{100 * box:.1f}% accuracy on {m['box_images']} images: gradients do not "
+                     f"reach the decision (masking)")
+    for eps, pgd in report.get("pgd_accuracy", {}).items():
+        fgsm = report.get("pgd_fgsm_accuracy", {}).get(eps)
+        if fgsm is not None and fgsm < pgd - 0.01:
+            flags.append(f"FGSM accuracy {100 * fgsm:.1f}% is below PGD's "
+                         f"{100 * pgd:.1f}% at {eps}: the iterative attack is weaker than "
+                         f"one step (masking)")
+    aa = report.get("autoattack")
+    black = m.get("square_only_breaks", 0)
+    if aa and black > 0.005 * aa["num_images"]:
+        flags.append(f"Square (gradient-free) broke {black} of {aa['num_images']} "
+                     f"images the gradient attacks left robust (masking)")
+    return (flags + _rising_fgsm(report)
+            + _fgsm_overstates(report, float(st.get("masking_fgsm_share",
+                                                    MASKING_FGSM_SHARE)))
+            + _training_gap(report, float(st.get("masking_train_gap", MASKING_TRAIN_GAP))))
+
+
 class _Masking(Measure):
-    """Gradient-masking checks, said plainly: a black-box attack beating the white-box ones,
-    FGSM stronger than PGD at one radius, accuracy left at a radius covering the whole pixel
-    box, and the gap from FGSM to AutoAttack."""
+    """Gradient-masking checks, said plainly (:func:`masking_flags`): a black-box attack
+    beating the white-box ones, FGSM stronger than PGD at one radius, accuracy left at a
+    radius covering the whole pixel box, FGSM accuracy rising with the radius, FGSM far above
+    PGD and AutoAttack, and a training adversarial accuracy far above held-out PGD."""
 
     name = "masking"
 
@@ -654,29 +874,20 @@ class _Masking(Measure):
             ctx.model_fn, x, y, eps, steps=s.masking_steps, rand_init=True, seed=s.seed))
         box_acc = float(correct_on(step, ctx.x_test[:n], ctx.y_test[:n], s.batch_size,
                                    box).mean())
-        checks, flags = {"box_radius": box, "box_accuracy": box_acc, "box_images": n}, []
-        if box_acc > 0.01:
-            flags.append(f"PGD at L-inf {box:g} (the whole pixel box) leaves "
-                         f"{100 * box_acc:.1f}% accuracy on {n} images: gradients do not "
-                         f"reach the decision (masking)")
-        for eps, pgd in report.get("pgd_accuracy", {}).items():
-            fgsm = report.get("pgd_fgsm_accuracy", {}).get(eps)
-            if fgsm is not None and fgsm < pgd - 0.01:
-                flags.append(f"FGSM accuracy {100 * fgsm:.1f}% is below PGD's "
-                             f"{100 * pgd:.1f}% at {eps}: the iterative attack is weaker than "
-                             f"one step (masking)")
+        checks: dict[str, Any] = {"box_radius": box, "box_accuracy": box_acc, "box_images": n}
+        if report.get("pgd_accuracy"):  # clean accuracy on the images PGD ran on
+            checks["clean_on_pgd_images"] = float(ctx.clean()[:ctx.n_pgd].mean())
         aa = report.get("autoattack")
         if aa:
-            black = aa["broken_by"].get("square", 0)
-            checks["square_only_breaks"] = black
-            if black > 0.005 * aa["num_images"]:
-                flags.append(f"Square (gradient-free) broke {black} of {aa['num_images']} "
-                             f"images the gradient attacks left robust (masking)")
+            checks["square_only_breaks"] = aa["broken_by"].get("square", 0)
             fgsm = ctx.fgsm(aa["eps"], aa["num_images"]).mean()
+            checks["clean_on_aa_images"] = float(ctx.clean()[:aa["num_images"]].mean())
             checks["fgsm_at_aa_eps"] = float(fgsm)
             checks["fgsm_to_aa_gap"] = float(fgsm - aa["robust_accuracy"])
-        checks["flags"] = flags
-        ctx.done("masking", t0, float(len(flags)))
+        if ctx.training:
+            checks["training"] = dict(ctx.training)
+        checks["flags"] = masking_flags({**report, "masking": checks})
+        ctx.done("masking", t0, float(len(checks["flags"])))
         return {"masking": checks}
 
 
@@ -694,13 +905,19 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                       class_names: Sequence[str] | None = None,
                       search_fingerprints: np.ndarray | None = None,
                       name: str | None = None, progress: bool = True,
-                      strategy: tf.distribute.Strategy | None = None) -> Report:
+                      strategy: tf.distribute.Strategy | None = None,
+                      training: Mapping | None = None) -> Report:
     """Measure one model's robustness (docs/method.md, section 3) on held-out test images.
 
     ``perturbations`` are the targeted universal perturbations used in training (array
     [K,H,W,C] or an .npz from :func:`rat_tf.perturbation_files.save`); fresh ones are
     searched against this model on a balanced subset of ``x_search``. Raises ValueError if the
     test images overlap the search images (or the fingerprints stored with the perturbations).
+
+    ``training``: the model's training metrics (what :func:`rat_tf.training.train` returns
+    and writes to ``metrics.json``), whose final training adversarial accuracy the masking
+    checks compare with held-out PGD; None: the ``metrics.json`` beside a model given as a
+    path (:func:`training_metrics_path`), if there is one.
 
     Every measure runs under ``strategy`` (None: the current strategy): each global batch of
     ``settings.batch_size`` images (a multiple of the replicas) is split over the replicas and
@@ -774,10 +991,15 @@ def robustness_report(model: keras.Model | str | Callable, x_test: np.ndarray,
                                   num_classes=num_classes)
 
     model_fn, description = load_model_fn(model)
+    source = "given"
+    if training is None:
+        source = training_metrics_path(model)
+        training = read_training_metrics(source) if source else None
     n_pgd = len(x_test) if settings.n_pgd is None else min(int(settings.n_pgd), len(x_test))
     ctx = Context(model_fn=model_fn, x_test=x_test, y_test=y_test, x_search=xs, y_search=ys,
                   settings=settings, num_classes=num_classes, n_pgd=n_pgd,
-                  perturbations=given_v, perturbation_meta=given_meta, strategy=strategy)
+                  perturbations=given_v, perturbation_meta=given_meta, strategy=strategy,
+                  training=training_record(training, source) if training else None)
     units = [MEASURES[m] for m in settings.measures]
     stages = {stage: cost for unit in units for stage, cost in unit.stages(ctx)}
     bar = None
@@ -963,21 +1185,40 @@ def _autoattack_section(reports: Mapping[str, Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _masking_facts(r: Mapping) -> str:
+    """What the masking checks measured of one report, for its line in report.md."""
+    m = r["masking"]
+    facts = [f"PGD at L-inf {m['box_radius']:g} (the whole pixel box): "
+             f"{_pct(m['box_accuracy'])}% accuracy on {m['box_images']} images"]
+    if m.get("fgsm_to_aa_gap") is not None:
+        facts.append(f"FGSM minus AA accuracy at the AA radius: "
+                     f"{100 * m['fgsm_to_aa_gap']:.1f} points")
+    t = m.get("training")
+    if t:
+        pgd = _training_pgd(r)
+        facts.append(f"training adversarial accuracy ({t.get('method') or 'training'}, "
+                     f"{t['norm']} {_radius_of(r, t['eps'])}, last epoch) "
+                     f"{_pct(t['adversarial_accuracy'])}%, "
+                     + (f"held-out PGD there {_pct(pgd[1])}%" if pgd else
+                        "not compared: the report has no L-inf PGD at its radius"))
+    return "; ".join(facts)
+
+
 def _masking_section(reports: Mapping[str, Mapping]) -> str:
-    """The gradient-masking checks, said plainly, per model."""
-    rows = [(name, r["masking"]) for name, r in reports.items() if r.get("masking")]
+    """The gradient-masking checks, said plainly, per model: each flag on its own line, or
+    that there is no sign of masking."""
+    rows = [(name, r) for name, r in reports.items() if r.get("masking")]
     if not rows:
         return ""
     lines = ["\n## Gradient-masking checks\n"]
-    for name, m in rows:
-        gap = m.get("fgsm_to_aa_gap")
-        facts = (f"PGD at L-inf {m['box_radius']:g} (the whole pixel box): "
-                 f"{_pct(m['box_accuracy'])}% accuracy on {m['box_images']} images"
-                 + ("" if gap is None else f"; FGSM minus AA accuracy at the AA radius: "
-                    f"{100 * gap:.1f} points"))
-        verdict = ("; ".join(m["flags"]) if m["flags"] else
-                   "no sign of gradient masking")
-        lines.append(f"- **{name}**: {verdict}. ({facts}.)")
+    for name, r in rows:
+        flags = r["masking"]["flags"]
+        if not flags:
+            lines.append(f"- **{name}**: no sign of gradient masking. ({_masking_facts(r)}.)")
+            continue
+        lines.append(f"- **{name}**: {len(flags)} sign{'s' * (len(flags) > 1)} of gradient "
+                     f"masking ({_masking_facts(r)}):")
+        lines += [f"  - {flag}." for flag in flags]
     return "\n".join(lines) + "\n"
 
 

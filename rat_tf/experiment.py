@@ -450,6 +450,7 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
     reports: dict[str, evaluation.Report] = {}
     os.makedirs(os.path.join(out, "evaluation"), exist_ok=True)
     v_given = perturbation_files.load(v_path)[0]
+    metrics = {name: _read_json(os.path.join(d, "metrics.json")) for name, d in model_dirs.items()}
     for name, path in saved.items():
         cache = os.path.join(out, "evaluation", name)
         report = _cached_report(cache, settings, v_given)
@@ -457,7 +458,8 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
             t0 = time.time()
             report = evaluation.robustness_report(
                 path, x_test, y_test, x_search=x_train, y_search=y_train, perturbations=v_path,
-                settings=settings, class_names=info.class_names, name=name)
+                settings=settings, class_names=info.class_names, name=name,
+                training=metrics[name])
             timings[f"e_evaluate_{name}"] = round(time.time() - t0, 1)
             files.write_json(cache + ".json", dict(report))
             np.savez_compressed(cache + ".npz", **report.arrays)
@@ -467,7 +469,6 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
         logging.info("%s: clean %.3f, FGSM %s, PGD %s", name, report["clean_accuracy"],
                      report.get("fgsm_accuracy"), report.get("pgd_accuracy"))
 
-    metrics = {name: _read_json(os.path.join(d, "metrics.json")) for name, d in model_dirs.items()}
     paths = evaluation.write_report(
         reports, out, title=f"Region adversarial training: {config.dataset}, budget "
                             f"{config.budget}", extra_markdown=_training_table(metrics),

@@ -620,6 +620,8 @@ class _Run:
         """What ``metrics.json`` records of the run (timings are added by the caller)."""
         c = self.config
         steady = timer.seconds[1:]
+        history = callbacks_lib.read_history(self.history_path)
+        adversarial = [a for a in history.get("adversarial_accuracy", []) if a is not None]
         return {
             "config": dataclasses.asdict(c),
             "settings": trainer.settings(),
@@ -629,7 +631,10 @@ class _Run:
             "steps_per_epoch": steps_per_epoch,
             "epochs_run_this_session": len(timer.seconds),
             "resumed": self.resuming,
-            "history": callbacks_lib.read_history(self.history_path),
+            "history": history,
+            # FGSM-AT / PGD-AT: accuracy on the adversarial training batches of the last
+            # epoch (the gradient-masking check of a report compares it with held-out PGD)
+            "train_adversarial_accuracy": adversarial[-1] if adversarial else None,
             "test_accuracy": evaluation.accuracy(trainer.classifier, x_test, y_test),
             "test_images": len(x_test),
             "epoch_seconds": timer.seconds,
