@@ -90,7 +90,7 @@ class TrainConfig:
     adv_box_start: bool = False  # FGSM-AT: gradient at the start clipped to the pixel box
     adv_project: bool = True  # FGSM-AT: project the step to the eps ball (False: N-FGSM)
     adv_freeze_fooled: bool = False  # PGD-AT: an example stops moving once misclassified
-    early_stop_drop: float = 0.0  # >0: stop when held-out PGD accuracy falls this far below its best
+    early_stop_drop: float = 0.0  # >0: stop once held-out PGD accuracy falls this far from best
     early_stop_images: int = 1000  # training images held out for that check
     # performance
     precision: str = "float32"
@@ -415,6 +415,7 @@ class _Run:
         self.resuming = False
         self.early_stop_dir = os.path.join(self.work_dir, "early_stop")
         self.held_out: Arrays | None = None  # the early-stopping check's images
+        self.early_stop: callbacks_lib.RobustEarlyStopping | None = None
 
     def execute(self, extra_callbacks: list, train_data: Arrays | None,
                 test_data: Arrays | None) -> dict:
