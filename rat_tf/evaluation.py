@@ -38,6 +38,7 @@ MASKING_SE = 2.0  # ... and beyond this many binomial standard errors (:func:`no
 MASKING_MIN_GAP = 0.3  # FGSM above PGD / AutoAttack by at least this (and the share below)
 MASKING_FGSM_SHARE = 0.1  # FGSM takes at most this share of the accuracy PGD / AA take
 MASKING_TRAIN_GAP = 0.5  # training adversarial accuracy above held-out PGD by more than this
+MASKING_SQUARE_SHARE = 0.02  # Square breaks more than this share of what APGD / FAB left
 _ROUNDING = 1e-9  # accuracies are k / n: a difference equal to a threshold is not above it
 
 @dataclasses.dataclass
@@ -795,8 +796,11 @@ def masking_flags(report: Mapping) -> list[str]:
     checks among them, and the thresholds in its ``settings``.
 
     - PGD at the radius of the whole pixel box leaves more than 1% accuracy; FGSM accuracy is
-      more than 1 point below PGD's at a radius; Square (gradient-free) breaks more than 0.5%
-      of the images the gradient attacks of AutoAttack left robust.
+      more than 1 point below PGD's at a radius.
+    - Square (gradient-free) breaks more than :data:`MASKING_SQUARE_SHARE` (2%, and more
+      than 5 images) of the images the gradient attacks of AutoAttack left robust. On MNIST at
+      0.3 (first 1,000 test images, docs/reproduction.md) it breaks 13 of 877 (1.5%) for the
+      PGD-AT recipe's model and 38 of 818 (4.6%) for the FGSM-RS recipe's.
     - FGSM accuracy rises with the radius: accuracy at a radius exceeds the lowest accuracy
       at a smaller one (clean accuracy counts as radius 0) by more than
       :func:`noise_margin` (5 images, or 2 binomial standard errors). A catastrophically
@@ -844,9 +848,12 @@ def masking_flags(report: Mapping) -> list[str]:
                          f"one step (masking)")
     aa = report.get("autoattack")
     black = m.get("square_only_breaks", 0)
-    if aa and black > 0.005 * aa["num_images"]:
-        flags.append(f"Square (gradient-free) broke {black} of {aa['num_images']} "
-                     f"images the gradient attacks left robust (masking)")
+    if aa:
+        left = black + round(aa["robust_accuracy"] * aa["num_images"])  # before Square
+        if black > max(MASKING_MIN_IMAGES, MASKING_SQUARE_SHARE * left):
+            flags.append(f"Square (gradient-free) broke {black} of the {left} images the "
+                         f"gradient attacks left robust ({100 * black / max(left, 1):.1f}%, "
+                         f"of {aa['num_images']}) (masking)")
     return (flags + _rising_fgsm(report)
             + _fgsm_overstates(report, float(st.get("masking_fgsm_share",
                                                     MASKING_FGSM_SHARE)))

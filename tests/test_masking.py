@@ -13,7 +13,7 @@ from rat_tf import evaluation, training
 
 
 def _report(clean, fgsm, pgd=None, pgd_fgsm=None, aa=None, *, n=500, n_pgd=None, aa_n=None,
-            training_record=None, dataset="mnist", **settings):
+            training_record=None, dataset="mnist", square=0, **settings):
     """A report dict holding the figures the masking rules read. ``fgsm``: {radius: acc};
     ``pgd``: {radius: acc}, with FGSM on the PGD images ``pgd_fgsm`` (default: ``fgsm`` at
     those radii); ``aa``: (radius, accuracy), FGSM at that radius standing in for FGSM on the
@@ -28,9 +28,9 @@ def _report(clean, fgsm, pgd=None, pgd_fgsm=None, aa=None, *, n=500, n_pgd=None,
     if aa is not None:
         eps, acc = aa
         r["autoattack"] = {"eps": float(eps), "num_images": aa_n or n, "robust_accuracy": acc,
-                           "broken_by": {"apgd-ce": 1, "square": 0}}
+                           "broken_by": {"apgd-ce": 1, "square": square}}
         masking.update(clean_on_aa_images=clean, fgsm_at_aa_eps=fgsm[eps],
-                       fgsm_to_aa_gap=fgsm[eps] - acc, square_only_breaks=0)
+                       fgsm_to_aa_gap=fgsm[eps] - acc, square_only_breaks=square)
     if training_record is not None:
         masking["training"] = training_record
     return r
@@ -69,6 +69,10 @@ HONEST = {
                                      "0.0313725": 0.228}, {"0.0313725": 0.009},
                              aa=("0.0313725", 0.0), n=10000, n_pgd=1000, aa_n=1000,
                              dataset="cifar10"),
+    # The MNIST PGD-AT recipe's model (docs/reproduction.md): Square breaks 13 of the 877
+    # images APGD and FAB left robust.
+    "repro pgd_at": _report(0.992, {"0.05": 0.986, "0.1": 0.980, "0.2": 0.968, "0.3": 0.950},
+                            {"0.3": 0.895}, aa=("0.3", 0.864), n=1000, square=13),
     "cifar pgd_at": _report(0.504, {"0.00784314": 0.340, "0.0156863": 0.255,
                                     "0.0313725": 0.178}, {"0.0313725": 0.044},
                             aa=("0.0313725", 0.009), n=10000, n_pgd=1000, aa_n=1000,
@@ -79,6 +83,17 @@ HONEST = {
 @pytest.mark.parametrize("name", list(HONEST))
 def test_reported_honest_models_are_not_flagged(name):
     assert evaluation.masking_flags(HONEST[name]) == []
+
+
+@pytest.mark.parametrize("square,left,flagged", [(13, 877, False), (38, 818, True),
+                                                 (5, 100, False), (6, 100, True)])
+def test_square_rule_is_a_share_of_the_images_left_robust(square, left, flagged):
+    """More than 2% (and 5 images) of what the gradient attacks left: the FGSM-RS recipe's
+    model (38 of 818) is flagged, the PGD-AT recipe's (13 of 877) is not."""
+    n = 1000
+    r = _report(0.99, {"0.3": 0.95}, {"0.3": 0.9}, aa=("0.3", (left - square) / n), n=n,
+                square=square)
+    assert bool(_has(evaluation.masking_flags(r), "Square (gradient-free)")) == flagged
 
 
 @pytest.mark.parametrize("clean", [0.90, 0.95, 0.985, 1.0])
