@@ -581,6 +581,31 @@ def _aa_n(ctx: Context) -> int:
     return len(ctx.x_test) if n is None else min(int(n), len(ctx.x_test))
 
 
+def aa_per_image_codes(broken_by: Sequence[str | None], attacks: Sequence[str]) -> dict:
+    """AutoAttack's outcome per image, compact for report.json: ``{"names": [...], "codes":
+    "..."}``, image i's outcome being ``names[int(codes[i])]``.
+
+    ``broken_by`` is :func:`rat_tf.autoattack.autoattack`'s (the attack that broke each image,
+    "clean" if misclassified, None if robust); ``attacks`` the sequence run, "clean" first or
+    not. The names are "robust", "clean", then the attacks in order.
+    """
+    names = ["robust", "clean"] + [a for a in attacks if a != "clean"]
+    if len(names) > 10:
+        raise ValueError(f"at most 8 attacks have one-digit codes, got {list(attacks)}")
+    code = {name: str(i) for i, name in enumerate(names)}
+    return {"names": names, "codes": "".join(code["robust" if b is None else b]
+                                             for b in broken_by)}
+
+
+def aa_per_image(entry: Mapping) -> list[str]:
+    """Per evaluated image, in test-set order (item i is test image i), what broke it under
+    AutoAttack: "clean" (misclassified), an attack's name, or "robust"; ``entry`` is the
+    report's ``autoattack`` entry (or its ``per_image``)."""
+    per_image = entry.get("per_image", entry)
+    names = per_image["names"]
+    return [names[int(c)] for c in per_image["codes"]]
+
+
 class _AutoAttack(Measure):
     """AutoAttack (APGD-CE, APGD-T, FAB-T, Square): worst case per image, with the breakdown."""
 
@@ -621,6 +646,7 @@ class _AutoAttack(Measure):
                   "after_each": out["robust_accuracy"],
                   "broken_by": {a: broken.count(a) for a in out["robust_accuracy"]
                                 if a != "clean"},
+                  "per_image": aa_per_image_codes(out["broken_by"], list(out["robust_accuracy"])),
                   "seconds": {a: round(t, 2) for a, t in out["seconds"].items()}}
         ctx.correct["autoattack"] = out["robust"]
         ctx.done("autoattack", t0, result["robust_accuracy"])
@@ -955,7 +981,9 @@ def _autoattack_section(reports: Mapping[str, Mapping]) -> str:
     lines = ["\n## AutoAttack\n",
              f"Robust accuracy (%) at L-inf {radius} "
              f"after each attack of the sequence, each run only on the images still robust; "
-             f"the last column is the AA figure (worst case per image).\n",
+             f"the last column is the AA figure (worst case per image). report.json keeps "
+             f"what broke each image (`autoattack.per_image`, read by "
+             f"`rat_tf.evaluation.aa_per_image`).\n",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, aa in rows:
         lines.append("| " + " | ".join([name, str(aa["num_images"])] + [

@@ -252,6 +252,23 @@ def test_autoattack_in_the_report_at_most_fgsm(reports, settings):
         assert aa["robust_accuracy"] <= r["pgd_accuracy"][f"{max(settings.pgd_eps):g}"] + 0.05
 
 
+def test_autoattack_keeps_what_broke_each_image(reports):
+    """One outcome per image in test-set order, agreeing with the counts and accuracies."""
+    aa = reports["keras"]["autoattack"]
+    per_image = evaluation.aa_per_image(aa)
+    assert len(per_image) == aa["num_images"] == len(aa["per_image"]["codes"])
+    assert aa["per_image"]["names"] == ["robust", "clean", "apgd-ce", "apgd-t", "fab-t",
+                                        "square"]
+    assert {a: per_image.count(a) for a in aa["broken_by"]} == aa["broken_by"]
+    assert per_image.count("robust") == round(aa["robust_accuracy"] * aa["num_images"])
+    left = aa["num_images"]
+    for name, acc in aa["after_each"].items():  # accuracy after each attack, from the list
+        left -= per_image.count(name)
+        assert left == round(acc * aa["num_images"]), (name, per_image)
+    assert per_image.count("clean") > 0 and per_image.count("apgd-ce") > 0
+    assert evaluation.aa_per_image(json.loads(json.dumps(aa))) == per_image
+
+
 def test_masking_checks_find_nothing_on_an_honest_model(reports):
     assert "masking" not in reports["saved_model"]  # SAVED_MEASURES
     for name, r in [("keras", reports["keras"])]:
