@@ -69,6 +69,7 @@ class EvalSettings:
     aa_attacks: tuple[str, ...] | None = None  # None: the version's sequence
     aa_steps: int = 100
     aa_queries: int = 5000
+    aa_restarts: int = 1  # APGD-CE (and APGD-DLR) runs from random starts
     aa_n: int | None = 1000  # AutoAttack on the first aa_n test images (None: all)
     masking_steps: int = 20  # PGD steps of the gradient-masking check at the whole-box radius
     masking_n: int = 200  # its test images
@@ -102,7 +103,7 @@ class EvalSettings:
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
         for name in ("pgd_steps", "pgd_restarts", "tup_passes", "tup_n_per_class",
                      "uap_passes", "batch_size", "tup_batch_size", "aa_steps", "aa_queries",
-                     "masking_steps", "masking_n"):
+                     "aa_restarts", "masking_steps", "masking_n"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         ops.check_norm(self.tup_norm)
@@ -625,7 +626,7 @@ class _AutoAttack(Measure):
         # a guess until the run tells how many images the first attack left robust
         s, n = ctx.settings, _aa_n(ctx)
         kw = dict(steps=s.aa_steps, n_queries=s.aa_queries, batch_size=s.batch_size,
-                  n_target_classes=min(9, ctx.num_classes - 1),
+                  restarts=s.aa_restarts, n_target_classes=min(9, ctx.num_classes - 1),
                   replicas=ctx.strategy.num_replicas_in_sync)
         names = self._attacks(ctx)
         cost = autoattack.attack_cost(names[0], n, **kw) + sum(
@@ -638,7 +639,8 @@ class _AutoAttack(Measure):
         out = autoattack.autoattack(
             ctx.model_fn, ctx.x_test[:n], ctx.y_test[:n], eps, attacks=self._attacks(ctx),
             seed=s.seed, batch_size=s.batch_size, steps=s.aa_steps, n_queries=s.aa_queries,
-            n_target_classes=min(9, ctx.num_classes - 1), strategy=ctx.strategy,
+            restarts=s.aa_restarts, n_target_classes=min(9, ctx.num_classes - 1),
+            strategy=ctx.strategy,
             progress=lambda done, total: ctx.progress("autoattack", ctx.share(done),
                                                       ctx.share(total)))
         broken = [b for b in out["broken_by"] if b not in (None, "clean")]
