@@ -382,6 +382,8 @@ EVAL_FLAGS = {  # one per evaluation.EvalSettings field, named as the field
                  zero_is_all=True, lower_bound=0),
     "aa_steps": Spec("integer", "AutoAttack: APGD and FAB steps.", lower_bound=1),
     "aa_queries": Spec("integer", "AutoAttack: Square queries.", lower_bound=1),
+    "aa_restarts": Spec("integer", "AutoAttack: random restarts of APGD-CE (and APGD-DLR); "
+                        "APGD-T and FAB-T run once per target class.", lower_bound=1),
     "aa_attacks": Spec("list", "AutoAttack's attacks, from "
                        f"{', '.join(autoattack.ATTACKS)}.", unset="the --aa_version's"),
     "aa_version": Spec("enum", "AutoAttack version (its sequence of attacks).",

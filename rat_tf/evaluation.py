@@ -81,6 +81,7 @@ class EvalSettings:
     aa_attacks: tuple[str, ...] | None = None  # None: the version's sequence
     aa_steps: int = 100
     aa_queries: int = 5000
+    aa_restarts: int = 1  # APGD-CE (and APGD-DLR) runs from random starts
     aa_n: int | None = 1000  # AutoAttack on the first aa_n test images (None: all)
     masking_steps: int = 20  # PGD steps of the gradient-masking check at the whole-box radius
     masking_n: int = 200  # its test images
@@ -116,7 +117,7 @@ class EvalSettings:
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
         for name in ("pgd_steps", "pgd_restarts", "tup_passes", "tup_n_per_class",
                      "uap_passes", "batch_size", "tup_batch_size", "aa_steps", "aa_queries",
-                     "masking_steps", "masking_n"):
+                     "aa_restarts", "masking_steps", "masking_n"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         ops.check_norm(self.tup_norm)
@@ -642,6 +643,31 @@ def _aa_n(ctx: Context) -> int:
     return len(ctx.x_test) if n is None else min(int(n), len(ctx.x_test))
 
 
+def aa_per_image_codes(broken_by: Sequence[str | None], attacks: Sequence[str]) -> dict:
+    """AutoAttack's outcome per image, compact for report.json: ``{"names": [...], "codes":
+    "..."}``, image i's outcome being ``names[int(codes[i])]``.
+
+    ``broken_by`` is :func:`rat_tf.autoattack.autoattack`'s (the attack that broke each image,
+    "clean" if misclassified, None if robust); ``attacks`` the sequence run, "clean" first or
+    not. The names are "robust", "clean", then the attacks in order.
+    """
+    names = ["robust", "clean"] + [a for a in attacks if a != "clean"]
+    if len(names) > 10:
+        raise ValueError(f"at most 8 attacks have one-digit codes, got {list(attacks)}")
+    code = {name: str(i) for i, name in enumerate(names)}
+    return {"names": names, "codes": "".join(code["robust" if b is None else b]
+                                             for b in broken_by)}
+
+
+def aa_per_image(entry: Mapping) -> list[str]:
+    """Per evaluated image, in test-set order (item i is test image i), what broke it under
+    AutoAttack: "clean" (misclassified), an attack's name, or "robust"; ``entry`` is the
+    report's ``autoattack`` entry (or its ``per_image``)."""
+    per_image = entry.get("per_image", entry)
+    names = per_image["names"]
+    return [names[int(c)] for c in per_image["codes"]]
+
+
 class _AutoAttack(Measure):
     """AutoAttack (APGD-CE, APGD-T, FAB-T, Square): worst case per image, with the breakdown."""
 
@@ -661,7 +687,7 @@ class _AutoAttack(Measure):
         # a guess until the run tells how many images the first attack left robust
         s, n = ctx.settings, _aa_n(ctx)
         kw = dict(steps=s.aa_steps, n_queries=s.aa_queries, batch_size=s.batch_size,
-                  n_target_classes=min(9, ctx.num_classes - 1),
+                  restarts=s.aa_restarts, n_target_classes=min(9, ctx.num_classes - 1),
                   replicas=ctx.strategy.num_replicas_in_sync)
         names = self._attacks(ctx)
         cost = autoattack.attack_cost(names[0], n, **kw) + sum(
@@ -674,7 +700,8 @@ class _AutoAttack(Measure):
         out = autoattack.autoattack(
             ctx.model_fn, ctx.x_test[:n], ctx.y_test[:n], eps, attacks=self._attacks(ctx),
             seed=s.seed, batch_size=s.batch_size, steps=s.aa_steps, n_queries=s.aa_queries,
-            n_target_classes=min(9, ctx.num_classes - 1), strategy=ctx.strategy,
+            restarts=s.aa_restarts, n_target_classes=min(9, ctx.num_classes - 1),
+            strategy=ctx.strategy,
             progress=lambda done, total: ctx.progress("autoattack", ctx.share(done),
                                                       ctx.share(total)))
         broken = [b for b in out["broken_by"] if b not in (None, "clean")]
@@ -682,6 +709,7 @@ class _AutoAttack(Measure):
                   "after_each": out["robust_accuracy"],
                   "broken_by": {a: broken.count(a) for a in out["robust_accuracy"]
                                 if a != "clean"},
+                  "per_image": aa_per_image_codes(out["broken_by"], list(out["robust_accuracy"])),
                   "seconds": {a: round(t, 2) for a, t in out["seconds"].items()}}
         ctx.correct["autoattack"] = out["robust"]
         ctx.done("autoattack", t0, result["robust_accuracy"])
@@ -1184,7 +1212,9 @@ def _autoattack_section(reports: Mapping[str, Mapping]) -> str:
     lines = ["\n## AutoAttack\n",
              f"Robust accuracy (%) at L-inf {radius} "
              f"after each attack of the sequence, each run only on the images still robust; "
-             f"the last column is the AA figure (worst case per image).\n",
+             f"the last column is the AA figure (worst case per image). report.json keeps "
+             f"what broke each image (`autoattack.per_image`, read by "
+             f"`rat_tf.evaluation.aa_per_image`).\n",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, aa in rows:
         lines.append("| " + " | ".join([name, str(aa["num_images"])] + [

@@ -111,7 +111,7 @@ _FAST_EVAL = ["--dataset=mnist", "--data_source=files", "--n_test=50", "--fgsm_e
               "--pgd_eps=0.1", "--pgd_steps=1", "--pgd_restarts=1", "--tup_passes=1",
               "--tup_n_per_class=2", "--uap_passes=1", "--batch_size=50",
               "--measures=clean,fgsm,pgd,autoattack", "--aa_n=0", "--aa_attacks=apgd-ce",
-              "--aa_steps=2"]
+              "--aa_steps=2", "--aa_restarts=2"]
 
 
 def test_evaluate_checks_every_model_and_the_output_dir_first(tiny_model_path, data_dir,
@@ -147,6 +147,8 @@ def test_evaluate_keeps_finished_models_when_a_later_one_fails(tiny_model_path, 
     # --measures picks the measures; --aa_n=0: AutoAttack on every test image used
     assert "tup_fresh" not in report["a"] and report["a"]["autoattack"]["num_images"] == 50
     assert report["a"]["settings"]["aa_attacks"] == ["apgd-ce"]
+    assert report["a"]["settings"]["aa_restarts"] == 2  # --aa_restarts
+    assert len(report["a"]["autoattack"]["per_image"]["codes"]) == 50
     assert "| a |" in (out / "report.md").read_text()
     assert (out / "accuracy_vs_radius.png").stat().st_size > 1000
 
