@@ -26,7 +26,7 @@ cli.define_n_test_flag(recipes.reproduce)
 cli.define("integer", "seed", "Random seed.", sets=Config)
 cli.define("integer", "epochs", "Epochs.", sets=Config)
 cli.define_adv_flags(Config, only=["early_stop_drop", "early_stop_images"])
-cli.define_eval_flags(only=["aa_n"])
+cli.define_eval_flags(only=["aa_n", "aa_restarts"])
 cli.define_strategy_flags()
 
 
