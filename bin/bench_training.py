@@ -3,7 +3,8 @@
     python bin/bench_training.py --output_dir=results   # writes results/bench_training.json
 
 1. Cost per input image of rat (replace / one / all / worst targets; one and replace also
-   with V learnt online), fgsm_at and pgd_at
+   with V learnt online; V as the start of an FGSM step: ``rat_init`` class, target with
+   random and runner-up targets), fgsm_at and pgd_at
    relative to standard training: same model (mnist_cnn), batch size and data; images/s of the
    steady epoch. Also per example trained on (rat "one" and "worst" train on each image and one
    perturbed copy, "worst" after 9 inference passes to pick it; "all" on the image and its 9
@@ -93,6 +94,10 @@ _COST_METHODS = {
     "rat_worst": ({"method": "rat", "targets_per_image": "worst"}, 2),
     "rat_one_online": ({"method": "rat", "targets_per_image": "one", "online": True}, 2),
     "rat_replace_online": ({"method": "rat", "batch_mode": "replace", "online": True}, 1),
+    "rat_init_class": ({"method": "rat", "rat_init": "class"}, 1),
+    "rat_init_target": ({"method": "rat", "rat_init": "target"}, 1),
+    "rat_init_target_runner_up": ({"method": "rat", "rat_init": "target",
+                                   "targets_per_image": "runner_up"}, 1),
     "fgsm_at": ({"method": "fgsm_at"}, 1),
     "pgd_at": ({"method": "pgd_at"}, 1)}
 

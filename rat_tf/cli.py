@@ -293,8 +293,16 @@ RAT_FLAGS = {
                        values=tuple(trainers.BATCH_MODES)),
     "online": Spec("bool", "RAT: update V online at every training step (it starts from "
                    "--perturbations_path if given, else from a search at the start)."),
-    "online_step_size": Spec("float", "RAT: step size of the online V update.",
-                             unset="the trainer's default"),
+    "online_step_size": Spec("float", "RAT: step size of the online V update (also of V "
+                             "under --rat_init).", unset="eps / 10"),
+    "rat_init": Spec("enum", "RAT: none trains on clip(x + V[t]) (the paper); class / target "
+                     "start a per-image FGSM step at V[y] / V[t] (V[y, t] with --per_source) "
+                     "and learn V from its gradient; zero / random start it at 0 / uniform.",
+                     values=tuple(trainers.RAT_INITS)),
+    "rat_step_size": Spec("float", "RAT: the FGSM step from the --rat_init start.",
+                          unset="eps; 1.25 eps from random"),
+    "rat_consistency": Spec("float", "RAT: weight of the logit-consistency penalty of the "
+                            "--rat_init step (FGSM-UAP: 10)."),
 }
 
 RECIPE_FLAGS = {  # the training recipe beyond optimizer and learning rate
@@ -442,7 +450,8 @@ def define_search_flags(target: Target, **group: Any) -> None:
 
 def define_rat_flags(target: Target, **group: Any) -> None:
     """RAT training: ``--refresh_every``, ``--refresh_passes``, ``--targets_per_image``,
-    ``--perturbed_fraction``, ``--batch_mode``, ``--online``, ``--online_step_size``."""
+    ``--perturbed_fraction``, ``--batch_mode``, ``--online``, ``--online_step_size``,
+    ``--rat_init``, ``--rat_step_size``, ``--rat_consistency``."""
     _define_group(RAT_FLAGS, target, **group)
 
 

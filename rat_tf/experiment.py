@@ -60,7 +60,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from rat_tf import attacks, data, evaluation, export, files, perturbation_files, training
+from rat_tf import attacks, data, evaluation, export, files, perturbation_files, trainers
+from rat_tf import training
 
 BUDGETS = ("tiny", "small", "full")
 FINETUNE_METHODS = ("rat", "fgsm_at", "pgd_at", "standard")
@@ -177,6 +178,9 @@ class ExperimentConfig:
     per_source: bool | None = None  # RAT: one V per (source class, target); default per preset
     online: bool = False  # RAT: V updated online at every step, starting from the searched V
     online_step_size: float | None = None  # RAT: None: the trainer's default
+    rat_init: str = "none"  # RAT: "class"/"target": V starts a per-image FGSM step
+    rat_step_size: float | None = None  # RAT: that step; None: the trainer's default
+    rat_consistency: float = 0.0  # RAT: that step's logit-consistency penalty
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -256,10 +260,7 @@ class ExperimentConfig:
     def _rat_settings(self) -> dict:
         """The RAT-only TrainConfig fields of stage (c)."""
         return dict(refresh_every=self.refresh_every, refresh_passes=self.refresh_passes,
-                    targets_per_image=self.targets_per_image,
-                    perturbed_fraction=self.perturbed_fraction, batch_mode=self.batch_mode,
-                    per_source=bool(self.per_source), online=bool(self.online),
-                    online_step_size=self.online_step_size)
+                    **trainers.RATSettings.of(self).asdict())
 
     def pretrain_config(self, model_dir: str) -> training.TrainConfig:
         """The :class:`rat_tf.training.TrainConfig` of stage (a), the start model."""

@@ -37,6 +37,7 @@ class Recipe:
 _WONG_MNIST = dict(dataset="mnist", model="wong_mnist_net", epochs=10, batch_size=100,
                    optimizer="adam", lr=5e-3, lr_schedule="onecycle", warmup_epochs=4.0,
                    adv_eps=0.3)  # the cyclic schedule of Wong et al.'s MNIST code
+_RAT_START = dict(method="rat", train_subset=0)  # RAT on every training image, V learnt
 _NFGSM = dict(adv_init_scale=2.0, adv_box_start=True, adv_project=False)
 # Wong et al.'s CIFAR-10 code: SGD momentum 0.9, L2 weight decay 5e-4, cyclic lr peaking at
 # half the epochs; here Nesterov momentum and decoupled decay (rat_tf's "momentum" optimizer).
@@ -69,6 +70,14 @@ RECIPES: dict[str, Recipe] = {
          "adv_freeze_fooled": True},
         "Wong et al.'s MNIST PGD training (PGD 40 x 0.01, an example frozen once "
         "misclassified) with their model and cyclic schedule (10 epochs)"),
+    "mnist_rat_class": Recipe(
+        {**_WONG_MNIST, **_RAT_START, "rat_init": "class"},
+        "RAT with V as the start of a per-image FGSM step, one V per true class (the start "
+        "of FGSM-UAP, Pan et al. 2024), on the MNIST model and schedule of Wong et al."),
+    "mnist_rat_target": Recipe(
+        {**_WONG_MNIST, **_RAT_START, "rat_init": "target", "targets_per_image": "runner_up"},
+        "RAT with V[t] (t: the runner-up class) as the start of a per-image FGSM step toward "
+        "t, on the MNIST model and schedule of Wong et al."),
     "cifar10_fgsm_rs": Recipe(
         {**_CIFAR_GPU, "method": "fgsm_at", "epochs": 15, "lr": 0.2,
          "lr_schedule": "onecycle", "warmup_epochs": 7.5, "pgd_step_size": 10 / 255,

@@ -8,6 +8,7 @@ and loads as a ``.keras`` file with its classifier.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
@@ -18,9 +19,88 @@ import tensorflow as tf
 from rat_tf import attacks, keras_compat, models, ops, perturbation_files
 
 METHODS = ("standard", "rat", "fgsm_at", "pgd_at")
-TARGET_MODES = ("one", "all", "worst")  # RAT targets per image per step
+TARGET_MODES = ("one", "all", "worst", "runner_up")  # RAT targets per image per step
 BATCH_MODES = ("append", "replace")
+RAT_INITS = ("none", "zero", "random", "class", "target")  # what V is to a RAT step
 FGSM_RS_ALPHA = 1.25  # Wong et al. (2020): FGSM step = 1.25 eps from a uniform random start
+
+
+@dataclasses.dataclass(frozen=True)
+class RATSettings:
+    """The RAT settings of :class:`RATModel` beyond V, its radius and norm: the one list of
+    them that the trainer, ``TrainConfig``, ``ExperimentConfig`` and the flags share."""
+
+    targets_per_image: str = "one"  # TARGET_MODES
+    perturbed_fraction: float = 0.5
+    batch_mode: str = "append"  # BATCH_MODES
+    per_source: bool = False  # V[s, t] instead of V[t]
+    online: bool = False  # rat_init "none": V learnt at every step
+    online_step_size: float | None = None  # the step of V when learnt; None: eps / 10
+    rat_init: str = "none"  # RAT_INITS: "none" trains on clip(x + V[t]); else V starts FGSM
+    rat_step_size: float | None = None  # the FGSM step from the start; None: eps (1.25 eps
+    #                                     from a random start)
+    rat_consistency: float = 0.0  # weight of the logit-consistency penalty (FGSM-UAP: 10)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The setting names, in order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def of(cls, source: Any) -> "RATSettings":
+        """The settings read off the same-named attributes of ``source`` (a config)."""
+        return cls(**{n: getattr(source, n) for n in cls.names()})
+
+    def asdict(self) -> dict:
+        """The settings as keyword arguments of :class:`RATModel`."""
+        return dataclasses.asdict(self)
+
+    def check(self, eps: float | None = None, norm: str = "linf") -> None:
+        """Raise ValueError naming the first bad setting (``eps``: V's radius, if known)."""
+        if self.targets_per_image not in TARGET_MODES:
+            raise ValueError(f"targets_per_image must be one of {TARGET_MODES}, got "
+                             f"{self.targets_per_image!r}")
+        if self.batch_mode not in BATCH_MODES:
+            raise ValueError(f"batch_mode must be one of {BATCH_MODES}, got "
+                             f"{self.batch_mode!r}")
+        if self.rat_init not in RAT_INITS:
+            raise ValueError(f"rat_init must be one of {RAT_INITS}, got {self.rat_init!r}")
+        if self.batch_mode == "replace" and self.targets_per_image == "all":
+            raise ValueError("batch_mode 'replace' swaps an image for ONE perturbed copy: use "
+                             "targets_per_image 'one', 'worst' or 'runner_up'")
+        if not 0.0 <= float(self.perturbed_fraction) <= 1.0:
+            raise ValueError(f"perturbed_fraction must be in [0, 1], got "
+                             f"{self.perturbed_fraction}")
+        if eps is not None:
+            ops.check_radius(eps)
+        ops.check_norm(norm)
+        if self.online and eps is None:
+            raise ValueError("online=True needs eps, the radius V is projected onto")
+        if self.online and float(self.perturbed_fraction) == 0.0:
+            raise ValueError("online=True with perturbed_fraction 0 never uses V: raise the "
+                             "fraction or drop online")
+        for name in ("online_step_size", "rat_step_size"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not (math.isfinite(float(self.rat_consistency)) and self.rat_consistency >= 0):
+            raise ValueError(f"rat_consistency must be >= 0, got {self.rat_consistency}")
+        if self.rat_init == "none":
+            if self.rat_step_size is not None or self.rat_consistency:
+                raise ValueError("rat_step_size and rat_consistency are settings of an FGSM "
+                                 "step from V: set rat_init (class, target, zero or random)")
+            return
+        if eps is None:
+            raise ValueError(f"rat_init={self.rat_init!r} needs eps, the radius of the step")
+        if self.targets_per_image == "all":
+            raise ValueError(f"rat_init={self.rat_init!r} starts one step per image: "
+                             f"targets_per_image 'all' does not apply")
+        if self.rat_init == "class" and self.per_source:
+            raise ValueError("rat_init='class' uses V[y], one row per true class: per_source "
+                             "(V[s, t]) needs rat_init='target'")
+        if self.online:
+            raise ValueError(f"rat_init={self.rat_init!r} learns V from its own step: drop "
+                             f"online (that is rat_init 'none''s online update)")
 
 
 def _replicas() -> int:
@@ -246,6 +326,18 @@ class RATModel(StandardModel):
     perturbed copy toward its target, computed from the training forward pass (one extra
     input gradient), summed over replicas so V stays identical on all of them; it needs
     ``eps``. ``fit`` refuses to start without a V unless V is learnt (online or by a callback).
+
+    ``rat_init`` other than "none" (beyond the paper) makes V the START of a per-image FGSM
+    step, as FGSM-UAP (Pan et al. 2024) does with one V per true class: each image starts at
+    x + V[y] ("class"), x + V[t] or x + V[y, t] with ``per_source`` ("target", t from
+    ``targets_per_image``: random, "runner_up" (the most likely wrong class) or "worst"), or
+    at zero / uniform in the ball ("zero", "random": the ablation's FGSM and FGSM-RS), takes
+    one signed step of ``rat_step_size`` up the true-class cross-entropy ("target": up the
+    logit margin z_t - z_y), is projected to the eps ball and trained on alone, with its
+    TRUE label, plus ``rat_consistency`` times the mean squared logit change from the start
+    (FGSM-UAP's penalty). The same input gradient moves each V row used, as the online update
+    does (step ``online_step_size``). V starts as given, else at random corners of the ball.
+    The logs add ``adversarial_accuracy``, on the batch the step fits.
     """
 
     method = "rat"
@@ -254,66 +346,79 @@ class RATModel(StandardModel):
                  targets_per_image: str = "one", perturbed_fraction: float = 0.5,
                  batch_mode: str = "append", per_source: bool = False,
                  eps: float | None = None, norm: str = "linf", online: bool = False,
-                 online_step_size: float | None = None, **kwargs):
+                 online_step_size: float | None = None, rat_init: str = "none",
+                 rat_step_size: float | None = None, rat_consistency: float = 0.0, **kwargs):
         super().__init__(classifier, **kwargs)
-        self.check_settings(targets_per_image=targets_per_image,
-                            perturbed_fraction=perturbed_fraction, batch_mode=batch_mode,
-                            eps=eps, norm=norm, online=online,
-                            online_step_size=online_step_size)
-        self.targets_per_image = targets_per_image
-        self.batch_mode = batch_mode
-        self.perturbed_fraction = float(perturbed_fraction)
-        self.per_source = bool(per_source)
+        rat = RATSettings(targets_per_image=targets_per_image,
+                          perturbed_fraction=float(perturbed_fraction), batch_mode=batch_mode,
+                          per_source=bool(per_source), online=bool(online),
+                          online_step_size=None if online_step_size is None
+                          else float(online_step_size), rat_init=rat_init,
+                          rat_step_size=None if rat_step_size is None else float(rat_step_size),
+                          rat_consistency=float(rat_consistency))
+        rat.check(eps=eps, norm=norm)
+        self.rat = rat
+        self.targets_per_image, self.batch_mode = rat.targets_per_image, rat.batch_mode
+        self.perturbed_fraction, self.per_source = rat.perturbed_fraction, rat.per_source
+        self.online, self.online_step_size = rat.online, rat.online_step_size
+        self.rat_init, self.rat_consistency = rat.rat_init, rat.rat_consistency
         self.eps, self.norm = (None if eps is None else float(eps)), ops.check_norm(norm)
-        self.online = bool(online)
-        self.online_step_size = None if online_step_size is None else float(online_step_size)
         rows = (self.num_classes,) * (2 if self.per_source else 1)
         self.perturbations = self.add_weight(
             name="perturbations", shape=(*rows, *self.image_shape),
             initializer="zeros", trainable=False, aggregation="only_first_replica")
         self.perturbed_accuracy = keras.metrics.SparseCategoricalAccuracy(
             name="perturbed_accuracy")
+        if self.starts_fgsm:
+            self.adversarial_accuracy = keras.metrics.SparseCategoricalAccuracy(
+                name="adversarial_accuracy")
+            self.consistency_loss = keras.metrics.Mean(name="consistency_loss")
+            if perturbations is None and self.learns_start:
+                perturbations = self.random_corners()
         if perturbations is not None:
             self.set_perturbations(perturbations)
 
+    @property
+    def starts_fgsm(self) -> bool:
+        """Whether a step is FGSM from a start (``rat_init`` other than "none")."""
+        return self.rat_init != "none"
+
+    @property
+    def learns_start(self) -> bool:
+        """Whether V is the start of the FGSM step, learnt from its gradient."""
+        return self.rat_init in ("class", "target")
+
+    @property
+    def rat_step_size(self) -> float | None:
+        """The FGSM step from the start (None for rat_init "none")."""
+        if not self.starts_fgsm:
+            return None
+        if self.rat.rat_step_size is not None:
+            return self.rat.rat_step_size
+        return self.eps * (FGSM_RS_ALPHA if self.rat_init == "random" else 1.0)
+
+    def random_corners(self) -> np.ndarray:
+        """A V of random signs times eps (L-inf; L2: a random direction of norm eps), drawn
+        from the seed: the start V learns from when none is given, as FGSM-UAP's."""
+        rng = np.random.default_rng(self.seed)
+        shape = tuple(self.perturbations.shape)
+        v = rng.choice(np.float32([-1.0, 1.0]), size=shape)
+        if self.norm == "l2":
+            axes = tuple(range(len(shape) - len(self.image_shape), len(shape)))
+            v = v / np.sqrt(np.sum(v * v, axis=axes, keepdims=True))
+        return (np.float32(self.eps) * v * np.float32(1 - 1e-6)).astype(np.float32)
+
     @staticmethod
-    def check_settings(*, targets_per_image: str = "one", perturbed_fraction: float = 0.5,
-                       batch_mode: str = "append", per_source: bool = False,
-                       eps: float | None = None, norm: str = "linf", online: bool = False,
-                       online_step_size: float | None = None) -> None:
-        """Raise ValueError naming the first bad RAT setting."""
-        del per_source  # any bool
-        if targets_per_image not in TARGET_MODES:
-            raise ValueError(f"targets_per_image must be one of {TARGET_MODES}, got "
-                             f"{targets_per_image!r}")
-        if batch_mode not in BATCH_MODES:
-            raise ValueError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
-        if batch_mode == "replace" and targets_per_image == "all":
-            raise ValueError("batch_mode 'replace' swaps an image for ONE perturbed copy: use "
-                             "targets_per_image 'one' or 'worst'")
-        if not 0.0 <= float(perturbed_fraction) <= 1.0:
-            raise ValueError(f"perturbed_fraction must be in [0, 1], got {perturbed_fraction}")
-        if eps is not None:
-            ops.check_radius(eps)
-        ops.check_norm(norm)
-        if online and eps is None:
-            raise ValueError("online=True needs eps, the radius V is projected onto")
-        if online and float(perturbed_fraction) == 0.0:
-            raise ValueError("online=True with perturbed_fraction 0 never uses V: raise the "
-                             "fraction or drop online")
-        if online_step_size is not None and not (
-                math.isfinite(float(online_step_size)) and float(online_step_size) > 0):
-            raise ValueError(f"online_step_size must be positive, got {online_step_size}")
+    def check_settings(*, eps: float | None = None, norm: str = "linf", **settings) -> None:
+        """Raise ValueError naming the first bad RAT setting (see :class:`RATSettings`)."""
+        RATSettings(**settings).check(eps=eps, norm=norm)
 
     def get_config(self) -> dict:
         return {**super().get_config(), **self._own_settings(), "eps": self.eps,
                 "norm": self.norm}
 
     def _own_settings(self) -> dict:
-        return {"targets_per_image": self.targets_per_image,
-                "perturbed_fraction": self.perturbed_fraction, "batch_mode": self.batch_mode,
-                "per_source": self.per_source, "online": self.online,
-                "online_step_size": self.online_step_size}
+        return self.rat.asdict()
 
     def set_perturbations(self, perturbations: np.ndarray) -> None:
         """Assign V (float [K,H,W,C]); call in cross-replica context (e.g. a callback).
@@ -338,10 +443,12 @@ class RATModel(StandardModel):
 
     def fit(self, *args, **kwargs):
         """``Model.fit``, refused if V is all zero once training begins (after callbacks such
-        as ``BackupAndRestore`` restored theirs), unless V is learnt: ``online`` or a callback
-        that searches it (:class:`rat_tf.callbacks.RefreshPerturbations`)."""
+        as ``BackupAndRestore`` restored theirs), unless V is learnt: ``online``, a callback
+        that searches it (:class:`rat_tf.callbacks.RefreshPerturbations`) or a ``rat_init``
+        step."""
         callbacks = list(kwargs.pop("callbacks", None) or [])
-        if self.perturbed_fraction > 0 and not self.online and not any(
+        needs_v = not self.starts_fgsm and self.perturbed_fraction > 0 and not self.online
+        if needs_v and not any(
                 getattr(c, "searches_perturbations", False) for c in callbacks):
             callbacks.append(_RequirePerturbations())
         return super().fit(*args, callbacks=callbacks, **kwargs)
@@ -360,6 +467,10 @@ class RATModel(StandardModel):
             offset = self._global_draw(0, tf.shape(y), lambda shape, seed: (
                 tf.random.stateless_uniform(shape, seed, minval=1, maxval=k, dtype=tf.int32)))
             return (y + offset) % k
+        if self.targets_per_image == "runner_up":  # the most likely wrong class of x
+            logits = tf.stop_gradient(self.logits(x, training=False))
+            logits = tf.where(tf.one_hot(y, k) > 0, tf.cast(-np.inf, logits.dtype), logits)
+            return tf.argmax(logits, axis=1, output_type=tf.int32)
         every = (y[:, None] + tf.range(1, k, dtype=y.dtype)[None, :]) % k  # [B, K-1]
         if self.targets_per_image == "all":
             return every
@@ -448,8 +559,98 @@ class RATModel(StandardModel):
         moved = tf.clip_by_value(moved, lo - hi, hi - lo)
         self.perturbations.assign(tf.reshape(moved, shape))
 
+    def start(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None,
+                                                          tf.Tensor | None]:
+        """(the start of the FGSM step of (x, y), the V rows it took or None, the targets or
+        None): zero, uniform in the ball, V[y], or V[t] / V[y, t] for this step's targets."""
+        if self.rat_init == "zero":
+            return tf.zeros_like(x), None, None
+        if self.rat_init == "random":
+            return self._global_draw(2, tf.shape(x), lambda shape, seed: ops.random_in_ball(
+                shape, self.eps, self.norm, seed, x.dtype)), None, None
+        v = tf.convert_to_tensor(self.perturbations)
+        targets = None
+        if self.rat_init == "class":
+            rows = y
+        else:
+            targets = self._targets(x, y, v)
+            rows = y * self.num_classes + targets if self.per_source else targets
+        flat = tf.reshape(v, (-1, *self.image_shape))
+        return tf.cast(tf.gather(flat, rows), x.dtype), rows, targets
+
+    def _step_objective(self, logits: tf.Tensor, y: tf.Tensor,
+                        targets: tf.Tensor | None) -> tf.Tensor:
+        """What the FGSM step raises, summed: the cross-entropy of the true class, or with
+        targets the logit margin z_t - z_y (toward the target, away from the label)."""
+        logits = tf.cast(logits, tf.float32)
+        if targets is None:
+            return tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True))
+        return tf.reduce_sum(tf.gather(logits, targets, batch_dims=1)
+                             - tf.gather(logits, y, batch_dims=1))
+
+    def adversarial_batch(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """The FGSM examples a ``rat_init`` step of (x, y) trains on (inference mode)."""
+        delta0, _, targets = self.start(x, y)
+        x_adv, _, _ = self._fgsm_from(x, y, delta0, targets)
+        return tf.stop_gradient(x_adv)
+
+    def _fgsm_from(self, x: tf.Tensor, y: tf.Tensor, delta0: tf.Tensor,
+                   targets: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(the FGSM example from x + delta0, the logits at the start, the input gradient
+        there): one projected step of ``rat_step_size`` up :meth:`_step_objective`, its
+        gradient taken at the unclipped start as ``attacks.fgsm(box_start=False)`` does."""
+        x0 = x + delta0  # not clipped: see attacks.fgsm's box_start
+        with tf.GradientTape() as tape:
+            tape.watch(x0)
+            logits0 = self.logits(x0, training=False)
+            objective = self._step_objective(logits0, y, targets)
+        grad = tf.stop_gradient(tape.gradient(objective, x0))
+        step = tf.cast(self.rat_step_size, x.dtype) * ops.normalized_step(grad, self.norm)
+        delta = ops.project(delta0 + step, self.eps, self.norm)
+        return (tf.stop_gradient(ops.apply_perturbation(x, delta, self.clip_values)), logits0,
+                grad)
+
+    def _train_from_start(self, x: tf.Tensor, y: tf.Tensor, sw: tf.Tensor | None) -> dict:
+        """A ``rat_init`` step: FGSM from the start, the weight update on the FGSM batch
+        (plus the consistency penalty), and V moved up the same input gradient."""
+        delta0, rows, targets = self.start(x, y)
+        penalty = self.rat_consistency > 0
+        with tf.GradientTape() as tape:
+            if penalty:  # the penalty's gradient flows through the start's logits too
+                x_adv, logits0, grad = self._fgsm_from(x, y, delta0, targets)
+            else:
+                with tape.stop_recording():
+                    x_adv, logits0, grad = self._fgsm_from(x, y, delta0, targets)
+            outputs = self.classifier(x_adv, training=True)
+            loss = self._track_loss(x_adv, y, outputs, sw, training=True)
+            if penalty:
+                gap = tf.reduce_mean(tf.square(
+                    tf.cast(self.logits(x_adv, training=True) if not self.from_logits
+                            else outputs, tf.float32) - logits0), axis=-1)
+                if sw is not None:
+                    gap = gap * sw
+                gap = tf.reduce_mean(gap)
+                self.consistency_loss.update_state(gap)
+                loss = loss + self.rat_consistency * gap / tf.cast(_replicas(), tf.float32)
+            scaled = self.optimizer.scale_loss(loss)
+        weights = self.trainable_weights
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, weights), weights))
+        if rows is not None:  # V rows move up the gradient at their start (sum over images)
+            v = tf.convert_to_tensor(self.perturbations)
+            n_rows = int(np.prod(self.perturbations.shape[:-len(self.image_shape)]))
+            row_grad = tf.math.unsorted_segment_sum(tf.cast(grad, tf.float32), rows, n_rows)
+            self.learn_perturbations(v, -tf.reshape(row_grad, tf.shape(v)))
+        self.compute_metrics(x_adv, y, outputs, sw)
+        self.adversarial_accuracy.update_state(y, outputs, sample_weight=sw)
+        if penalty:
+            return self._results(self.adversarial_accuracy, self.consistency_loss)
+        return self._results(self.adversarial_accuracy)
+
     def train_step(self, data):
         x, y, sw = self._unpack(data)
+        if self.starts_fgsm:
+            return self._train_from_start(x, y, sw)
         f = self.perturbed_fraction
         if f == 0.0:
             return super().train_step(data)
@@ -480,7 +681,8 @@ class RATModel(StandardModel):
         return self._results(self.perturbed_accuracy)
 
     def settings(self) -> dict:
-        return {**super().settings(), **self._own_settings()}
+        return {**super().settings(), **self._own_settings(), "eps": self.eps,
+                "norm": self.norm}
 
 
 @_SERIALIZABLE

@@ -82,6 +82,9 @@ class TrainConfig:
     per_source: bool = False  # one V per (source class, target) instead of per target
     online: bool = False  # RAT: V updated online at every step (starts as given or searched)
     online_step_size: float | None = None  # None: the trainer's default
+    rat_init: str = "none"  # trainers.RAT_INITS: "class"/"target": V starts an FGSM step
+    rat_step_size: float | None = None  # that step; None: eps (1.25 eps from "random")
+    rat_consistency: float = 0.0  # logit-consistency penalty of that step (FGSM-UAP: 10)
     # FGSM-AT / PGD-AT
     adv_eps: float | None = None  # attack radius; None: the dataset's (DatasetInfo.adv_eps)
     pgd_steps: int = 10
@@ -184,9 +187,10 @@ class TrainConfig:
             (not self.perturbations_path or os.path.isfile(self.perturbations_path),
              f"perturbations_path {self.perturbations_path!r}: no such file"),
             (self.method == "rat" or not (self.perturbations_path or self.refresh_every
-                                          or self.per_source or self.online),
-             "perturbations_path, refresh_every, per_source and online are RAT settings "
-             "(method=rat)"),
+                                          or self.per_source or self.online
+                                          or self.rat_init != "none"),
+             "perturbations_path, refresh_every, per_source, online and rat_init are RAT "
+             "settings (method=rat)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -206,10 +210,7 @@ class TrainConfig:
             batch_size=min(128, num_images), per_source=bool(self.per_source))
 
     def _rat_settings(self) -> dict:
-        return {"targets_per_image": self.targets_per_image,
-                "perturbed_fraction": self.perturbed_fraction, "batch_mode": self.batch_mode,
-                "per_source": bool(self.per_source), "online": bool(self.online),
-                "online_step_size": self.online_step_size}
+        return trainers.RATSettings.of(self).asdict()
 
     def _adv_settings(self) -> dict:
         return {"method": self.method if self.method in ("fgsm_at", "pgd_at") else "pgd_at",
@@ -530,10 +531,13 @@ class _Run:
     def set_perturbations(self, trainer: trainers.StandardModel, given_v: np.ndarray | None,
                           search: attacks.SearchSettings, x: np.ndarray, y: np.ndarray
                           ) -> tuple[float, dict | None]:
-        """RAT: the given V, or one searched against the start weights (a resumed run
-        restores V from its backup). Returns (seconds, search stats or None)."""
+        """RAT: the given V, or one searched against the start weights unless a ``rat_init``
+        step learns it (a resumed run restores V from its backup). Returns (seconds, search
+        stats or None)."""
         if self.config.method != "rat" or self.resuming:
             return 0.0, None
+        if given_v is None and self.config.rat_init != "none":
+            return 0.0, None  # V starts at the trainer's random corners (or is not used)
         t, stats = time.time(), None
         if given_v is not None:
             v = given_v

@@ -133,7 +133,8 @@ def test_every_recipe_is_a_valid_config_of_a_zoo_model():
     for name, recipe in recipes.RECIPES.items():
         config = recipes.train_config(name, model_dir="unused")
         config.validate()
-        assert config.model in models.MODELS and config.method in ("fgsm_at", "pgd_at")
+        assert config.model in models.MODELS and (config.method in ("fgsm_at", "pgd_at")
+                                                   or config.rat_init != "none")
         assert recipe.source
     fgsm_rs = recipes.train_config("mnist_fgsm_rs", epochs=3)
     assert fgsm_rs.epochs == 3 and fgsm_rs.pgd_step_size == 0.375  # overrides on top

@@ -96,7 +96,8 @@ def test_onecycle_schedule_and_optimizer():
     (dict(warmup_epochs=3.0, lr_schedule="cosine"), r"warmup_epochs must be in \[0, epochs=2\)"),
     (dict(lr_schedule="linear"), "unknown lr_schedule 'linear'"),
     (dict(test_every=-1), "test_every must be >= 0"),
-    (dict(online=True), "online are RAT settings"),
+    (dict(online=True), "online and rat_init are RAT settings"),
+    (dict(rat_init="class"), "online and rat_init are RAT settings"),
 ])
 def test_bad_recipe_settings_are_named(change, message):
     config = training.TrainConfig(dataset="cifar10", model="fast_cifar_net", epochs=2,
