@@ -1,11 +1,12 @@
-"""The paper's pipeline in one command: standard model, V, RAT, FGSM-AT, PGD-AT, evaluation.
+"""The paper's pipeline in one command: standard model, V, RAT, RAT-FGSM, FGSM-AT, PGD-AT,
+evaluation.
 
-    python3 bin/experiment.py --dataset=mnist --budget=small --output_dir=results/mnist_small
+    python3 bin/experiment.py --dataset=mnist --budget=quick --output_dir=results/mnist_quick
 
 Stages already done in --output_dir are skipped (rerun the same command to resume). The
 budget presets and the layout of the results directory are documented in rat_tf/experiment.py
 (the tuning runs behind the presets in docs/experiments.md); report.md holds the side-by-side
-table. README.md gives the run time of the MNIST small run. Each flag sets the
+table; docs/results.md gives the run times. Each flag sets the
 ``rat_tf.experiment.ExperimentConfig`` field of its name, the evaluation flags its
 ``eval_overrides`` (``rat_tf.evaluation.EvalSettings`` fields); unset ones come from the
 budget preset.
@@ -20,8 +21,9 @@ from rat_tf import cli, data, evaluation, experiment, training
 Config = experiment.ExperimentConfig
 FLAGS = flags.FLAGS
 cli.define_dataset_flag(Config)
-cli.define("enum", "budget", "Size preset: tiny (tests), small (a 2-core CPU; run time in "
-           "README.md), full.", sets=Config, values=experiment.BUDGETS)
+cli.define("enum", "budget", "Size preset: tiny (tests), quick (minutes on 2 CPU cores), "
+           "small (hours on 2 CPU cores), full (a GPU).", sets=Config,
+           values=experiment.BUDGETS)
 cli.define_output_flag("every stage's outputs and report.md (resumed if it exists)",
                        sets=Config, required=True)
 cli.define_data_flags(Config)

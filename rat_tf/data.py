@@ -381,7 +381,7 @@ def _missing(name: str, split: str, data_dir: str | None) -> DataError:
     info = get_info(name)
     wanted = " or ".join(", ".join(f"{b}[.gz]" for b in bases)
                          for _, bases in info.layouts.get(split, ()))
-    how = (f"point ${ENV_DATA_DIR} (or --data_dir) at the folder holding them (see README, "
+    how = (f"point ${ENV_DATA_DIR} (or --data_dir) at the folder holding them (see docs/guide.md, "
            f"Data), or ask for tensorflow_datasets with --data_source=tfds")
     if not data_dir:
         subs = ", ".join(f"{s or '.'}/" for s in info.subdirs)

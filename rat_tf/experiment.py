@@ -8,18 +8,22 @@ Stages (each skipped when its outputs already exist, so a killed run resumes):
 (c) RAT fine-tuning of the start model on a small balanced subset (default 1,000 images)
     with that V (static, the paper; ``refresh_every`` > 0 searches V again every N epochs,
     from zero or, with ``refresh_passes`` > 0, continuing the current V);
+(c') ``rat_fgsm``: RAT whose V, learnt online from random corners, starts a per-image FGSM
+    step toward the runner-up class (``rat_init``, docs/method.md section 2b);
 (d) FGSM-AT (random init) and PGD-AT baselines fine-tuned from the same start model on the
     same subset, for the same epochs;
 (e) every model exported as a SavedModel and evaluated on held-out test images
     (:func:`rat_tf.evaluation.robustness_report`), side by side.
 
-``budget`` presets (tiny | small | full) set every size; single fields override them.
-tiny: the smallest sizes, for tests and CI (static V); small: sized for a 2-core CPU (MNIST and
+``budget`` presets (tiny | quick | small | full) set every size; single fields override them.
+tiny: the smallest sizes, for tests and CI (static V); quick (MNIST and Fashion-MNIST, the
+default): minutes on 2 CPU cores, every method fine-tuned on 10,000 images; small: sized for a
+2-core CPU in hours (MNIST and
 Fashion-MNIST with ``wide_mnist_cnn``; CIFAR-10 with ``fast_cifar_net`` pretrained on the
 whole training set by the CIFAR-10 recipe: crop + flip, SGD with Nesterov momentum, one-cycle
 schedule with warm-up, label smoothing, weight decay); full: paper-sized (GPU; CIFAR-10:
-``resnet20``, 100 epochs of the recipe with a cosine schedule). README.md gives the run time
-of the MNIST small experiment.
+``resnet20``, 100 epochs of the recipe with a cosine schedule). docs/results.md gives the run
+times.
 
 MNIST RAT settings of small/full: the ``wide_mnist_cnn`` model; V radius 0.3; a start model
 trained 3 epochs with a cosine schedule; one V per (source class, target) (``per_source``,
@@ -63,8 +67,11 @@ from absl import logging
 from rat_tf import attacks, data, evaluation, export, files, perturbation_files, trainers
 from rat_tf import training
 
-BUDGETS = ("tiny", "small", "full")
-FINETUNE_METHODS = ("rat", "fgsm_at", "pgd_at", "standard")
+BUDGETS = ("tiny", "quick", "small", "full")
+FINETUNE_METHODS = ("rat", "rat_fgsm", "fgsm_at", "pgd_at", "standard")
+# rat_fgsm: RAT whose V (learnt online from random corners) starts a per-image FGSM step
+# toward the runner-up class (docs/method.md); --rat_init, --rat_step_size, --rat_consistency
+RAT_FGSM = dict(targets_per_image="runner_up", per_source=False)
 START = "start"
 
 # Budget presets. Keys are ExperimentConfig fields; "eval" holds EvalSettings overrides.
@@ -75,6 +82,15 @@ _MNIST_LIKE = {
                  eval=dict(n_test=200, pgd_steps=5, pgd_restarts=2, tup_passes=2,
                            tup_n_per_class=10, tup_batch_size=50, uap_passes=1, aa_n=100,
                            aa_steps=10, aa_queries=100, masking_steps=5, masking_n=100)),
+    # quick: the README's first command, minutes on 2 CPU cores: Wong et al.'s small MNIST
+    # net pretrained 2 epochs on every image, V searched on 10,000, every method fine-tuned
+    # on them for 5 epochs
+    "quick": dict(model="wong_mnist_net", pretrain_subset=0, pretrain_epochs=2,
+                  pretrain_batch_size=100, finetune_subset=10000, finetune_epochs=5,
+                  finetune_batch_size=50, search_passes=3, per_source=False, refresh_every=0,
+                  train_pgd_steps=10, test_subset=0,
+                  eval=dict(n_test=1000, n_pgd=500, pgd_steps=20, pgd_restarts=1, tup_passes=3,
+                            tup_n_per_class=20, uap_passes=2, aa_n=200, masking_n=200)),
     # small/full: tuned on real MNIST (docs/experiments.md): a ~99% wide_mnist_cnn
     # start model (3 epochs, cosine), V per (source, target) refreshed against the current
     # model every epoch (3 search passes), one random target per image, 8 epochs.
@@ -132,6 +148,9 @@ def budget_preset(dataset: str, budget: str) -> dict:
     if family not in PRESETS:
         raise ValueError(f"dataset {dataset!r} has preset family {family!r}, which has no "
                          f"presets; choose one of {sorted(PRESETS)}")
+    if budget not in PRESETS[family]:
+        raise ValueError(f"budget {budget!r} has no preset for {dataset!r}; choose one of "
+                         f"{sorted(PRESETS[family])}")
     preset = PRESETS[family][budget]
     return {**preset, "eval": dict(preset["eval"])}
 
@@ -141,13 +160,13 @@ class ExperimentConfig:
     """Settings of :func:`run`; fields left None come from the ``budget`` preset."""
 
     dataset: str = "mnist"
-    budget: str = "small"
+    budget: str = "quick"
     output_dir: str = "results/experiment"
     data_dir: str | None = None
     data_source: str = "auto"
     model: str | None = None
     seed: int = 0
-    methods: tuple[str, ...] = ("rat", "fgsm_at", "pgd_at")
+    methods: tuple[str, ...] = ("rat", "rat_fgsm", "fgsm_at", "pgd_at")
     # (a) standard training of the start model
     pretrain_subset: int | None = None  # balanced subset size, 0 = the whole training set
     pretrain_epochs: int | None = None
@@ -178,9 +197,9 @@ class ExperimentConfig:
     per_source: bool | None = None  # RAT: one V per (source class, target); default per preset
     online: bool = False  # RAT: V updated online at every step, starting from the searched V
     online_step_size: float | None = None  # RAT: None: the trainer's default
-    rat_init: str = "none"  # RAT: "class"/"target": V starts a per-image FGSM step
-    rat_step_size: float | None = None  # RAT: that step; None: the trainer's default
-    rat_consistency: float = 0.0  # RAT: that step's logit-consistency penalty
+    rat_init: str = "target"  # rat_fgsm: the start of its FGSM step (rat is the paper's)
+    rat_step_size: float | None = None  # rat_fgsm: that step; None: the trainer's default
+    rat_consistency: float = 0.0  # rat_fgsm: that step's logit-consistency penalty
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -248,6 +267,12 @@ class ExperimentConfig:
         # the pretraining and RAT stages' settings, checked now rather than after pretraining
         self.pretrain_config(self.output_dir).validate()
         self.train_config("rat", self.output_dir, **self._rat_settings()).validate()
+        if "rat_fgsm" in self.methods:
+            if self.rat_init not in ("class", "target"):
+                raise ValueError(f"rat_fgsm learns V as the start of its FGSM step: rat_init "
+                                 f"must be class or target, got {self.rat_init!r}")
+            self.train_config("rat", self.output_dir,
+                              **self._rat_settings("rat_fgsm")).validate()
         if not float(self.finetune_lr) > 0:
             raise ValueError(f"finetune_lr must be positive, got {self.finetune_lr}")
         if self.finetune_batch_size > self.finetune_subset:
@@ -257,10 +282,14 @@ class ExperimentConfig:
             raise ValueError("output_dir must be set")
         self.eval_settings()  # validates the evaluation overrides
 
-    def _rat_settings(self) -> dict:
-        """The RAT-only TrainConfig fields of stage (c)."""
+    def _rat_settings(self, method: str = "rat") -> dict:
+        """The RAT-only TrainConfig fields of stage (c) for ``method`` (rat or rat_fgsm)."""
+        rat = trainers.RATSettings.of(self)
+        if method == "rat_fgsm":
+            return dataclasses.replace(rat, online=False, **RAT_FGSM).asdict()
         return dict(refresh_every=self.refresh_every, refresh_passes=self.refresh_passes,
-                    **trainers.RATSettings.of(self).asdict())
+                    **dataclasses.replace(rat, rat_init="none", rat_step_size=None,
+                                          rat_consistency=0.0).asdict())
 
     def pretrain_config(self, model_dir: str) -> training.TrainConfig:
         """The :class:`rat_tf.training.TrainConfig` of stage (a), the start model."""
@@ -430,11 +459,15 @@ def run(config: ExperimentConfig, strategy: tf.distribute.Strategy | None = None
         name = "standard_ft" if method == "standard" else method
         model_dir = os.path.join(out, name)
         model_dirs[name] = model_dir
-        extra = (dict(perturbations_path=v_path, **config._rat_settings()) if method == "rat"
-                 else {})
+        extra = {}
+        if method == "rat":
+            extra = dict(perturbations_path=v_path, **config._rat_settings())
+        elif method == "rat_fgsm":
+            extra = config._rat_settings(method)
         _stage(f"c_{name}", os.path.isfile(os.path.join(model_dir, "model.keras")), timings,
                training.train,
-               config.train_config(method, model_dir, epochs=config.finetune_epochs,
+               config.train_config("rat" if method == "rat_fgsm" else method, model_dir,
+                                   epochs=config.finetune_epochs,
                                    batch_size=config.finetune_batch_size, lr=config.finetune_lr,
                                    train_subset=config.finetune_subset, init_from=start_model,
                                    **extra), strategy, **splits)

@@ -331,7 +331,8 @@ class RATModel(StandardModel):
     step, as FGSM-UAP (Pan et al. 2024) does with one V per true class: each image starts at
     x + V[y] ("class"), x + V[t] or x + V[y, t] with ``per_source`` ("target", t from
     ``targets_per_image``: random, "runner_up" (the most likely wrong class) or "worst"), or
-    at zero / uniform in the ball ("zero", "random": the ablation's FGSM and FGSM-RS), takes
+    at zero / uniform in the ball ("zero", "random": the ablation's FGSM and FGSM-RS, toward
+    the runner-up or worst class if ``targets_per_image`` names one), takes
     one signed step of ``rat_step_size`` up the true-class cross-entropy ("target": up the
     logit margin z_t - z_y), is projected to the eps ball and trained on alone, with its
     TRUE label, plus ``rat_consistency`` times the mean squared logit change from the start
@@ -563,12 +564,14 @@ class RATModel(StandardModel):
                                                           tf.Tensor | None]:
         """(the start of the FGSM step of (x, y), the V rows it took or None, the targets or
         None): zero, uniform in the ball, V[y], or V[t] / V[y, t] for this step's targets."""
-        if self.rat_init == "zero":
-            return tf.zeros_like(x), None, None
-        if self.rat_init == "random":
-            return self._global_draw(2, tf.shape(x), lambda shape, seed: ops.random_in_ball(
-                shape, self.eps, self.norm, seed, x.dtype)), None, None
         v = tf.convert_to_tensor(self.perturbations)
+        if self.rat_init in ("zero", "random"):  # V unused; a chosen target still steers
+            targets = (self._targets(x, y, v)
+                       if self.targets_per_image in ("runner_up", "worst") else None)
+            if self.rat_init == "zero":
+                return tf.zeros_like(x), None, targets
+            return self._global_draw(2, tf.shape(x), lambda shape, seed: ops.random_in_ball(
+                shape, self.eps, self.norm, seed, x.dtype)), None, targets
         targets = None
         if self.rat_init == "class":
             rows = y

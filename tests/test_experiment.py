@@ -15,7 +15,7 @@ import pytest
 from rat_tf import data, experiment, perturbation_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = ("start", "rat", "fgsm_at", "pgd_at")
+MODELS = ("start", "rat", "rat_fgsm", "fgsm_at", "pgd_at")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,11 @@ def test_finetuning_shares_start_model_subset_and_epochs(run_dir):
     assert len({c["epochs"] for c in configs.values()}) == 1
     assert configs["rat"]["perturbations_path"].endswith("search/perturbations.npz")
     assert configs["rat"]["refresh_every"] == 0
+    assert configs["rat"]["rat_init"] == "none"  # the paper's RAT
+    fgsm = configs["rat_fgsm"]  # V learnt from random corners as the start of FGSM
+    assert fgsm["method"] == "rat" and not fgsm["perturbations_path"]
+    assert (fgsm["rat_init"], fgsm["targets_per_image"], fgsm["per_source"]) == (
+        "target", "runner_up", False)
 
 
 def test_resume_skips_done_stages_and_refuses_other_settings(run_dir, data_dir):
@@ -141,6 +146,10 @@ def test_budget_presets_and_validation():
         experiment.ExperimentConfig(methods=("rat", "trades")).resolved()
     with pytest.raises(ValueError, match="finetune_subset"):
         experiment.ExperimentConfig(finetune_subset=1005).resolved()
+    with pytest.raises(ValueError, match="rat_fgsm learns V"):
+        experiment.ExperimentConfig(rat_init="none").resolved()
+    with pytest.raises(ValueError, match="budget 'quick' has no preset for 'cifar10'"):
+        experiment.ExperimentConfig(dataset="cifar10", budget="quick").resolved()
     # the RAT stage's settings are checked up front, before any training
     with pytest.raises(ValueError, match="batch_mode"):
         experiment.ExperimentConfig(batch_mode="interleave").resolved()

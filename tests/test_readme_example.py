@@ -1,4 +1,4 @@
-"""The README's "Use with your own model" section runs as written (examples/own_model.py)."""
+"""The guide's "Use with your own model" section runs as written (examples/own_model.py)."""
 
 import os
 import re
@@ -13,8 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "own_model.py")
 
 
-def test_readme_quotes_the_example_verbatim():
-    with open(os.path.join(REPO, "README.md")) as f:
+def test_the_guide_quotes_the_example_verbatim():
+    with open(os.path.join(REPO, "docs", "guide.md")) as f:
         readme = f.read()
     section = readme.split("## Use with your own model", 1)[1]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
