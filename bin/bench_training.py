@@ -46,6 +46,9 @@ cli.define("string", "work_dir", "Where runs are written.", default=None,
 cli.define("integer", "batch_size", "Batch size of every method.", sets=Config, default=50)
 cli.define("integer", "cost_steps", "Steps per epoch of the cost runs, 2 epochs each (0: skip "
            "the cost part).", default=30, lower_bound=0)
+cli.define("string", "model", "Zoo model of the cost runs.", default="mnist_cnn")
+cli.define("list", "cost_methods", "Methods of the cost runs (standard is always run: the "
+           "reference).", default=None, unset="all")
 cli.define_adv_flags(Config, only=["adv_steps"])
 cli.define("float", "adv_eps", "FGSM-AT / PGD-AT radius.", sets=Config, default=None,
            unset="--fgsm_eps")
@@ -120,7 +123,9 @@ def _front_settings(zeros: str) -> dict[str, dict]:
 def _cost(base: dict, work: str, zeros: str) -> dict:
     """Part 1: images/s of every method against standard training."""
     results = {}
-    for name, (kw, examples) in _COST_METHODS.items():
+    chosen = ["standard", *[m for m in FLAGS.cost_methods or _COST_METHODS if m != "standard"]]
+    for name in chosen:
+        kw, examples = _COST_METHODS[name]
         cfg = training.TrainConfig(**base, epochs=2, steps_per_epoch=FLAGS.cost_steps,
                                    train_subset=6000, model_dir=os.path.join(work, "cost_" + name),
                                    **kw)
@@ -205,14 +210,18 @@ def main(argv):
     unknown = sorted(set(FLAGS.front_methods) - set(settings))
     if unknown:
         raise app.UsageError(f"--front_methods: unknown {unknown}; choose from {sorted(settings)}")
-    bad_models = sorted(set(FLAGS.front_models) - set(models.MODELS))
+    unknown = sorted(set(FLAGS.cost_methods or ()) - set(_COST_METHODS))
+    if unknown:
+        raise app.UsageError(f"--cost_methods: unknown {unknown}; choose from "
+                             f"{sorted(_COST_METHODS)}")
+    bad_models = sorted((set(FLAGS.front_models) | {FLAGS.model}) - set(models.MODELS))
     if bad_models:
         raise app.UsageError(f"--front_models: unknown {bad_models}; choose from "
                              f"{sorted(models.MODELS)}")
     cli.check_data("mnist", FLAGS.data_dir)
     cli.check_output_dirs(output_dir=FLAGS.output_dir, work_dir=FLAGS.work_dir)
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_training_")
-    base = dict(dataset="mnist", data_dir=FLAGS.data_dir, model="mnist_cnn", verbose=2,
+    base = dict(dataset="mnist", data_dir=FLAGS.data_dir, model=FLAGS.model, verbose=2,
                 batch_size=FLAGS.batch_size, pgd_steps=FLAGS.adv_steps,
                 adv_eps=FLAGS.adv_eps if FLAGS.adv_eps is not None else FLAGS.fgsm_eps)
     zeros = perturbation_files.save(os.path.join(work, "zeros.npz"),
