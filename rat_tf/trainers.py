@@ -18,6 +18,7 @@ import tensorflow as tf
 from rat_tf import attacks, keras_compat, models, ops, perturbation_files
 
 METHODS = ("standard", "rat", "fgsm_at", "pgd_at")
+ATTACK_OF = {"fgsm_at": "fgsm", "pgd_at": "pgd"}  # the registered attack of each AT method
 TARGET_MODES = ("one", "all", "worst")  # RAT targets per image per step
 BATCH_MODES = ("append", "replace")
 FGSM_RS_ALPHA = 1.25  # Wong et al. (2020): FGSM step = 1.25 eps from a uniform random start
@@ -553,16 +554,17 @@ class AdversarialTrainingModel(StandardModel):
         radius = self.eps * (self.init_scale if self.method == "fgsm_at" else 1.0)
         start = self._global_draw(2, tf.shape(x), lambda shape, seed: ops.random_in_ball(
             shape, radius, self.norm, seed, x.dtype))
+        attack = attacks.get_attack(ATTACK_OF[self.method]).fn
         if self.method == "fgsm_at":
-            x_adv = attacks.fgsm(model_fn, x, y, self.eps, norm=self.norm, rand_init=True,
-                                 step_size=self.step_size, init=start,
-                                 init_scale=self.init_scale, box_start=self.box_start,
-                                 project=self.project, clip_values=self.clip_values)
+            x_adv = attack(model_fn, x, y, self.eps, norm=self.norm, rand_init=True,
+                           step_size=self.step_size, init=start, init_scale=self.init_scale,
+                           box_start=self.box_start, project=self.project,
+                           clip_values=self.clip_values)
         else:
-            x_adv = attacks.pgd(model_fn, x, y, self.eps, step_size=self.step_size,
-                                steps=self.steps, norm=self.norm, rand_init=True, restarts=1,
-                                init=start, freeze_fooled=self.freeze_fooled,
-                                clip_values=self.clip_values)
+            x_adv = attack(model_fn, x, y, self.eps, step_size=self.step_size,
+                           steps=self.steps, norm=self.norm, rand_init=True, restarts=1,
+                           init=start, freeze_fooled=self.freeze_fooled,
+                           clip_values=self.clip_values)
         return tf.stop_gradient(tf.cast(x_adv, x.dtype))
 
     def train_step(self, data):
