@@ -108,12 +108,14 @@ def library_default(target: Target, field: str) -> Any:
 
 
 def describe_target(target: Target | None, field: str | None = None) -> str:
-    """``training.TrainConfig.epochs``, ``data.load_arrays(source)``, or the description."""
+    """``training.TrainConfig.epochs``, ``data.load_arrays(source)``, or the description (a
+    target of a rat_tf package is named by the package: ``evaluation.EvalSettings``)."""
     if target is None:
         return ""
     if isinstance(target, str):
         return target
-    module = target.__module__.rsplit(".", 1)[-1]
+    parts = target.__module__.split(".")
+    module = parts[1] if parts[0] == "rat_tf" and len(parts) > 1 else parts[-1]
     if dataclasses.is_dataclass(target):
         return f"{module}.{target.__name__}.{field}"
     return f"{module}.{target.__name__}({field})"
