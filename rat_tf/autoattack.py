@@ -117,7 +117,8 @@ def attack_cost(name: str, n: int, *, steps: int = 100, n_queries: int = 5000,
 
 
 def check_attacks(attacks: Sequence[str] | str | None, version: str, norm: str) -> list[str]:
-    """The attack names of ``attacks`` (None: the version's sequence), checked for ``norm``."""
+    """The attack names of ``attacks`` (None: the version's sequence), each a registered
+    attack AutoAttack can run, checked for ``norm``."""
     if version not in VERSIONS:
         raise ValueError(f"unknown version {version!r}; choose one of {sorted(VERSIONS)}")
     names = list(VERSIONS[version] if attacks is None else
@@ -143,7 +144,8 @@ def autoattack(model_fn: ModelFn, x, y, eps, *, norm: str = "linf", version: str
                strategy: tf.distribute.Strategy | None = None,
                progress: Callable[[float, float], None] | None = None) -> dict:
     """Robust accuracy under AutoAttack: ``attacks`` (default the version's APGD-CE, APGD-T,
-    FAB-T, Square) in order, each only on the images no earlier attack broke.
+    FAB-T, Square; any of :func:`rat_tf.attacks.autoattack_names`) in order, each only on the
+    images no earlier attack broke.
 
     ``steps`` are the iterations of APGD and FAB-T runs, ``n_queries`` Square's,
     ``restarts`` the runs of APGD-CE (and APGD-DLR); APGD-T and FAB-T run once per target
