@@ -18,11 +18,12 @@
    ``--refresh_passes`` passes, RAT with V learnt online from zero, FGSM-AT and PGD-AT
    (``--per_source``: every RAT mode with one V per (source class, target);
    ``--targets_per_image``, ``--perturbed_fraction``, ``--batch_mode``: every RAT mode's).
-   After every epoch :class:`rat_tf.callbacks.RobustnessMonitor` measures, on the last
+   After every epoch :class:`rat_tf.callbacks.RobustnessMonitor` measures, on the first
    ``--n_test`` test images: clean accuracy, FGSM ``--fgsm_eps`` accuracy, PGD-20
    ``--pgd_eps`` accuracy, and the success of targeted universal perturbations
    (``--tup_eps``, ``--tup_passes``) searched afresh on ``--tup_n_per_class`` images per
-   class of the first 5,000 test images. The time axis is wall
+   class of the last 5,000 test images (disjoint from the first ``--n_test``, at most 5,000).
+   The time axis is wall
    seconds of training (searches included, the monitor's own time excluded), capped at
    ``--time_cap``; the time at which each method first reaches FGSM accuracy >= ``--target``
    with clean accuracy >= ``--clean_target`` is reported. Writes JSON and one PNG per figure
@@ -70,14 +71,14 @@ cli.define("float", "pgd_eps", "PGD-20 radius measured along the front.", defaul
 cli.define("float", "tup_eps", "Radius of the fresh targeted universal perturbations.",
            default=0.3)
 cli.define("integer", "tup_n_per_class", "Images per class of the fresh searches (a balanced "
-           "subset of the first 5,000 test images).", default=20, lower_bound=1)
+           "subset of the last 5,000 test images).", default=20, lower_bound=1)
 cli.define("integer", "tup_passes", "Passes of each fresh search.", default=2, lower_bound=1)
 cli.define("float", "target", "FGSM accuracy to reach.", default=0.8, lower_bound=0.0,
            upper_bound=1.0)
 cli.define("float", "clean_target", "Clean accuracy the target needs as well.", default=0.985,
            lower_bound=0.0, upper_bound=1.0)
-cli.define("integer", "n_test", "Held-out test images (the last N of the test split) of the "
-           "front's measures.", default=1000, lower_bound=100, upper_bound=5000)
+cli.define("integer", "n_test", "Held-out test images (the first N of the test split) of "
+           "the front's measures.", default=1000, lower_bound=100, upper_bound=5000)
 cli.define("float", "time_cap", "Max training seconds per method on the front.",
            default=300.0, lower_bound=1.0)
 cli.define("integer", "max_epochs", "Max epochs per method on the front.", default=100,
@@ -229,8 +230,8 @@ def main(argv):
                                              np.float32), eps=FLAGS.tup_eps)
     results = {"cost": _cost(base, work, zeros) if FLAGS.cost_steps else {}, "front": []}
     x_test, y_test = data.load_arrays("mnist", "test", data_dir=FLAGS.data_dir)
-    eval_images = (x_test[-FLAGS.n_test:], y_test[-FLAGS.n_test:])
-    tup_images = data.balanced_subset(x_test[:5000], y_test[:5000], FLAGS.tup_n_per_class,
+    eval_images = (x_test[:FLAGS.n_test], y_test[:FLAGS.n_test])
+    tup_images = data.balanced_subset(x_test[-5000:], y_test[-5000:], FLAGS.tup_n_per_class,
                                       seed=0)
     path = os.path.join(FLAGS.output_dir, "bench_training.json")
     for model in FLAGS.front_models:

@@ -1,4 +1,4 @@
-"""A named registry of extension points (datasets, evaluation measures): one entry per name."""
+"""Named registries of extension points (datasets, evaluation measures, attacks)."""
 
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ def pytest_report_header(config):
 # tests of other modules are spread over the workers one by one.
 GROUPED_MODULES = {"test_evaluation", "test_experiment", "test_crosscheck",
                    "test_crosscheck_autoattack", "test_distributed", "test_distributed_evaluation",
-                   "test_autoattack", "test_attacks", "test_own_models", "test_perturb_bin"}
+                   "test_autoattack", "test_attacks", "test_own_models", "test_perturb_bin",
+                   "test_attack_registry"}
 
 
 # tryfirst: pytest-xdist's own hook turns the xdist_group marker into a node id suffix, so the

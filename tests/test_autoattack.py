@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from rat_tf import attacks, crosscheck, models
 from rat_tf import autoattack as aa
+from rat_tf.attacks.fab import project_linf_hyperplane
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +118,8 @@ def test_fab_projection_is_the_minimal_linf_step():
     w = rng.normal(size=(6, dim))
     w[0, :4] = 0  # coordinates the hyperplane does not constrain
     b = np.sum(w * rng.uniform(0, 1, (6, dim)), 1)  # a hyperplane that meets the box
-    d = aa._project_linf_hyperplane(tf.constant(t, tf.float32), tf.constant(w, tf.float32),
-                                    tf.constant(b, tf.float32)).numpy()
+    d = project_linf_hyperplane(tf.constant(t, tf.float32), tf.constant(w, tf.float32),
+                                tf.constant(b, tf.float32)).numpy()
     np.testing.assert_allclose(np.sum(w * (t + d), 1), b, atol=1e-4)
     assert (t + d).min() >= -1e-6 and (t + d).max() <= 1 + 1e-6
     for i in range(len(t)):  # minimise s subject to |d| <= s, t + d in the box, <w, t + d> = b
@@ -203,24 +204,24 @@ def test_small_batches_of_the_last_robust_images_give_the_same_results(model_fn,
                                                                       monkeypatch):
     """The last images still robust run in a smaller padded batch (less work); every result
     equals the one of a full padded batch."""
-    assert [aa._bucket(n, 500, 1) for n in (500, 251, 126, 125, 63, 1)] == [
+    assert [aa.bucket(n, 500, 1) for n in (500, 251, 126, 125, 63, 1)] == [
         500, 500, 250, 125, 125, 31]
-    assert aa._bucket(10, 250, 2) == 16 and aa._bucket(70, 250, 2) == 126
-    assert aa._bucket(3, 20, 1) == 20
+    assert aa.bucket(10, 250, 2) == 16 and aa.bucket(70, 250, 2) == 126
+    assert aa.bucket(3, 20, 1) == 20
     x, y = images[0][:64], images[1][:64]
     sizes = []
-    real = aa._bucket
+    real = aa.bucket
 
     def recorded(n, b, replicas):
         sizes.append(real(n, b, replicas))
         return sizes[-1]
 
-    monkeypatch.setattr(aa, "_bucket", recorded)
+    monkeypatch.setattr(aa, "bucket", recorded)
     kw = dict(batch_size=64, attacks=["apgd-ce", "apgd-t", "square"], steps=5,
               n_target_classes=3, n_queries=30)
     small = aa.autoattack(model_fn, x, y, 0.15, **kw)
     assert 16 in sizes, sizes  # some attack ran on the 16-image batch
-    monkeypatch.setattr(aa, "_bucket", lambda n, b, replicas: b)
+    monkeypatch.setattr(aa, "bucket", lambda n, b, replicas: b)
     full = aa.autoattack(model_fn, x, y, 0.15, **kw)
     np.testing.assert_array_equal(small["robust"], full["robust"])
     np.testing.assert_array_equal(small["x_adv"], full["x_adv"])

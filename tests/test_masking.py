@@ -185,7 +185,7 @@ def test_training_gap_rule():
     for other in ({"eps": 0.2}, {"norm": "l2"}):
         r["masking"]["training"] = {**record, **other}
         assert evaluation.masking_flags(r) == []
-        assert "not compared" in evaluation._masking_facts(r)
+        assert "not compared" in evaluation.masking_facts(r)
 
 
 def test_training_record_from_metrics():
