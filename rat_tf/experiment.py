@@ -134,6 +134,7 @@ class ExperimentConfig:
     rat_init: str = "target"  # rat_fgsm: the start of its FGSM step (rat is the paper's)
     rat_step_size: float | None = None  # rat_fgsm: that step; None: the trainer's default
     rat_consistency: float = 0.0  # rat_fgsm: that step's logit-consistency penalty
+    rat_init_noise: float = 0.0  # rat_fgsm: uniform noise (x eps) added to its V start
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -223,7 +224,7 @@ class ExperimentConfig:
             return dataclasses.replace(rat, online=False, **RAT_FGSM).asdict()
         return dict(refresh_every=self.refresh_every, refresh_passes=self.refresh_passes,
                     **dataclasses.replace(rat, rat_init="none", rat_step_size=None,
-                                          rat_consistency=0.0).asdict())
+                                          rat_consistency=0.0, rat_init_noise=0.0).asdict())
 
     def pretrain_config(self, model_dir: str) -> training.TrainConfig:
         """The :class:`rat_tf.training.TrainConfig` of stage (a), the start model."""

@@ -90,6 +90,8 @@ RAT_FLAGS = {
                           unset="eps; 1.25 eps from random"),
     "rat_consistency": Spec("float", "RAT: weight of the logit-consistency penalty of the "
                             "--rat_init step (FGSM-UAP: 10)."),
+    "rat_init_noise": Spec("float", "RAT: radius, in units of eps, of the uniform noise added "
+                           "to the V start of the --rat_init step (class / target)."),
 }
 
 

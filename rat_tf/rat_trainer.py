@@ -38,6 +38,7 @@ class RATSettings:
     rat_step_size: float | None = None  # the FGSM step from the start; None: eps (1.25 eps
     #                                     from a random start)
     rat_consistency: float = 0.0  # weight of the logit-consistency penalty (FGSM-UAP: 10)
+    rat_init_noise: float = 0.0  # uniform noise of this radius (x eps) added to a V start
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -81,13 +82,19 @@ class RATSettings:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
                 raise ValueError(f"{name} must be positive, got {value}")
-        if not (math.isfinite(float(self.rat_consistency)) and self.rat_consistency >= 0):
-            raise ValueError(f"rat_consistency must be >= 0, got {self.rat_consistency}")
+        for name in ("rat_consistency", "rat_init_noise"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if self.rat_init == "none":
-            if self.rat_step_size is not None or self.rat_consistency:
-                raise ValueError("rat_step_size and rat_consistency are settings of an FGSM "
-                                 "step from V: set rat_init (class, target, zero or random)")
+            if self.rat_step_size is not None or self.rat_consistency or self.rat_init_noise:
+                raise ValueError("rat_step_size, rat_consistency and rat_init_noise are settings"
+                                 " of an FGSM step from V: set rat_init (class, target, zero or "
+                                 "random)")
             return
+        if self.rat_init_noise and self.rat_init not in ("class", "target"):
+            raise ValueError(f"rat_init_noise blurs a V start: rat_init 'class' or 'target', "
+                             f"got {self.rat_init!r}")
         if eps is None:
             raise ValueError(f"rat_init={self.rat_init!r} needs eps, the radius of the step")
         if self.targets_per_image == "all":
@@ -150,7 +157,8 @@ class RATModel(StandardModel):
                  batch_mode: str = "append", per_source: bool = False,
                  eps: float | None = None, norm: str = "linf", online: bool = False,
                  online_step_size: float | None = None, rat_init: str = "none",
-                 rat_step_size: float | None = None, rat_consistency: float = 0.0, **kwargs):
+                 rat_step_size: float | None = None, rat_consistency: float = 0.0,
+                 rat_init_noise: float = 0.0, **kwargs):
         super().__init__(classifier, **kwargs)
         rat = RATSettings(targets_per_image=targets_per_image,
                           perturbed_fraction=float(perturbed_fraction), batch_mode=batch_mode,
@@ -158,7 +166,8 @@ class RATModel(StandardModel):
                           online_step_size=None if online_step_size is None
                           else float(online_step_size), rat_init=rat_init,
                           rat_step_size=None if rat_step_size is None else float(rat_step_size),
-                          rat_consistency=float(rat_consistency))
+                          rat_consistency=float(rat_consistency),
+                          rat_init_noise=float(rat_init_noise))
         rat.check(eps=eps, norm=norm)
         self.rat = rat
         self.targets_per_image, self.batch_mode = rat.targets_per_image, rat.batch_mode
@@ -365,7 +374,8 @@ class RATModel(StandardModel):
     def start(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None,
                                                           tf.Tensor | None]:
         """(the start of the FGSM step of (x, y), the V rows it took or None, the targets or
-        None): zero, uniform in the ball, V[y], or V[t] / V[y, t] for this step's targets."""
+        None): zero, uniform in the ball, V[y], or V[t] / V[y, t] for this step's targets (plus
+        uniform noise of radius ``rat_init_noise`` * eps, projected to the ball)."""
         v = tf.convert_to_tensor(self.perturbations)
         if self.rat_init in ("zero", "random"):  # V unused; a chosen target still steers
             targets = (self._targets(x, y, v)
@@ -381,7 +391,12 @@ class RATModel(StandardModel):
             targets = self._targets(x, y, v)
             rows = y * self.num_classes + targets if self.per_source else targets
         flat = tf.reshape(v, (-1, *self.image_shape))
-        return tf.cast(tf.gather(flat, rows), x.dtype), rows, targets
+        delta0 = tf.cast(tf.gather(flat, rows), x.dtype)
+        if self.rat.rat_init_noise:  # V plus uniform noise, back in the ball
+            noise = self._global_draw(3, tf.shape(x), lambda shape, seed: ops.random_in_ball(
+                shape, self.rat.rat_init_noise * self.eps, self.norm, seed, x.dtype))
+            delta0 = ops.project(delta0 + noise, self.eps, self.norm)
+        return delta0, rows, targets
 
     def _step_objective(self, logits: tf.Tensor, y: tf.Tensor,
                         targets: tf.Tensor | None) -> tf.Tensor:

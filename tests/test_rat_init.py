@@ -82,6 +82,24 @@ def test_runner_up_targets_are_the_most_likely_wrong_class(mnist_arrays):
     np.testing.assert_array_equal(rows.numpy(), y * 10 + targets.numpy())  # V[y, t]
 
 
+def test_noise_blurs_the_v_start_within_the_ball(mnist_arrays):
+    x, y = mnist_arrays[2][:64], mnist_arrays[3][:64].astype(np.int32)
+    classifier = _classifier()
+    v = np.random.default_rng(1).choice(np.float32([-EPS, EPS]), (10, 28, 28, 1))
+    kw = dict(rat_init="class", perturbations=v)
+    plain = _trainer(classifier, **kw).start(tf.constant(x), tf.constant(y))[0].numpy()
+    np.testing.assert_allclose(plain, v[y])
+    noisy = _trainer(classifier, rat_init_noise=0.5, **kw)
+    start = noisy.start(tf.constant(x), tf.constant(y))[0].numpy()
+    assert np.abs(start).max() <= EPS + 1e-6
+    moved = np.abs(start - v[y])
+    assert moved.max() <= 0.5 * EPS + 1e-6  # noise of radius 0.5 eps, clipped to the ball
+    # V sits at the corners, so about half the pixels are pushed out and clipped back
+    assert 0.4 < np.mean(moved > 1e-6) < 0.6
+    again = noisy.start(tf.constant(x), tf.constant(y))[0].numpy()
+    np.testing.assert_array_equal(start, again)  # drawn from (seed, step): reproducible
+
+
 def test_settings_are_checked_saved_and_fit_needs_no_v(tmp_path, mnist_arrays):
     classifier = _classifier()
     for bad, match in [(dict(rat_init="nope"), "rat_init must be one of"),
@@ -90,7 +108,10 @@ def test_settings_are_checked_saved_and_fit_needs_no_v(tmp_path, mnist_arrays):
                        (dict(rat_step_size=0.1), "set rat_init"),
                        (dict(rat_init="target", targets_per_image="all"), "'all' does not apply"),
                        (dict(rat_init="class", rat_consistency=-1.0), "rat_consistency"),
-                       (dict(rat_init="class", rat_step_size=0.0), "rat_step_size")]:
+                       (dict(rat_init="class", rat_step_size=0.0), "rat_step_size"),
+                       (dict(rat_init="target", rat_init_noise=-0.5), "rat_init_noise"),
+                       (dict(rat_init="random", rat_init_noise=0.5), "blurs a V start"),
+                       (dict(rat_init_noise=0.5), "set rat_init")]:
         with pytest.raises(ValueError, match=match):
             trainers.make_trainer("rat", classifier, eps=EPS, **bad)
     with pytest.raises(ValueError, match="needs eps"):

@@ -77,6 +77,7 @@ class TrainConfig:
     rat_init: str = "none"  # trainers.RAT_INITS: "class"/"target": V starts an FGSM step
     rat_step_size: float | None = None  # that step; None: eps (1.25 eps from "random")
     rat_consistency: float = 0.0  # logit-consistency penalty of that step (FGSM-UAP: 10)
+    rat_init_noise: float = 0.0  # uniform noise (x eps) added to the V start of that step
     # FGSM-AT / PGD-AT
     adv_eps: float | None = None  # attack radius; None: the dataset's (DatasetInfo.adv_eps)
     pgd_steps: int = 10
