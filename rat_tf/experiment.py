@@ -70,7 +70,8 @@ from rat_tf.experiment_presets import BUDGETS, PRESETS
 
 FINETUNE_METHODS = ("rat", "rat_fgsm", "fgsm_at", "pgd_at", "standard")
 # rat_fgsm: RAT whose V (learnt online from random corners) starts a per-image FGSM step
-# toward the runner-up class (docs/method.md); --rat_init, --rat_step_size, --rat_consistency
+# toward the runner-up class, from V blurred by uniform noise of radius eps (docs/method.md);
+# --rat_init, --rat_step_size, --rat_consistency, --rat_init_noise
 RAT_FGSM = dict(targets_per_image="runner_up", per_source=False)
 START = "start"
 
@@ -134,7 +135,8 @@ class ExperimentConfig:
     rat_init: str = "target"  # rat_fgsm: the start of its FGSM step (rat is the paper's)
     rat_step_size: float | None = None  # rat_fgsm: that step; None: the trainer's default
     rat_consistency: float = 0.0  # rat_fgsm: that step's logit-consistency penalty
-    rat_init_noise: float = 0.0  # rat_fgsm: uniform noise (x eps) added to its V start
+    rat_init_noise: float | None = None  # rat_fgsm: uniform noise (x eps) added to its V
+    #                                     start; None: 1
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -152,6 +154,7 @@ class ExperimentConfig:
                         refresh_passes=0,
                         targets_per_image="one", perturbed_fraction=0.5, batch_mode="append",
                         per_source=False,
+                        rat_init_noise=1.0,
                         eps=data.get_info(self.dataset).eps,
                         adv_eps=data.get_info(self.dataset).adv_eps)
         values = dataclasses.asdict(self)

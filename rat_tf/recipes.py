@@ -75,9 +75,11 @@ RECIPES: dict[str, Recipe] = {
         "RAT with V as the start of a per-image FGSM step, one V per true class (the start "
         "of FGSM-UAP, Pan et al. 2024), on the MNIST model and schedule of Wong et al."),
     "mnist_rat_target": Recipe(
-        {**_WONG_MNIST, **_RAT_START, "rat_init": "target", "targets_per_image": "runner_up"},
-        "RAT with V[t] (t: the runner-up class) as the start of a per-image FGSM step toward "
-        "t, on the MNIST model and schedule of Wong et al."),
+        {**_WONG_MNIST, **_RAT_START, "rat_init": "target", "targets_per_image": "runner_up",
+         "rat_init_noise": 1.0},
+        "RAT with V[t] (t: the runner-up class) plus uniform noise in the eps ball as the "
+        "start of a per-image FGSM step toward t, on the MNIST model and schedule of Wong et "
+        "al."),
     "cifar10_fgsm_rs": Recipe(
         {**_CIFAR_GPU, "method": "fgsm_at", "epochs": 15, "lr": 0.2,
          "lr_schedule": "onecycle", "warmup_epochs": 7.5, "pgd_step_size": 10 / 255,

@@ -159,6 +159,13 @@ def test_budget_presets_and_validation():
         experiment.ExperimentConfig(batch_mode="replace", targets_per_image="all").resolved()
     replace = experiment.ExperimentConfig(batch_mode="replace").resolved()
     assert replace._rat_settings()["batch_mode"] == "replace"
+    # rat_fgsm blurs its V start by default; the paper's rat takes no noise
+    assert replace._rat_settings("rat_fgsm")["rat_init_noise"] == 1.0
+    assert replace._rat_settings("rat")["rat_init_noise"] == 0.0
+    quiet = experiment.ExperimentConfig(rat_init_noise=0.25).resolved()
+    assert quiet._rat_settings("rat_fgsm")["rat_init_noise"] == 0.25
+    with pytest.raises(ValueError, match="rat_init_noise"):
+        experiment.ExperimentConfig(rat_init_noise=-1.0).resolved()
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
