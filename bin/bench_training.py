@@ -4,7 +4,7 @@
 
 1. Cost per input image of rat (replace / one / all / worst targets; one and replace also
    with V learnt online; V as the start of an FGSM step: ``rat_init`` class, target with
-   random and runner-up targets), fgsm_at and pgd_at
+   random and runner-up targets, the latter also from V plus noise), fgsm_at and pgd_at
    relative to standard training: same model (mnist_cnn), batch size and data; images/s of the
    steady epoch. Also per example trained on (rat "one" and "worst" train on each image and one
    perturbed copy, "worst" after 9 inference passes to pick it; "all" on the image and its 9
@@ -102,6 +102,9 @@ _COST_METHODS = {
     "rat_init_target": ({"method": "rat", "rat_init": "target"}, 1),
     "rat_init_target_runner_up": ({"method": "rat", "rat_init": "target",
                                    "targets_per_image": "runner_up"}, 1),
+    "rat_init_target_runner_up_noise": ({"method": "rat", "rat_init": "target",
+                                         "targets_per_image": "runner_up",
+                                         "rat_init_noise": 1.0}, 1),
     "fgsm_at": ({"method": "fgsm_at"}, 1),
     "pgd_at": ({"method": "pgd_at"}, 1)}
 
