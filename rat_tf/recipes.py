@@ -100,15 +100,16 @@ RECIPES: dict[str, Recipe] = {
         {"clean": 87.1, "pgd_20": 47.0}, gpu=True),
     "cifar10_rat_target": Recipe(
         {**_CIFAR_GPU, **_RAT_START, "rat_init": "target", "targets_per_image": "runner_up",
-         "eps": 8 / 255, "epochs": 30, "lr": 0.2, "lr_schedule": "onecycle",
-         "warmup_epochs": 15.0},
-        "RAT with V[t] (t: the runner-up class) as the start of a per-image FGSM step, on the "
-        "PreAct ResNet-18 and schedule of the N-FGSM recipe", gpu=True),
+         "rat_init_noise": 1.0, "eps": 8 / 255, "epochs": 30, "lr": 0.2,
+         "lr_schedule": "onecycle", "warmup_epochs": 15.0},
+        "RAT with V[t] (t: the runner-up class) plus uniform noise in the eps ball as the "
+        "start of a per-image FGSM step, on the PreAct ResNet-18 and schedule of the N-FGSM "
+        "recipe", gpu=True),
     "cifar10_rat_target_cpu": Recipe(
         {**_CIFAR_CPU, **_RAT_START, "rat_init": "target", "targets_per_image": "runner_up",
-         "eps": 8 / 255},
-        "RAT with V[t] (t: the runner-up class) as the start of a per-image FGSM step on "
-        "fast_cifar_net, 10 epochs"),
+         "rat_init_noise": 1.0, "eps": 8 / 255},
+        "RAT with V[t] (t: the runner-up class) plus uniform noise in the eps ball as the "
+        "start of a per-image FGSM step on fast_cifar_net, 10 epochs"),
     "cifar10_fgsm_rs_cpu": Recipe(
         {**_CIFAR_CPU, "method": "fgsm_at", "pgd_step_size": 10 / 255,
          "adv_box_start": True},
