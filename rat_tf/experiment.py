@@ -135,8 +135,7 @@ class ExperimentConfig:
     rat_init: str = "target"  # rat_fgsm: the start of its FGSM step (rat is the paper's)
     rat_step_size: float | None = None  # rat_fgsm: that step; None: the trainer's default
     rat_consistency: float = 0.0  # rat_fgsm: that step's logit-consistency penalty
-    rat_init_noise: float | None = None  # rat_fgsm: uniform noise (x eps) added to its V
-    #                                     start; None: 1
+    rat_init_noise: float = 1.0  # rat_fgsm: uniform noise (x eps) added to its V start
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -154,7 +153,6 @@ class ExperimentConfig:
                         refresh_passes=0,
                         targets_per_image="one", perturbed_fraction=0.5, batch_mode="append",
                         per_source=False,
-                        rat_init_noise=1.0,
                         eps=data.get_info(self.dataset).eps,
                         adv_eps=data.get_info(self.dataset).adv_eps)
         values = dataclasses.asdict(self)

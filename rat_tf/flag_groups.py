@@ -91,8 +91,7 @@ RAT_FLAGS = {
     "rat_consistency": Spec("float", "RAT: weight of the logit-consistency penalty of the "
                             "--rat_init step (FGSM-UAP: 10)."),
     "rat_init_noise": Spec("float", "RAT: radius, in units of eps, of the uniform noise added "
-                           "to the V start of the --rat_init step (class / target).",
-                           unset="1 (bin/experiment.py's rat_fgsm)"),
+                           "to the V start of the --rat_init step (class / target)."),
 }
 
 
