@@ -27,7 +27,8 @@ cli.define("integer", "seed", "Random seed.", sets=Config)
 cli.define("integer", "epochs", "Epochs.", sets=Config)
 cli.define_adv_flags(Config, only=["early_stop_drop", "early_stop_images"])
 cli.define_rat_flags(Config, only=["rat_init", "rat_step_size", "rat_consistency",
-                                   "rat_init_noise", "targets_per_image", "online_step_size"])
+                                   "rat_init_noise", "rat_step_loss", "targets_per_image",
+                                   "online_step_size"])
 cli.define_search_flags(Config, only=["per_source"])
 cli.define_eval_flags(only=["aa_n", "aa_restarts"])
 cli.define_strategy_flags()

@@ -271,7 +271,8 @@ def define_search_flags(target: Target, **group: Any) -> None:
 def define_rat_flags(target: Target, **group: Any) -> None:
     """RAT training: ``--refresh_every``, ``--refresh_passes``, ``--targets_per_image``,
     ``--perturbed_fraction``, ``--batch_mode``, ``--online``, ``--online_step_size``,
-    ``--rat_init``, ``--rat_step_size``, ``--rat_consistency``, ``--rat_init_noise``."""
+    ``--rat_init``, ``--rat_step_size``, ``--rat_consistency``, ``--rat_init_noise``,
+    ``--rat_step_loss``."""
     _define_group(RAT_FLAGS, target, **group)
 
 

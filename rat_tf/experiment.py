@@ -71,7 +71,7 @@ from rat_tf.experiment_presets import BUDGETS, PRESETS
 FINETUNE_METHODS = ("rat", "rat_fgsm", "fgsm_at", "pgd_at", "standard")
 # rat_fgsm: RAT whose V (learnt online from random corners) starts a per-image FGSM step
 # toward the runner-up class, from V blurred by uniform noise of radius eps (docs/method.md);
-# --rat_init, --rat_step_size, --rat_consistency, --rat_init_noise
+# --rat_init, --rat_step_size, --rat_consistency, --rat_init_noise, --rat_step_loss
 RAT_FGSM = dict(targets_per_image="runner_up", per_source=False)
 START = "start"
 
@@ -136,6 +136,7 @@ class ExperimentConfig:
     rat_step_size: float | None = None  # rat_fgsm: that step; None: the trainer's default
     rat_consistency: float = 0.0  # rat_fgsm: that step's logit-consistency penalty
     rat_init_noise: float = 1.0  # rat_fgsm: uniform noise (x eps) added to its V start
+    rat_step_loss: str = "auto"  # rat_fgsm: what its step climbs (trainers.STEP_LOSSES)
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -225,7 +226,8 @@ class ExperimentConfig:
             return dataclasses.replace(rat, online=False, **RAT_FGSM).asdict()
         return dict(refresh_every=self.refresh_every, refresh_passes=self.refresh_passes,
                     **dataclasses.replace(rat, rat_init="none", rat_step_size=None,
-                                          rat_consistency=0.0, rat_init_noise=0.0).asdict())
+                                          rat_consistency=0.0, rat_init_noise=0.0,
+                                          rat_step_loss="auto").asdict())
 
     def pretrain_config(self, model_dir: str) -> training.TrainConfig:
         """The :class:`rat_tf.training.TrainConfig` of stage (a), the start model."""

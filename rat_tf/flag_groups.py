@@ -92,6 +92,10 @@ RAT_FLAGS = {
                             "--rat_init step (FGSM-UAP: 10)."),
     "rat_init_noise": Spec("float", "RAT: radius, in units of eps, of the uniform noise added "
                            "to the V start of the --rat_init step (class / target)."),
+    "rat_step_loss": Spec("enum", "RAT: what the --rat_init step climbs: ce (the true-class "
+                          "cross-entropy), margin (z_t - z_y toward the chosen target) or auto "
+                          "(margin when a target is chosen, else ce).",
+                          values=tuple(trainers.STEP_LOSSES)),
 }
 
 

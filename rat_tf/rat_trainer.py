@@ -21,6 +21,7 @@ from rat_tf.standard_trainer import SERIALIZABLE, StandardModel, replicas
 TARGET_MODES = ("one", "all", "worst", "runner_up")  # RAT targets per image per step
 BATCH_MODES = ("append", "replace")
 RAT_INITS = ("none", "zero", "random", "class", "target")  # what V is to a RAT step
+STEP_LOSSES = ("auto", "ce", "margin")  # what the FGSM step of a rat_init step climbs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,15 @@ class RATSettings:
     #                                     from a random start)
     rat_consistency: float = 0.0  # weight of the logit-consistency penalty (FGSM-UAP: 10)
     rat_init_noise: float = 0.0  # uniform noise of this radius (x eps) added to a V start
+    rat_step_loss: str = "auto"  # STEP_LOSSES: "auto": the margin z_t - z_y when a target
+    #                              is chosen, else the cross-entropy of the true class
+
+    @property
+    def chooses_target(self) -> bool:
+        """Whether a ``rat_init`` step picks a target class per image."""
+        return self.rat_init == "target" or (
+            self.rat_init in ("zero", "random")
+            and self.targets_per_image in ("runner_up", "worst"))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -64,6 +74,9 @@ class RATSettings:
                              f"{self.batch_mode!r}")
         if self.rat_init not in RAT_INITS:
             raise ValueError(f"rat_init must be one of {RAT_INITS}, got {self.rat_init!r}")
+        if self.rat_step_loss not in STEP_LOSSES:
+            raise ValueError(f"rat_step_loss must be one of {STEP_LOSSES}, got "
+                             f"{self.rat_step_loss!r}")
         if self.batch_mode == "replace" and self.targets_per_image == "all":
             raise ValueError("batch_mode 'replace' swaps an image for ONE perturbed copy: use "
                              "targets_per_image 'one', 'worst' or 'runner_up'")
@@ -87,11 +100,17 @@ class RATSettings:
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.rat_init == "none":
-            if self.rat_step_size is not None or self.rat_consistency or self.rat_init_noise:
-                raise ValueError("rat_step_size, rat_consistency and rat_init_noise are settings"
-                                 " of an FGSM step from V: set rat_init (class, target, zero or "
-                                 "random)")
+            if (self.rat_step_size is not None or self.rat_consistency or self.rat_init_noise
+                    or self.rat_step_loss != "auto"):
+                raise ValueError("rat_step_size, rat_consistency, rat_init_noise and "
+                                 "rat_step_loss are settings of an FGSM step from V: set "
+                                 "rat_init (class, target, zero or random)")
             return
+        if self.rat_step_loss == "margin" and not self.chooses_target:
+            raise ValueError(f"rat_step_loss 'margin' steps toward a target: rat_init 'target',"
+                             f" or targets_per_image 'runner_up' / 'worst' with rat_init "
+                             f"'zero' / 'random' (got rat_init={self.rat_init!r}, "
+                             f"targets_per_image={self.targets_per_image!r})")
         if self.rat_init_noise and self.rat_init not in ("class", "target"):
             raise ValueError(f"rat_init_noise blurs a V start: rat_init 'class' or 'target', "
                              f"got {self.rat_init!r}")
@@ -142,8 +161,8 @@ class RATModel(StandardModel):
     ``targets_per_image``: random, "runner_up" (the most likely wrong class) or "worst"), or
     at zero / uniform in the ball ("zero", "random": the ablation's FGSM and FGSM-RS, toward
     the runner-up or worst class if ``targets_per_image`` names one), takes
-    one signed step of ``rat_step_size`` up the true-class cross-entropy ("target": up the
-    logit margin z_t - z_y), is projected to the eps ball and trained on alone, with its
+    one signed step of ``rat_step_size`` up the true-class cross-entropy (with a target: up the
+    logit margin z_t - z_y; ``rat_step_loss`` "ce" / "margin" chooses), is projected to the eps ball and trained on alone, with its
     TRUE label, plus ``rat_consistency`` times the mean squared logit change from the start
     (FGSM-UAP's penalty). The same input gradient moves each V row used, as the online update
     does (step ``online_step_size``). V starts as given, else at random corners of the ball;
@@ -159,7 +178,7 @@ class RATModel(StandardModel):
                  eps: float | None = None, norm: str = "linf", online: bool = False,
                  online_step_size: float | None = None, rat_init: str = "none",
                  rat_step_size: float | None = None, rat_consistency: float = 0.0,
-                 rat_init_noise: float = 0.0, **kwargs):
+                 rat_init_noise: float = 0.0, rat_step_loss: str = "auto", **kwargs):
         super().__init__(classifier, **kwargs)
         rat = RATSettings(targets_per_image=targets_per_image,
                           perturbed_fraction=float(perturbed_fraction), batch_mode=batch_mode,
@@ -168,7 +187,7 @@ class RATModel(StandardModel):
                           else float(online_step_size), rat_init=rat_init,
                           rat_step_size=None if rat_step_size is None else float(rat_step_size),
                           rat_consistency=float(rat_consistency),
-                          rat_init_noise=float(rat_init_noise))
+                          rat_init_noise=float(rat_init_noise), rat_step_loss=rat_step_loss)
         rat.check(eps=eps, norm=norm)
         self.rat = rat
         self.targets_per_image, self.batch_mode = rat.targets_per_image, rat.batch_mode
@@ -417,14 +436,18 @@ class RATModel(StandardModel):
         return tf.stop_gradient(x_adv)
 
     def _fgsm_from(self, x: tf.Tensor, y: tf.Tensor, delta0: tf.Tensor,
-                   targets: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+                   targets: tf.Tensor | None, training: bool = False
+                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """(the FGSM example from x + delta0, the logits at the start, the input gradient
         there): one projected step of ``rat_step_size`` up :meth:`_step_objective`, its
-        gradient taken at the unclipped start as ``attacks.fgsm(box_start=False)`` does."""
+        gradient taken at the unclipped start as ``attacks.fgsm(box_start=False)`` does, with
+        the classifier in inference mode unless ``training``."""
+        if self.rat.rat_step_loss == "ce":
+            targets = None  # V[t] (or the runner-up) picks the start; the step climbs the CE
         x0 = x + delta0  # not clipped: see attacks.fgsm's box_start
         with tf.GradientTape() as tape:
             tape.watch(x0)
-            logits0 = self.logits(x0, training=False)
+            logits0 = self.logits(x0, training=training)
             objective = self._step_objective(logits0, y, targets)
         grad = tf.stop_gradient(tape.gradient(objective, x0))
         step = tf.cast(self.rat_step_size, x.dtype) * ops.normalized_step(grad, self.norm)
@@ -438,8 +461,9 @@ class RATModel(StandardModel):
         delta0, rows, targets = self.start(x, y)
         penalty = self.rat_consistency > 0
         with tf.GradientTape() as tape:
-            if penalty:  # the penalty's gradient flows through the start's logits too
-                x_adv, logits0, grad = self._fgsm_from(x, y, delta0, targets)
+            if penalty:  # the penalty's gradient flows through the start's logits too, taken
+                # in training mode as the adversarial logits are (one set of batch-norm stats)
+                x_adv, logits0, grad = self._fgsm_from(x, y, delta0, targets, training=True)
             else:
                 with tape.stop_recording():
                     x_adv, logits0, grad = self._fgsm_from(x, y, delta0, targets)

@@ -82,6 +82,38 @@ def test_runner_up_targets_are_the_most_likely_wrong_class(mnist_arrays):
     np.testing.assert_array_equal(rows.numpy(), y * 10 + targets.numpy())  # V[y, t]
 
 
+def test_step_loss_ce_climbs_the_cross_entropy_from_the_v_t_start(mnist_arrays):
+    x, y = mnist_arrays[2][:64], mnist_arrays[3][:64].astype(np.int32)
+    classifier = _classifier()
+    v = np.random.default_rng(2).uniform(-EPS, EPS, (10, 28, 28, 1)).astype(np.float32)
+    kw = dict(rat_init="target", targets_per_image="runner_up", perturbations=v)
+    ce = _trainer(classifier, rat_step_loss="ce", **kw)
+    _, rows, targets = ce.start(tf.constant(x), tf.constant(y))
+    start = v[targets.numpy()]  # the start is still V[runner-up]
+    got = ce.adversarial_batch(tf.constant(x), tf.constant(y)).numpy()
+    g = _ce_grad(classifier, x + start, y)
+    want = np.clip(x + np.clip(start + EPS * np.sign(g), -EPS, EPS), 0, 1)
+    assert np.mean(np.abs(got - want) < 1e-5) > 0.999
+    # the default (auto) climbs the margin toward t: a different step on many pixels
+    margin = _trainer(classifier, **kw).adversarial_batch(tf.constant(x), tf.constant(y))
+    assert np.mean(np.abs(margin.numpy() - got) > 1e-5) > 0.05
+
+
+def test_consistency_penalty_compares_logits_of_one_mode(mnist_arrays):
+    """With batch norm, inference-mode and training-mode logits differ: the penalty must not
+    count that difference (a step of ~0 from a zero start leaves nothing to penalise)."""
+    x, y = mnist_arrays[2][:64], mnist_arrays[3][:64].astype(np.int32)
+    keras.utils.set_random_seed(0)
+    classifier = keras.Sequential([
+        keras.Input((28, 28, 1)), keras.layers.Conv2D(8, 3), keras.layers.BatchNormalization(),
+        keras.layers.ReLU(), keras.layers.Flatten(), keras.layers.Dense(10)])
+    modes = classifier(x, training=True).numpy() - classifier(x, training=False).numpy()
+    assert np.mean(np.square(modes)) > 1e-2  # the two modes disagree on this model
+    trainer = _trainer(classifier, rat_init="zero", rat_step_size=1e-6, rat_consistency=1.0)
+    logs = trainer.train_on_batch(x, y, return_dict=True)
+    assert np.isfinite(logs["loss"]) and logs["consistency_loss"] < 1e-4
+
+
 def test_noise_blurs_the_v_start_within_the_ball(mnist_arrays):
     x, y = mnist_arrays[2][:64], mnist_arrays[3][:64].astype(np.int32)
     classifier = _classifier()
@@ -111,7 +143,11 @@ def test_settings_are_checked_saved_and_fit_needs_no_v(tmp_path, mnist_arrays):
                        (dict(rat_init="class", rat_step_size=0.0), "rat_step_size"),
                        (dict(rat_init="target", rat_init_noise=-0.5), "rat_init_noise"),
                        (dict(rat_init="random", rat_init_noise=0.5), "blurs a V start"),
-                       (dict(rat_init_noise=0.5), "set rat_init")]:
+                       (dict(rat_init_noise=0.5), "set rat_init"),
+                       (dict(rat_init="target", rat_step_loss="nope"), "rat_step_loss must"),
+                       (dict(rat_init="class", rat_step_loss="margin"), "toward a target"),
+                       (dict(rat_init="random", rat_step_loss="margin"), "toward a target"),
+                       (dict(rat_step_loss="ce"), "set rat_init")]:
         with pytest.raises(ValueError, match=match):
             trainers.make_trainer("rat", classifier, eps=EPS, **bad)
     with pytest.raises(ValueError, match="needs eps"):

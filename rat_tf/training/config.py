@@ -78,6 +78,7 @@ class TrainConfig:
     rat_step_size: float | None = None  # that step; None: eps (1.25 eps from "random")
     rat_consistency: float = 0.0  # logit-consistency penalty of that step (FGSM-UAP: 10)
     rat_init_noise: float = 0.0  # uniform noise (x eps) added to the V start of that step
+    rat_step_loss: str = "auto"  # what that step climbs: trainers.STEP_LOSSES
     # FGSM-AT / PGD-AT
     adv_eps: float | None = None  # attack radius; None: the dataset's (DatasetInfo.adv_eps)
     pgd_steps: int = 10
