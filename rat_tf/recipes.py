@@ -100,16 +100,17 @@ RECIPES: dict[str, Recipe] = {
         {"clean": 87.1, "pgd_20": 47.0}, gpu=True),
     "cifar10_rat_target": Recipe(
         {**_CIFAR_GPU, **_RAT_START, "rat_init": "target", "targets_per_image": "runner_up",
-         "rat_init_noise": 1.0, "eps": 8 / 255, "epochs": 30, "lr": 0.2,
-         "lr_schedule": "onecycle", "warmup_epochs": 15.0},
+         "rat_init_noise": 1.0, "rat_consistency": 10.0, "eps": 8 / 255, "epochs": 30,
+         "lr": 0.2, "lr_schedule": "onecycle", "warmup_epochs": 15.0},
         "RAT with V[t] (t: the runner-up class) plus uniform noise in the eps ball as the "
-        "start of a per-image FGSM step, on the PreAct ResNet-18 and schedule of the N-FGSM "
-        "recipe", gpu=True),
+        "start of a per-image FGSM step, with FGSM-UAP's logit-consistency penalty (10), on "
+        "the PreAct ResNet-18 and schedule of the N-FGSM recipe", gpu=True),
     "cifar10_rat_target_cpu": Recipe(
         {**_CIFAR_CPU, **_RAT_START, "rat_init": "target", "targets_per_image": "runner_up",
-         "rat_init_noise": 1.0, "eps": 8 / 255},
+         "rat_init_noise": 1.0, "rat_consistency": 10.0, "eps": 8 / 255},
         "RAT with V[t] (t: the runner-up class) plus uniform noise in the eps ball as the "
-        "start of a per-image FGSM step on fast_cifar_net, 10 epochs"),
+        "start of a per-image FGSM step, with FGSM-UAP's logit-consistency penalty (10), on "
+        "fast_cifar_net, 10 epochs"),
     "cifar10_fgsm_rs_cpu": Recipe(
         {**_CIFAR_CPU, "method": "fgsm_at", "pgd_step_size": 10 / 255,
          "adv_box_start": True},
