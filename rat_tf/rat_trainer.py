@@ -160,12 +160,13 @@ class RATModel(StandardModel):
     x + V[y] ("class"), x + V[t] or x + V[y, t] with ``per_source`` ("target", t from
     ``targets_per_image``: random, "runner_up" (the most likely wrong class) or "worst"), or
     at zero / uniform in the ball ("zero", "random": the ablation's FGSM and FGSM-RS, toward
-    the runner-up or worst class if ``targets_per_image`` names one), takes
-    one signed step of ``rat_step_size`` up the true-class cross-entropy (with a target: up the
-    logit margin z_t - z_y; ``rat_step_loss`` "ce" / "margin" chooses), is projected to the eps ball and trained on alone, with its
-    TRUE label, plus ``rat_consistency`` times the mean squared logit change from the start
-    (FGSM-UAP's penalty). The same input gradient moves each V row used, as the online update
-    does (step ``online_step_size``). V starts as given, else at random corners of the ball;
+    the runner-up or worst class if ``targets_per_image`` names one), takes one signed step
+    of ``rat_step_size`` up the true-class cross-entropy (with a target: up the logit margin
+    z_t - z_y; ``rat_step_loss`` "ce" / "margin" chooses), is projected to the eps ball and
+    trained on alone, with its TRUE label, plus ``rat_consistency`` times the mean squared
+    logit change from the start (FGSM-UAP's penalty; the start's forward pass then runs in
+    training mode, as the adversarial one). The same input gradient moves each V row used,
+    as the online update does (step ``online_step_size``). V starts as given, else at random corners of the ball;
     ``rat_init_noise`` adds uniform noise of that radius (in eps) to each V start.
     The logs add ``adversarial_accuracy``, on the batch the step fits.
     """
