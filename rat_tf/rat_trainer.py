@@ -166,8 +166,9 @@ class RATModel(StandardModel):
     trained on alone, with its TRUE label, plus ``rat_consistency`` times the mean squared
     logit change from the start (FGSM-UAP's penalty; the start's forward pass then runs in
     training mode, as the adversarial one). The same input gradient moves each V row used,
-    as the online update does (step ``online_step_size``). V starts as given, else at random corners of the ball;
-    ``rat_init_noise`` adds uniform noise of that radius (in eps) to each V start.
+    as the online update does (step ``online_step_size``). V starts as given, else at random
+    corners of the ball; ``rat_init_noise`` adds uniform noise of that radius (in eps) to
+    each V start.
     The logs add ``adversarial_accuracy``, on the batch the step fits.
     """
 
