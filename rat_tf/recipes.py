@@ -38,6 +38,9 @@ _WONG_MNIST = dict(dataset="mnist", model="wong_mnist_net", epochs=10, batch_siz
                    optimizer="adam", lr=5e-3, lr_schedule="onecycle", warmup_epochs=4.0,
                    adv_eps=0.3)  # the cyclic schedule of Wong et al.'s MNIST code
 _RAT_START = dict(method="rat", train_subset=0)  # RAT on every training image, V learnt
+# V[t] toward the runner-up class, plus uniform noise in the eps ball, starts an FGSM step.
+_RAT_TARGET = dict(_RAT_START, rat_init="target", targets_per_image="runner_up",
+                   rat_init_noise=1.0)
 _NFGSM = dict(adv_init_scale=2.0, adv_box_start=True, adv_project=False)
 # Wong et al.'s CIFAR-10 code: SGD momentum 0.9, L2 weight decay 5e-4, cyclic lr peaking at
 # half the epochs; here Nesterov momentum and decoupled decay (rat_tf's "momentum" optimizer).
@@ -75,8 +78,7 @@ RECIPES: dict[str, Recipe] = {
         "RAT with V as the start of a per-image FGSM step, one V per true class (the start "
         "of FGSM-UAP, Pan et al. 2024), on the MNIST model and schedule of Wong et al."),
     "mnist_rat_target": Recipe(
-        {**_WONG_MNIST, **_RAT_START, "rat_init": "target", "targets_per_image": "runner_up",
-         "rat_init_noise": 1.0},
+        {**_WONG_MNIST, **_RAT_TARGET},
         "RAT with V[t] (t: the runner-up class) plus uniform noise in the eps ball as the "
         "start of a per-image FGSM step toward t, on the MNIST model and schedule of Wong et "
         "al."),
@@ -99,15 +101,13 @@ RECIPES: dict[str, Recipe] = {
         "lr 0.1 divided by 10 at epochs 100 and 150, 200 epochs)",
         {"clean": 87.1, "pgd_20": 47.0}, gpu=True),
     "cifar10_rat_target": Recipe(
-        {**_CIFAR_GPU, **_RAT_START, "rat_init": "target", "targets_per_image": "runner_up",
-         "rat_init_noise": 1.0, "rat_consistency": 10.0, "eps": 8 / 255, "epochs": 30,
+        {**_CIFAR_GPU, **_RAT_TARGET, "rat_consistency": 10.0, "eps": 8 / 255, "epochs": 30,
          "lr": 0.2, "lr_schedule": "onecycle", "warmup_epochs": 15.0},
         "RAT with V[t] (t: the runner-up class) plus uniform noise in the eps ball as the "
         "start of a per-image FGSM step, with FGSM-UAP's logit-consistency penalty (10), on "
         "the PreAct ResNet-18 and schedule of the N-FGSM recipe", gpu=True),
     "cifar10_rat_target_cpu": Recipe(
-        {**_CIFAR_CPU, **_RAT_START, "rat_init": "target", "targets_per_image": "runner_up",
-         "rat_init_noise": 1.0, "rat_consistency": 10.0, "eps": 8 / 255},
+        {**_CIFAR_CPU, **_RAT_TARGET, "rat_consistency": 10.0, "eps": 8 / 255},
         "RAT with V[t] (t: the runner-up class) plus uniform noise in the eps ball as the "
         "start of a per-image FGSM step, with FGSM-UAP's logit-consistency penalty (10), on "
         "fast_cifar_net, 10 epochs"),
