@@ -278,7 +278,7 @@ def define_rat_flags(target: Target, **group: Any) -> None:
 
 def define_recipe_flags(target: Target, **group: Any) -> None:
     """The training recipe: ``--augment``, ``--warmup_epochs``, ``--weight_decay``,
-    ``--label_smoothing``, ``--test_every``."""
+    ``--label_smoothing``, ``--ema_momentum``, ``--test_every``."""
     _define_group(RECIPE_FLAGS, target, **group)
 
 

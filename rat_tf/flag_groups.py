@@ -108,6 +108,9 @@ RECIPE_FLAGS = {  # the training recipe beyond optimizer and learning rate
     "weight_decay": Spec("float", "Decoupled weight decay of conv and dense kernels: every "
                          "step w -= lr * weight_decay * w.", lower_bound=0),
     "label_smoothing": Spec("float", "Label smoothing of the cross-entropy, in [0, 1)."),
+    "ema_momentum": Spec("float", "Momentum of a moving average of the trainable weights that "
+                         "becomes the saved model, in [0, 1) (0: none; FGSM-UAP: 0.999).",
+                         lower_bound=0),
     "test_every": Spec("integer", "Test accuracy every N epochs, into history.csv (0: at the "
                        "end only).", lower_bound=0),
 }

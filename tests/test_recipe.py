@@ -92,6 +92,8 @@ def test_onecycle_schedule_and_optimizer():
     (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
     (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
     (dict(label_smoothing=-0.1), r"label_smoothing must be in \[0, 1\)"),
+    (dict(ema_momentum=1.0), r"ema_momentum must be in \[0, 1\)"),
+    (dict(ema_momentum=0.99, early_stop_drop=0.2), "ema_momentum and early_stop_drop"),
     (dict(warmup_epochs=1.0), "warmup_epochs is for lr_schedule cosine or onecycle"),
     (dict(warmup_epochs=3.0, lr_schedule="cosine"), r"warmup_epochs must be in \[0, epochs=2\)"),
     (dict(lr_schedule="linear"), "unknown lr_schedule 'linear'"),
@@ -153,6 +155,32 @@ class _Probe(keras.callbacks.Callback):
         self.logits_dtype = classifier(np.zeros((2, 32, 32, 3), np.float32)).dtype
         self.moved = any(not np.array_equal(a, w.numpy()) for a, w in
                          zip(self.before, classifier.trainable_weights))
+
+
+class _StepWeights(keras.callbacks.Callback):
+    """The classifier's trainable weights after every training step."""
+
+    def on_train_begin(self, logs=None):
+        self.steps = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps.append([w.numpy().copy() for w in self.model.classifier.trainable_weights])
+
+
+def test_ema_model_is_the_moving_average_of_the_steps(mnist_arrays, tmp_path):
+    """With ema_momentum m the saved model holds a_k = m a_(k-1) + (1 - m) w_k, a_1 = w_1."""
+    x, y = mnist_arrays[0][:96], mnist_arrays[1][:96]
+    probe = _StepWeights()
+    training.train(training.TrainConfig(model="mnist_cnn", batch_size=32, lr=0.01,
+                                        ema_momentum=0.5, test_subset=32,
+                                        model_dir=str(tmp_path)),
+                   callbacks=[probe], train_data=(x, y), test_data=(x, y))
+    assert len(probe.steps) == 3
+    saved = keras.models.load_model(tmp_path / "model.keras").trainable_weights
+    for i, w in enumerate(saved):
+        w1, w2, w3 = (step[i] for step in probe.steps)
+        np.testing.assert_allclose(w.numpy(), 0.25 * w1 + 0.25 * w2 + 0.5 * w3, atol=1e-6)
+    assert not np.allclose(saved[0].numpy(), probe.steps[-1][0])  # not the last step's
 
 
 @pytest.mark.slow  # bfloat16 is emulated on CPUs without AVX512-BF16: slow

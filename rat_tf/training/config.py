@@ -52,6 +52,7 @@ class TrainConfig:
     optimizer: str = "adam"  # momentum: SGD with Nesterov momentum 0.9
     weight_decay: float = 0.0  # decoupled: every step w -= lr * weight_decay * w (not BN, biases)
     label_smoothing: float = 0.0
+    ema_momentum: float = 0.0  # >0: the saved model is the moving average of the weights
     augment: str = "none"  # data.AUGMENTATIONS: crop_flip = 4-pixel reflect-pad crop + flip
     test_every: int = 0  # test accuracy every N epochs, in history.csv (0: at the end only)
     train_subset: int | None = None  # balanced subset size; None: 1000 for rat, all otherwise
@@ -144,6 +145,11 @@ class TrainConfig:
              f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.label_smoothing < 1,
              f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (math.isfinite(self.ema_momentum) and 0 <= self.ema_momentum < 1,
+             f"ema_momentum must be in [0, 1), got {self.ema_momentum}"),
+            (not (self.ema_momentum and self.early_stop_drop),
+             "ema_momentum and early_stop_drop do not go together: the moving average would "
+             "replace the best epoch's weights that early stopping restores"),
             (self.augment in AUGMENTATIONS,
              f"unknown augment {self.augment!r}; choose one of {AUGMENTATIONS}"),
             (int(self.test_every) >= 0, f"test_every must be >= 0, got {self.test_every}"),

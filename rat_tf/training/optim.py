@@ -51,15 +51,19 @@ def make_schedule(config: TrainConfig, total_steps: int, steps_per_epoch: int = 
 
 def make_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int = 1
                    ) -> keras.optimizers.Optimizer:
-    """The optimizer of ``config`` with its learning-rate schedule (:func:`make_schedule`)."""
+    """The optimizer of ``config`` with its learning-rate schedule (:func:`make_schedule`)
+    and, with ``ema_momentum``, Keras' moving average of the trainable weights (it replaces
+    them when ``fit`` ends; batch-norm statistics are not averaged)."""
     lr = make_schedule(config, total_steps, steps_per_epoch)
     decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
+    ema = ({"use_ema": True, "ema_momentum": config.ema_momentum}
+           if config.ema_momentum else {})
     if config.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(lr, **decay)
+        optimizer = keras.optimizers.Adam(lr, **decay, **ema)
     elif config.optimizer == "momentum":
-        optimizer = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, **decay)
+        optimizer = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, **decay, **ema)
     else:
-        optimizer = keras.optimizers.SGD(lr, **decay)
+        optimizer = keras.optimizers.SGD(lr, **decay, **ema)
     if decay:  # decay the weights of convolutions and dense layers only
         optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     return optimizer
