@@ -69,8 +69,9 @@ def test_standard_training_on_real_mnist(data_dir, mnist_arrays, tmp_path):
         metrics["test_accuracy"], abs=1e-6)
 
 
-def test_interrupted_training_resumes_without_losing_epochs(data_dir, tmp_path):
-    kw = dict(epochs=4, data_dir=data_dir, lr=3e-3)
+@pytest.mark.parametrize("ema_momentum", [0.0, 0.9])  # the moving average is resumed too
+def test_interrupted_training_resumes_without_losing_epochs(data_dir, tmp_path, ema_momentum):
+    kw = dict(epochs=4, data_dir=data_dir, lr=3e-3, ema_momentum=ema_momentum)
     reference = training.train(_config(tmp_path, "uninterrupted", **kw))
     cfg = _config(tmp_path, "interrupted", **kw)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -85,6 +86,10 @@ def test_interrupted_training_resumes_without_losing_epochs(data_dir, tmp_path):
     np.testing.assert_allclose(resumed["history"]["loss"], reference["history"]["loss"],
                                rtol=1e-4)
     assert resumed["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=0.004)
+    saved = [keras.models.load_model(tmp_path / name / "model.keras").get_weights()
+             for name in ("uninterrupted", "interrupted")]
+    for a, b in zip(*saved):
+        np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_backup_is_written_atomically(tmp_path, monkeypatch):
