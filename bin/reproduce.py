@@ -7,7 +7,7 @@ Trains ``rat_tf.recipes.RECIPES[--recipe]`` on the whole training split into
 measures clean accuracy, FGSM, PGD-50-10 and AutoAttack (standard) at the recipe's radius on the
 first --n_test test images, with the gradient-masking checks; writes report.json, report.md,
 recipe.json (the published figures, training time) and figures to --output_dir. Training flags
-given here (--seed, --epochs, --early_stop_drop, --rat_init, --label_smoothing,
+given here (--seed, --epochs, --warmup_epochs, --early_stop_drop, --rat_init, --label_smoothing,
 --ema_momentum, ...) override the recipe's settings.
 """
 
@@ -27,7 +27,7 @@ cli.define_n_test_flag(recipes.reproduce)
 cli.define("integer", "seed", "Random seed.", sets=Config)
 cli.define("integer", "epochs", "Epochs.", sets=Config)
 cli.define_adv_flags(Config, only=["early_stop_drop", "early_stop_images"])
-cli.define_recipe_flags(Config, only=["label_smoothing", "ema_momentum"])
+cli.define_recipe_flags(Config, only=["warmup_epochs", "label_smoothing", "ema_momentum"])
 cli.define_rat_flags(Config, only=["rat_init", "rat_step_size", "rat_consistency",
                                    "rat_init_noise", "rat_step_loss", "targets_per_image",
                                    "online_step_size"])
