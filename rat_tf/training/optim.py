@@ -56,14 +56,14 @@ def make_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int =
     them when ``fit`` ends; batch-norm statistics are not averaged)."""
     lr = make_schedule(config, total_steps, steps_per_epoch)
     decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
-    ema = ({"use_ema": True, "ema_momentum": config.ema_momentum}
-           if config.ema_momentum else {})
+    options = dict(decay, **({"use_ema": True, "ema_momentum": config.ema_momentum}
+                             if config.ema_momentum else {}))
     if config.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(lr, **decay, **ema)
+        optimizer = keras.optimizers.Adam(lr, **options)
     elif config.optimizer == "momentum":
-        optimizer = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, **decay, **ema)
+        optimizer = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, **options)
     else:
-        optimizer = keras.optimizers.SGD(lr, **decay, **ema)
+        optimizer = keras.optimizers.SGD(lr, **options)
     if decay:  # decay the weights of convolutions and dense layers only
         optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     return optimizer
