@@ -4,8 +4,10 @@
 
 1. Cost per input image of rat (replace / one / all / worst targets; one and replace also
    with V learnt online; V as the start of an FGSM step: ``rat_init`` class, target with
-   random and runner-up targets, the latter also from V plus noise), fgsm_at and pgd_at
-   relative to standard training: same model (mnist_cnn), batch size and data; images/s of the
+   random and runner-up targets, the latter also from V plus noise, with and without the
+   logit-consistency penalty), fgsm_at and pgd_at
+   relative to standard training: same model (``--model``), batch size and data
+   (``--dataset``, MNIST by default; the radius flags' defaults are MNIST's); images/s of the
    steady epoch. Also per example trained on (rat "one" and "worst" train on each image and one
    perturbed copy, "worst" after 9 inference passes to pick it; "all" on the image and its 9
    copies; "replace" on one of the two).
@@ -40,6 +42,7 @@ from rat_tf import callbacks, cli, data, files, models, perturbation_files, plot
 
 Config = training.TrainConfig
 FLAGS = flags.FLAGS
+cli.define_dataset_flag(Config, default="mnist")
 cli.define_data_flags(data_source=False)
 cli.define_output_flag("bench_training.json", default="results")
 cli.define("string", "work_dir", "Where runs are written.", default=None,
@@ -105,6 +108,10 @@ _COST_METHODS = {
     "rat_init_target_runner_up_noise": ({"method": "rat", "rat_init": "target",
                                          "targets_per_image": "runner_up",
                                          "rat_init_noise": 1.0}, 1),
+    "rat_init_target_runner_up_noise_penalty": ({"method": "rat", "rat_init": "target",
+                                                 "targets_per_image": "runner_up",
+                                                 "rat_init_noise": 1.0,
+                                                 "rat_consistency": 10.0}, 1),
     "fgsm_at": ({"method": "fgsm_at"}, 1),
     "pgd_at": ({"method": "pgd_at"}, 1)}
 
@@ -222,17 +229,18 @@ def main(argv):
     if bad_models:
         raise app.UsageError(f"--front_models: unknown {bad_models}; choose from "
                              f"{sorted(models.MODELS)}")
-    cli.check_data("mnist", FLAGS.data_dir)
+    cli.check_data(FLAGS.dataset, FLAGS.data_dir)
     cli.check_output_dirs(output_dir=FLAGS.output_dir, work_dir=FLAGS.work_dir)
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_training_")
-    base = dict(dataset="mnist", data_dir=FLAGS.data_dir, model=FLAGS.model, verbose=2,
+    info = data.get_info(FLAGS.dataset)
+    base = dict(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model, verbose=2,
                 batch_size=FLAGS.batch_size, pgd_steps=FLAGS.adv_steps,
                 adv_eps=FLAGS.adv_eps if FLAGS.adv_eps is not None else FLAGS.fgsm_eps)
     zeros = perturbation_files.save(os.path.join(work, "zeros.npz"),
-                                    np.zeros((10,) * (1 + FLAGS.per_source) + (28, 28, 1),
-                                             np.float32), eps=FLAGS.tup_eps)
+                                    np.zeros((info.num_classes,) * (1 + FLAGS.per_source)
+                                             + info.image_shape, np.float32), eps=FLAGS.tup_eps)
     results = {"cost": _cost(base, work, zeros) if FLAGS.cost_steps else {}, "front": []}
-    x_test, y_test = data.load_arrays("mnist", "test", data_dir=FLAGS.data_dir)
+    x_test, y_test = data.load_arrays(FLAGS.dataset, "test", data_dir=FLAGS.data_dir)
     eval_images = (x_test[:FLAGS.n_test], y_test[:FLAGS.n_test])
     tup_images = data.balanced_subset(x_test[-5000:], y_test[-5000:], FLAGS.tup_n_per_class,
                                       seed=0)

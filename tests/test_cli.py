@@ -1,6 +1,7 @@
 """The binaries' errors: one line ``error: ...`` on stderr, status 2 for bad input; --debug."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -203,3 +204,23 @@ def test_train_verify_checksums_refuses_flipped_pixels(data_dir, tmp_path):
                           "--train_subset=100", "--n_test=100", "--verify_checksums")
     line = _one_error_line(stderr)
     assert status == 2 and str(path) in line and "md5" in line
+
+
+@pytest.mark.slow
+def test_bench_training_cost_runs_on_cifar10(data_dir, tmp_path):
+    """--dataset reaches every cost run, RAT's V included (CIFAR-10 shape), and the JSON
+    holds each method's images/s relative to standard training."""
+    status, stderr = _run("bench_training.py", "--dataset=cifar10", "--model=fast_cifar_net",
+                          "--cost_methods=fgsm_at,rat_init_target_runner_up_noise_penalty",
+                          "--front_models=", "--cost_steps=2", "--batch_size=16",
+                          "--adv_eps=0.03", f"--data_dir={data_dir}",
+                          f"--output_dir={tmp_path}/out", f"--work_dir={tmp_path}/work",
+                          timeout=600)
+    assert status == 0, stderr[-3000:]
+    with open(tmp_path / "out" / "bench_training.json") as f:
+        cost = json.load(f)["cost"]
+    assert set(cost) == {"standard", "fgsm_at", "rat_init_target_runner_up_noise_penalty"}
+    assert cost["standard"]["cost_vs_standard"] == 1.0
+    assert all(r["images_per_sec"] > 0 for r in cost.values())
+    with open(tmp_path / "work" / "cost_fgsm_at" / "metrics.json") as f:
+        assert json.load(f)["config"]["dataset"] == "cifar10"
