@@ -134,7 +134,7 @@ class ExperimentConfig:
     online_step_size: float | None = None  # RAT: None: the trainer's default
     rat_init: str = "target"  # rat_fgsm: the start of its FGSM step (rat is the paper's)
     rat_step_size: float | None = None  # rat_fgsm: that step; None: the trainer's default
-    rat_consistency: float = 0.0  # rat_fgsm: that step's logit-consistency penalty
+    rat_consistency: float | None = None  # rat_fgsm: that step's logit-consistency penalty
     rat_init_noise: float = 1.0  # rat_fgsm: uniform noise (x eps) added to its V start
     rat_step_loss: str = "auto"  # rat_fgsm: what its step climbs (trainers.STEP_LOSSES)
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
@@ -153,7 +153,7 @@ class ExperimentConfig:
                         pretrain_augment="none", finetune_lr=5e-4, refresh_every=0,
                         refresh_passes=0,
                         targets_per_image="one", perturbed_fraction=0.5, batch_mode="append",
-                        per_source=False,
+                        per_source=False, rat_consistency=0.0,
                         eps=data.get_info(self.dataset).eps,
                         adv_eps=data.get_info(self.dataset).adv_eps)
         values = dataclasses.asdict(self)

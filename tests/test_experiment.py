@@ -166,6 +166,13 @@ def test_budget_presets_and_validation():
     assert quiet._rat_settings("rat_fgsm")["rat_init_noise"] == 0.25
     with pytest.raises(ValueError, match="rat_init_noise"):
         experiment.ExperimentConfig(rat_init_noise=-1.0).resolved()
+    # FGSM-UAP's consistency penalty: in rat_fgsm on CIFAR-10 (as its recipe), not on MNIST
+    assert cifar._rat_settings("rat_fgsm")["rat_consistency"] == 10.0
+    assert cifar._rat_settings("rat")["rat_consistency"] == 0.0
+    assert replace._rat_settings("rat_fgsm")["rat_consistency"] == 0.0
+    plain = experiment.ExperimentConfig(dataset="cifar10", budget="small",
+                                        rat_consistency=0.0).resolved()
+    assert plain._rat_settings("rat_fgsm")["rat_consistency"] == 0.0
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
