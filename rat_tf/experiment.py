@@ -133,7 +133,7 @@ class ExperimentConfig:
     online: bool = False  # RAT: V updated online at every step, starting from the searched V
     online_step_size: float | None = None  # RAT: None: the trainer's default
     rat_init: str = "target"  # rat_fgsm: the start of its FGSM step (rat is the paper's)
-    rat_step_size: float | None = None  # rat_fgsm: that step; None: the trainer's default
+    rat_step_size: float | None = None  # rat_fgsm: that step; default per preset, else eps
     rat_consistency: float | None = None  # rat_fgsm: that step's logit-consistency penalty
     rat_init_noise: float = 1.0  # rat_fgsm: uniform noise (x eps) added to its V start
     rat_step_loss: str = "auto"  # rat_fgsm: what its step climbs (trainers.STEP_LOSSES)

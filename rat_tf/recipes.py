@@ -107,10 +107,11 @@ RECIPES: dict[str, Recipe] = {
         "start of a per-image FGSM step, with FGSM-UAP's logit-consistency penalty (10), on "
         "the PreAct ResNet-18 and schedule of the N-FGSM recipe", gpu=True),
     "cifar10_rat_target_cpu": Recipe(
-        {**_CIFAR_CPU, **_RAT_TARGET, "rat_consistency": 10.0, "eps": 8 / 255},
+        {**_CIFAR_CPU, **_RAT_TARGET, "rat_consistency": 10.0, "eps": 8 / 255,
+         "rat_step_size": 10 / 255},
         "RAT with V[t] (t: the runner-up class) plus uniform noise in the eps ball as the "
-        "start of a per-image FGSM step, with FGSM-UAP's logit-consistency penalty (10), on "
-        "fast_cifar_net, 10 epochs"),
+        "start of a per-image FGSM step of 10/255 (FGSM-RS's), with FGSM-UAP's "
+        "logit-consistency penalty (10), on fast_cifar_net, 10 epochs"),
     "cifar10_fgsm_rs_cpu": Recipe(
         {**_CIFAR_CPU, "method": "fgsm_at", "pgd_step_size": 10 / 255,
          "adv_box_start": True},

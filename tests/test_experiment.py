@@ -168,6 +168,8 @@ def test_budget_presets_and_validation():
         experiment.ExperimentConfig(rat_init_noise=-1.0).resolved()
     # FGSM-UAP's consistency penalty: in rat_fgsm on CIFAR-10 (as its recipe), not on MNIST
     assert cifar._rat_settings("rat_fgsm")["rat_consistency"] == 10.0
+    assert cifar._rat_settings("rat_fgsm")["rat_step_size"] == pytest.approx(10 / 255)
+    assert replace._rat_settings("rat_fgsm")["rat_step_size"] is None  # MNIST: eps
     assert cifar._rat_settings("rat")["rat_consistency"] == 0.0
     assert replace._rat_settings("rat_fgsm")["rat_consistency"] == 0.0
     plain = experiment.ExperimentConfig(dataset="cifar10", budget="small",
