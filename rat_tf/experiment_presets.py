@@ -38,13 +38,14 @@ _MNIST_LIKE = {
                  eval=dict(n_test=None, aa_n=None, pgd_steps=40, pgd_restarts=5, tup_passes=10,
                            tup_n_per_class=100, uap_passes=5)),
 }
+# every CIFAR-10 budget: rat_fgsm takes a step of 10/255 with FGSM-UAP's logit-consistency
+# penalty (10), as the CIFAR-10 recipe cifar10_rat_target_cpu does (docs/reproduction.md)
+_CIFAR_RAT_FGSM = dict(rat_consistency=10.0, rat_step_size=10 / 255)
 _CIFAR = {
-    # every budget: rat_fgsm takes a step of 10/255 with FGSM-UAP's logit-consistency
-    # penalty (10), as the CIFAR-10 recipe cifar10_rat_target_cpu does (docs/reproduction.md)
     "tiny": dict(model="tiny_cnn", pretrain_subset=2000, pretrain_epochs=1,
                  pretrain_batch_size=64, finetune_subset=200, finetune_epochs=1,
                  finetune_batch_size=50, search_passes=2, train_pgd_steps=2, test_subset=500,
-                 rat_consistency=10.0, rat_step_size=10 / 255,
+                 **_CIFAR_RAT_FGSM,
                  eval=dict(n_test=100, pgd_steps=3, pgd_restarts=2, tup_passes=1,
                            tup_n_per_class=5, tup_batch_size=50, uap_passes=1, aa_n=50,
                            aa_steps=5, aa_queries=50, masking_steps=3, masking_n=50)),
@@ -56,7 +57,7 @@ _CIFAR = {
                   pretrain_weight_decay=5e-3, pretrain_label_smoothing=0.2,
                   pretrain_augment="crop_flip", finetune_subset=1000, finetune_epochs=5,
                   finetune_batch_size=50, search_passes=5, train_pgd_steps=5, test_subset=2000,
-                  rat_consistency=10.0, rat_step_size=10 / 255,
+                  **_CIFAR_RAT_FGSM,
                   eval=dict(n_test=None, n_pgd=1000, pgd_steps=10, pgd_restarts=2,
                             tup_passes=3, tup_n_per_class=20, uap_passes=2, aa_n=1000)),
     "full": dict(model="resnet20", pretrain_subset=0, pretrain_epochs=100,
@@ -65,7 +66,7 @@ _CIFAR = {
                  pretrain_weight_decay=1e-3, pretrain_label_smoothing=0.1,
                  pretrain_augment="crop_flip", finetune_subset=1000, finetune_epochs=30,
                  finetune_batch_size=50, search_passes=20, train_pgd_steps=10, test_subset=0,
-                 rat_consistency=10.0, rat_step_size=10 / 255,
+                 **_CIFAR_RAT_FGSM,
                  eval=dict(n_test=None, aa_n=None, pgd_steps=20, pgd_restarts=5, tup_passes=10,
                            tup_n_per_class=100, uap_passes=5)),
 }
