@@ -131,9 +131,18 @@ def _front_settings(zeros: str) -> dict[str, dict]:
             "fgsm_at": {"method": "fgsm_at"}, "pgd_at": {"method": "pgd_at"}}
 
 
+def _zeros(work: str, eps: float) -> str:
+    """A V file of zeros in the dataset's shape with radius ``eps``; returns its path."""
+    info = data.get_info(FLAGS.dataset)
+    shape = (info.num_classes,) * (1 + FLAGS.per_source) + info.image_shape
+    return perturbation_files.save(os.path.join(work, f"zeros_eps{eps:g}.npz"),
+                                   np.zeros(shape, np.float32), eps=eps)
+
+
 def _cost(base: dict, work: str, zeros: str) -> dict:
     """Part 1: images/s of every method against standard training."""
     results = {}
+    start_zeros = _zeros(work, base["adv_eps"])  # a V that starts an FGSM step: its radius
     chosen = ["standard", *[m for m in FLAGS.cost_methods or _COST_METHODS if m != "standard"]]
     for name in chosen:
         kw, examples = _COST_METHODS[name]
@@ -141,7 +150,8 @@ def _cost(base: dict, work: str, zeros: str) -> dict:
                                    train_subset=6000, model_dir=os.path.join(work, "cost_" + name),
                                    **kw)
         if cfg.method == "rat":
-            cfg.perturbations_path, cfg.per_source = zeros, FLAGS.per_source
+            cfg.perturbations_path = start_zeros if cfg.rat_init != "none" else zeros
+            cfg.per_source = FLAGS.per_source
         m = training.train(cfg)
         results[name] = {"images_per_sec": m["images_per_sec_steady"],
                          "trained_examples_per_image": examples}
@@ -232,13 +242,10 @@ def main(argv):
     cli.check_data(FLAGS.dataset, FLAGS.data_dir)
     cli.check_output_dirs(output_dir=FLAGS.output_dir, work_dir=FLAGS.work_dir)
     work = FLAGS.work_dir or tempfile.mkdtemp(prefix="bench_training_")
-    info = data.get_info(FLAGS.dataset)
     base = dict(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=FLAGS.model, verbose=2,
                 batch_size=FLAGS.batch_size, pgd_steps=FLAGS.adv_steps,
                 adv_eps=FLAGS.adv_eps if FLAGS.adv_eps is not None else FLAGS.fgsm_eps)
-    zeros = perturbation_files.save(os.path.join(work, "zeros.npz"),
-                                    np.zeros((info.num_classes,) * (1 + FLAGS.per_source)
-                                             + info.image_shape, np.float32), eps=FLAGS.tup_eps)
+    zeros = _zeros(work, FLAGS.tup_eps)
     results = {"cost": _cost(base, work, zeros) if FLAGS.cost_steps else {}, "front": []}
     x_test, y_test = data.load_arrays(FLAGS.dataset, "test", data_dir=FLAGS.data_dir)
     eval_images = (x_test[:FLAGS.n_test], y_test[:FLAGS.n_test])

@@ -224,3 +224,7 @@ def test_bench_training_cost_runs_on_cifar10(data_dir, tmp_path):
     assert all(r["images_per_sec"] > 0 for r in cost.values())
     with open(tmp_path / "work" / "cost_fgsm_at" / "metrics.json") as f:
         assert json.load(f)["config"]["dataset"] == "cifar10"
+    # V starts the FGSM step, so its ball is the adversarial radius, not --tup_eps's
+    rat = tmp_path / "work" / "cost_rat_init_target_runner_up_noise_penalty" / "metrics.json"
+    with open(rat) as f:
+        assert json.load(f)["settings"]["eps"] == pytest.approx(0.03)
