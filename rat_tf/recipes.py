@@ -159,6 +159,12 @@ def reproduction_settings(name: str, n_test: int = 1000, **overrides: Any
     return evaluation.EvalSettings.for_dataset(config.dataset, **{**settings, **overrides})
 
 
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    """Settings as ``k=v`` pairs for a sentence of a report."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in settings.items())
+
+
 def reproduce(name: str, output_dir: str, *, n_test: int = 1000, data_dir: str | None = None,
               data_source: str = "auto", strategy: tf.distribute.Strategy | None = None,
               eval_overrides: Mapping[str, Any] | None = None, **overrides: Any) -> dict:
@@ -188,14 +194,17 @@ def reproduce(name: str, output_dir: str, *, n_test: int = 1000, data_dir: str |
     report = reports[name]
     with open(metrics_path) as f:
         metrics = json.load(f)
+    base = train_config(name)
+    changed = {k: v for k, v in overrides.items() if getattr(base, k) != v}
     report["recipe"] = {"name": name, "source": recipe.source, "published": dict(recipe.published),
-                        "train_seconds": metrics.get("fit_seconds"),
+                        "changed": changed, "train_seconds": metrics.get("fit_seconds"),
                         "epoch_seconds": metrics.get("epoch_seconds"),
                         "settings": metrics.get("settings")}
     info = data.get_info(config.dataset)
     published = ", ".join(f"{k} {v:g}" for k, v in recipe.published.items()) or "none given"
     evaluation.write_report(reports, output_dir, title=f"Reproduction of {name} on "
-                            f"{info.name}", extra_markdown=f"\n{recipe.source}.\n\nPublished "
-                            f"(%): {published}.\n")
+                            f"{info.name}", extra_markdown=f"\n{recipe.source}.\n\n"
+                            + (f"Changed here from the recipe: {_settings_text(changed)}.\n\n"
+                               if changed else "") + f"Published (%): {published}.\n")
     files.write_json(os.path.join(output_dir, "recipe.json"), report["recipe"])
     return report

@@ -172,3 +172,30 @@ def test_train_binary_recipe_flags_override(data_dir, tmp_path):
     assert metrics["settings"]["init_scale"] == 2.0 and not metrics["settings"]["project"]
     status, stderr = _run("train.py", "--recipe=trades", f"--model_dir={out}")
     assert status == 2 and "recipe" in _one_error_line(stderr)
+
+
+def test_reproduce_reports_what_was_changed_and_reuses_the_model(data_dir, tmp_path):
+    """A reproduction row end to end on a tiny slice: the report names the settings changed
+    from the recipe, has no empty section, and a second call reuses the trained model."""
+    out = str(tmp_path / "repro")
+    small = dict(epochs=1, warmup_epochs=0.0, steps_per_epoch=2, batch_size=20,
+                 train_subset=100, test_subset=50, verbose=0)
+    evals = dict(pgd_steps=3, pgd_restarts=1, aa_n=10, aa_steps=5, aa_queries=20,
+                 masking_n=10, masking_steps=3)
+    report = recipes.reproduce("mnist_rat_target", out, n_test=20, data_dir=data_dir,
+                               eval_overrides=evals, seed=3, **small)
+    changed = report["recipe"]["changed"]
+    assert changed["seed"] == 3 and changed["epochs"] == 1
+    assert "lr" not in changed  # not given, so not changed
+    with open(tmp_path / "repro" / "recipe.json") as f:
+        assert json.load(f)["changed"] == changed
+    md = (tmp_path / "repro" / "report.md").read_text()
+    assert "Changed here from the recipe: " in md and "seed=3" in md and "epochs=1" in md
+    assert "## Per class" not in md and "universal perturbations" not in md
+    assert report["autoattack"]["num_images"] == 10
+    model_file = tmp_path / "repro" / "model" / "model.keras"
+    stamp = model_file.stat().st_mtime_ns
+    again = recipes.reproduce("mnist_rat_target", out, n_test=20, data_dir=data_dir,
+                              eval_overrides=evals, seed=3, **small)
+    assert model_file.stat().st_mtime_ns == stamp  # not trained again
+    assert again["clean_accuracy"] == report["clean_accuracy"]

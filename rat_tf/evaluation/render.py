@@ -32,6 +32,8 @@ def markdown_table(reports: Mapping[str, Mapping]) -> str:
 
 
 def _class_table(reports: Mapping[str, Mapping]) -> str:
+    """The per-class section: clean and FGSM accuracy and TUP success per class, per model
+    ("" when no report measured any of them)."""
     first = next(iter(reports.values()))
     names = first["class_names"]
     head = ["model", "measure"] + list(names)
@@ -52,7 +54,9 @@ def _class_table(reports: Mapping[str, Mapping]) -> str:
             lines.append("| " + " | ".join([name, "TUP given succ. (target)"]
                                            + [pct(v) for v in r["tup_given"]["success_rate"]])
                          + " |")
-    return "\n".join(lines) + "\n"
+    if len(lines) == 2:
+        return ""
+    return "\n## Per class\n\n" + "\n".join(lines) + "\n"
 
 
 def _pgd_fgsm(reports: Mapping[str, Mapping]) -> str:
@@ -121,20 +125,23 @@ def _masking_section(reports: Mapping[str, Mapping]) -> str:
 
 
 def report_markdown(reports: Mapping[str, Mapping], title: str = "Robustness report") -> str:
-    """The whole report.md: main table, per-class table and the settings."""
+    """The whole report.md: main table, AutoAttack and masking sections, per-class table (when
+    measured) and the settings."""
     first = next(iter(reports.values()))
     st = first["settings"]
+    universal = any(r.get(k) for r in reports.values() for k in ("tup_given", "tup_fresh", "uap"))
     parts = [f"# {title}\n",
-             f"{first['num_test']} held-out test images ({first['dataset']}); universal "
-             f"perturbations searched on {first['num_search']} other images. Accuracies and "
-             f"TUP success / UAP fooling rates in %. TUP: mean over targets of the fraction of "
-             f"images (label != target) sent to the target; 'given' = the perturbations used "
-             f"in training, 'fresh' = searched again against each model."
+             f"{first['num_test']} held-out test images ({first['dataset']})"
+             + (f"; universal perturbations searched on {first['num_search']} other images. "
+                f"Accuracies and TUP success / UAP fooling rates in %. TUP: mean over targets of "
+                f"the fraction of images (label != target) sent to the target; 'given' = the "
+                f"perturbations used in training, 'fresh' = searched again against each model."
+                if universal else ". Accuracies in %.")
              + (f" PGD runs on the first {first['num_pgd']} of the test images (FGSM on those "
                 f"same images: {_pgd_fgsm(reports)})."
                 if first.get("num_pgd", first["num_test"]) < first["num_test"] else "") + "\n",
              markdown_table(reports), _autoattack_section(reports), _masking_section(reports),
-             "\n## Per class\n", _class_table(reports),
+             _class_table(reports),
              "\n## Settings\n", "\n".join(f"- {k}: {json.dumps(v)}" for k, v in st.items())
              + "\n"]
     return "\n".join(parts)
