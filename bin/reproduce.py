@@ -7,9 +7,9 @@ Trains ``rat_tf.recipes.RECIPES[--recipe]`` on the whole training split into
 measures clean accuracy, FGSM, PGD-50-10 and AutoAttack (standard) at the recipe's radius on the
 first --n_test test images, with the gradient-masking checks; writes report.json, report.md,
 recipe.json (the published figures, the settings changed from the recipe, training time) and
-figures to --output_dir. Training flags
-given here (--seed, --epochs, --warmup_epochs, --early_stop_drop, --rat_init, --label_smoothing,
---ema_momentum, ...) override the recipe's settings.
+figures to --output_dir. Training flags given here (--seed, --epochs, --warmup_epochs,
+--early_stop_drop, --rat_init, --label_smoothing, --ema_momentum, ...) override the recipe's
+settings.
 """
 
 from absl import flags
