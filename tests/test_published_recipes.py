@@ -174,6 +174,7 @@ def test_train_binary_recipe_flags_override(data_dir, tmp_path):
     assert status == 2 and "recipe" in _one_error_line(stderr)
 
 
+@pytest.mark.slow
 def test_reproduce_reports_what_was_changed_and_reuses_the_model(data_dir, tmp_path):
     """A reproduction row end to end on a tiny slice: the report names the settings changed
     from the recipe, has no empty section, and a second call reuses the trained model."""
