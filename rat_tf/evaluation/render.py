@@ -144,7 +144,7 @@ def report_markdown(reports: Mapping[str, Mapping], title: str = "Robustness rep
              _class_table(reports),
              "\n## Settings\n", "\n".join(f"- {k}: {json.dumps(v)}" for k, v in st.items())
              + "\n"]
-    return "\n".join(parts)
+    return "\n".join(p for p in parts if p)
 
 
 def accuracy_figure(reports: Mapping[str, Mapping], path: str) -> str | None:
