@@ -295,7 +295,9 @@ def read_history(path: str) -> dict[str, list[float]]:
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Wall seconds of every epoch run in this session."""
+    """Wall seconds of every epoch run in this session; also put in the epoch's logs as
+    ``epoch_seconds`` (unless an earlier callback set it), so a history file keeps every
+    epoch's time across resumed sessions."""
 
     def __init__(self):
         super().__init__()
@@ -307,3 +309,5 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.seconds.append(time.time() - self._t0)
+        if logs is not None:
+            logs.setdefault("epoch_seconds", self.seconds[-1])

@@ -159,6 +159,15 @@ def reproduction_settings(name: str, n_test: int = 1000, **overrides: Any
     return evaluation.EvalSettings.for_dataset(config.dataset, **{**settings, **overrides})
 
 
+def _train_seconds(metrics: Mapping[str, Any]) -> float | None:
+    """A run's training seconds over all its sessions (None: a resumed run whose earlier
+    epochs were not timed)."""
+    total = metrics.get("train_seconds_all_epochs")
+    if total is None and not metrics.get("resumed"):
+        total = metrics.get("fit_seconds")
+    return total
+
+
 def _settings_text(settings: Mapping[str, Any]) -> str:
     """Settings as ``k=v`` pairs for a sentence of a report."""
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
@@ -196,10 +205,10 @@ def reproduce(name: str, output_dir: str, *, n_test: int = 1000, data_dir: str |
         metrics = json.load(f)
     base = train_config(name)
     changed = {k: v for k, v in overrides.items() if getattr(base, k) != v}
+    epoch_seconds = metrics.get("history", {}).get("epoch_seconds", metrics.get("epoch_seconds"))
     report["recipe"] = {"name": name, "source": recipe.source, "published": dict(recipe.published),
-                        "changed": changed, "train_seconds": metrics.get("fit_seconds"),
-                        "epoch_seconds": metrics.get("epoch_seconds"),
-                        "settings": metrics.get("settings")}
+                        "changed": changed, "train_seconds": _train_seconds(metrics),
+                        "epoch_seconds": epoch_seconds, "settings": metrics.get("settings")}
     info = data.get_info(config.dataset)
     published = ", ".join(f"{k} {v:g}" for k, v in recipe.published.items()) or "none given"
     evaluation.write_report(reports, output_dir, title=f"Reproduction of {name} on "

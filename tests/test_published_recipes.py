@@ -194,6 +194,8 @@ def test_reproduce_reports_what_was_changed_and_reuses_the_model(data_dir, tmp_p
     assert "Changed here from the recipe: " in md and "seed=3" in md and "epochs=1" in md
     assert "## Per class" not in md and "universal perturbations" not in md
     assert report["autoattack"]["num_images"] == 10
+    assert len(report["recipe"]["epoch_seconds"]) == 1
+    assert report["recipe"]["train_seconds"] == pytest.approx(report["recipe"]["epoch_seconds"][0])
     model_file = tmp_path / "repro" / "model" / "model.keras"
     stamp = model_file.stat().st_mtime_ns
     again = recipes.reproduce("mnist_rat_target", out, n_test=20, data_dir=data_dir,

@@ -82,6 +82,11 @@ def test_interrupted_training_resumes_without_losing_epochs(data_dir, tmp_path, 
     resumed = training.train(cfg)
     assert resumed["resumed"] and resumed["epochs_run_this_session"] == 2
     assert resumed["history"]["epoch"] == [0, 1, 2, 3]
+    # Every epoch's time is kept across the two sessions; this session's are its last two.
+    seconds = resumed["history"]["epoch_seconds"]
+    assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    assert seconds[2:] == pytest.approx(resumed["epoch_seconds"], rel=1e-5)
+    assert resumed["train_seconds_all_epochs"] == pytest.approx(sum(seconds))
     # Weights, optimizer state and data order are restored: the same run as without the crash.
     np.testing.assert_allclose(resumed["history"]["loss"], reference["history"]["loss"],
                                rtol=1e-4)

@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import keras
 import numpy as np
@@ -52,6 +52,15 @@ def accuracy_curve(history_path: str) -> list[tuple[float, float]]:
     seconds = np.cumsum([s or 0.0 for s in history.get("epoch_seconds", [])])
     return [(float(t), float(a)) for t, a in zip(seconds, history.get("test_accuracy", []))
             if a is not None]
+
+
+def _all_epochs_seconds(history: Mapping[str, list]) -> float | None:
+    """The training seconds of every epoch of ``history`` (read_history), added up; None when
+    an epoch has no time (one run before the history kept it)."""
+    seconds = history.get("epoch_seconds", [])
+    if not seconds or len(seconds) != len(history.get("epoch", [])) or None in seconds:
+        return None
+    return float(sum(seconds))
 
 
 def train_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
@@ -360,6 +369,8 @@ class _Run:
             "test_accuracy": evaluation.accuracy(trainer.classifier, x_test, y_test),
             "test_images": len(x_test),
             "epoch_seconds": timer.seconds,
+            # every epoch's seconds, resumed sessions included (None: an epoch has none)
+            "train_seconds_all_epochs": _all_epochs_seconds(history),
             "images_per_sec_steady": (len(steady) * steps_per_epoch * c.batch_size
                                       / sum(steady)) if steady else None,
             **({"early_stop": {"best_epoch": self.early_stop.best_epoch,
