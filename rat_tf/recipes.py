@@ -168,6 +168,15 @@ def _train_seconds(metrics: Mapping[str, Any]) -> float | None:
     return total
 
 
+def _time_text(recipe: Mapping[str, Any]) -> str:
+    """The training time of a reproduction, for its report.md."""
+    total, epochs = recipe["train_seconds"], len(recipe["epoch_seconds"] or [])
+    if total is None or not epochs:
+        return ""
+    return (f"Training: {epochs} epoch{'s' * (epochs > 1)} in {total:,.0f} s "
+            f"({total / epochs:,.0f} s an epoch).\n\n")
+
+
 def _settings_text(settings: Mapping[str, Any]) -> str:
     """Settings as ``k=v`` pairs for a sentence of a report."""
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
@@ -214,6 +223,7 @@ def reproduce(name: str, output_dir: str, *, n_test: int = 1000, data_dir: str |
     evaluation.write_report(reports, output_dir, title=f"Reproduction of {name} on "
                             f"{info.name}", extra_markdown=f"\n{recipe.source}.\n\n"
                             + (f"Changed here from the recipe: {_settings_text(changed)}.\n\n"
-                               if changed else "") + f"Published (%): {published}.\n")
+                               if changed else "") + _time_text(report["recipe"])
+                            + f"Published (%): {published}.\n")
     files.write_json(os.path.join(output_dir, "recipe.json"), report["recipe"])
     return report

@@ -192,6 +192,7 @@ def test_reproduce_reports_what_was_changed_and_reuses_the_model(data_dir, tmp_p
         assert json.load(f)["changed"] == changed
     md = (tmp_path / "repro" / "report.md").read_text()
     assert "Changed here from the recipe: " in md and "seed=3" in md and "epochs=1" in md
+    assert "Training: 1 epoch in " in md
     assert "## Per class" not in md and "universal perturbations" not in md
     assert report["autoattack"]["num_images"] == 10
     assert len(report["recipe"]["epoch_seconds"]) == 1
