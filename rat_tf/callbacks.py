@@ -296,8 +296,7 @@ def read_history(path: str) -> dict[str, list[float]]:
 
 class EpochTimer(keras.callbacks.Callback):
     """Wall seconds of every epoch run in this session; also put in the epoch's logs as
-    ``epoch_seconds`` (unless an earlier callback set it), so a history file keeps every
-    epoch's time across resumed sessions."""
+    ``epoch_seconds``, so a history file keeps every epoch's time across resumed sessions."""
 
     def __init__(self):
         super().__init__()
@@ -310,4 +309,4 @@ class EpochTimer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.seconds.append(time.time() - self._t0)
         if logs is not None:
-            logs.setdefault("epoch_seconds", self.seconds[-1])
+            logs["epoch_seconds"] = self.seconds[-1]
