@@ -142,7 +142,9 @@ def report_markdown(reports: Mapping[str, Mapping], title: str = "Robustness rep
                 if first.get("num_pgd", first["num_test"]) < first["num_test"] else "") + "\n",
              markdown_table(reports), _autoattack_section(reports), _masking_section(reports),
              _class_table(reports),
-             "\n## Settings\n", "\n".join(f"- {k}: {json.dumps(v)}" for k, v in st.items())
+             "\n## Evaluation settings\n", "Of the evaluation, not of training (`seed` seeds the "
+             "attacks' random starts).\n",
+             "\n".join(f"- {k}: {json.dumps(v)}" for k, v in st.items())
              + "\n"]
     return "\n".join(p for p in parts if p)
 

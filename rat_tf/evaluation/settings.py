@@ -47,7 +47,7 @@ class EvalSettings:
     (:func:`rat_tf.autoattack.autoattack`) runs at ``aa_eps`` on the first ``aa_n`` test
     images. ``masking_fgsm_share`` and ``masking_train_gap`` are thresholds of the
     gradient-masking checks (:func:`masking_flags`). ``measures`` names the measures of the
-    report, in order (:data:`MEASURES`).
+    report, in order (:data:`MEASURES`). ``seed`` seeds the attacks' random starts.
     """
 
     dataset: str = "mnist"
