@@ -112,6 +112,13 @@ _COST_METHODS = {
                                                  "targets_per_image": "runner_up",
                                                  "rat_init_noise": 1.0,
                                                  "rat_consistency": 10.0}, 1),
+    "rat_init_target_runner_up_noise_carry": ({"method": "rat", "rat_init": "target",
+                                               "targets_per_image": "runner_up",
+                                               "rat_init_noise": 1.0, "rat_carry": "last"}, 1),
+    "rat_init_target_runner_up_noise_carry_step": ({"method": "rat", "rat_init": "target",
+                                                    "targets_per_image": "runner_up",
+                                                    "rat_init_noise": 1.0,
+                                                    "rat_carry": "last_step"}, 1),
     "fgsm_at": ({"method": "fgsm_at"}, 1),
     "pgd_at": ({"method": "pgd_at"}, 1)}
 

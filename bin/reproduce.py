@@ -30,7 +30,8 @@ cli.define("integer", "epochs", "Epochs.", sets=Config)
 cli.define_adv_flags(Config, only=["early_stop_drop", "early_stop_images"])
 cli.define_recipe_flags(Config, only=["warmup_epochs", "label_smoothing", "ema_momentum"])
 cli.define_rat_flags(Config, only=["rat_init", "rat_step_size", "rat_consistency",
-                                   "rat_init_noise", "rat_step_loss", "targets_per_image",
+                                   "rat_init_noise", "rat_step_loss", "rat_carry",
+                                   "targets_per_image",
                                    "online_step_size"])
 cli.define_search_flags(Config, only=["per_source"])
 cli.define_eval_flags(only=["aa_n", "aa_restarts"])

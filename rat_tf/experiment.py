@@ -71,7 +71,8 @@ from rat_tf.experiment_presets import BUDGETS, PRESETS
 FINETUNE_METHODS = ("rat", "rat_fgsm", "fgsm_at", "pgd_at", "standard")
 # rat_fgsm: RAT whose V (learnt online from random corners) starts a per-image FGSM step
 # toward the runner-up class, from V blurred by uniform noise of radius eps (docs/method.md);
-# --rat_init, --rat_step_size, --rat_consistency, --rat_init_noise, --rat_step_loss
+# --rat_init, --rat_step_size, --rat_consistency, --rat_init_noise, --rat_step_loss,
+# --rat_carry
 RAT_FGSM = dict(targets_per_image="runner_up", per_source=False)
 START = "start"
 
@@ -137,6 +138,7 @@ class ExperimentConfig:
     rat_consistency: float | None = None  # rat_fgsm: that step's logit-consistency penalty
     rat_init_noise: float = 1.0  # rat_fgsm: uniform noise (x eps) added to its V start
     rat_step_loss: str = "auto"  # rat_fgsm: what its step climbs (trainers.STEP_LOSSES)
+    rat_carry: str = "none"  # rat_fgsm: an image's start carried to its next step
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -227,7 +229,8 @@ class ExperimentConfig:
         return dict(refresh_every=self.refresh_every, refresh_passes=self.refresh_passes,
                     **dataclasses.replace(rat, rat_init="none", rat_step_size=None,
                                           rat_consistency=0.0, rat_init_noise=0.0,
-                                          rat_step_loss="auto").asdict())
+                                          rat_step_loss="auto",
+                                          rat_carry="none").asdict())
 
     def pretrain_config(self, model_dir: str) -> training.TrainConfig:
         """The :class:`rat_tf.training.TrainConfig` of stage (a), the start model."""

@@ -96,6 +96,10 @@ RAT_FLAGS = {
                           "cross-entropy), margin (z_t - z_y toward the chosen target) or auto "
                           "(margin when a target is chosen, else ce).",
                           values=tuple(trainers.STEP_LOSSES)),
+    "rat_carry": Spec("enum", "RAT: where an image's next --rat_init step starts: none (the "
+                      "--rat_init start every time), last (where its last FGSM example "
+                      "ended) or last_step (one step further, up the input gradient of the "
+                      "weight update's loss).", values=tuple(trainers.CARRY_MODES)),
 }
 
 

@@ -22,6 +22,7 @@ TARGET_MODES = ("one", "all", "worst", "runner_up")  # RAT targets per image per
 BATCH_MODES = ("append", "replace")
 RAT_INITS = ("none", "zero", "random", "class", "target")  # what V is to a RAT step
 STEP_LOSSES = ("auto", "ce", "margin")  # what the FGSM step of a rat_init step climbs
+CARRY_MODES = ("none", "last", "last_step")  # what an image's next rat_init start is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,9 @@ class RATSettings:
     rat_init_noise: float = 0.0  # uniform noise of this radius (x eps) added to a V start
     rat_step_loss: str = "auto"  # STEP_LOSSES: "auto": the margin z_t - z_y when a target
     #                              is chosen, else the cross-entropy of the true class
+    rat_carry: str = "none"  # CARRY_MODES: "last": an image starts where its last FGSM
+    #                          example ended; "last_step": one step of the weight update's
+    #                          input gradient further
 
     @property
     def chooses_target(self) -> bool:
@@ -77,6 +81,8 @@ class RATSettings:
         if self.rat_step_loss not in STEP_LOSSES:
             raise ValueError(f"rat_step_loss must be one of {STEP_LOSSES}, got "
                              f"{self.rat_step_loss!r}")
+        if self.rat_carry not in CARRY_MODES:
+            raise ValueError(f"rat_carry must be one of {CARRY_MODES}, got {self.rat_carry!r}")
         if self.batch_mode == "replace" and self.targets_per_image == "all":
             raise ValueError("batch_mode 'replace' swaps an image for ONE perturbed copy: use "
                              "targets_per_image 'one', 'worst' or 'runner_up'")
@@ -101,10 +107,10 @@ class RATSettings:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.rat_init == "none":
             if (self.rat_step_size is not None or self.rat_consistency or self.rat_init_noise
-                    or self.rat_step_loss != "auto"):
-                raise ValueError("rat_step_size, rat_consistency, rat_init_noise and "
-                                 "rat_step_loss are settings of an FGSM step from V: set "
-                                 "rat_init (class, target, zero or random)")
+                    or self.rat_step_loss != "auto" or self.rat_carry != "none"):
+                raise ValueError("rat_step_size, rat_consistency, rat_init_noise, "
+                                 "rat_step_loss and rat_carry are settings of an FGSM step "
+                                 "from V: set rat_init (class, target, zero or random)")
             return
         if self.rat_step_loss == "margin" and not self.chooses_target:
             raise ValueError(f"rat_step_loss 'margin' steps toward a target: rat_init 'target',"
@@ -169,6 +175,14 @@ class RATModel(StandardModel):
     as the online update does (step ``online_step_size``). V starts as given, else at random
     corners of the ball; ``rat_init_noise`` adds uniform noise of that radius (in eps) to
     each V start.
+    ``rat_carry`` (beyond the paper, as ATTA (Zheng et al. 2020) and FGSM-PGI (Jia et al.
+    2022) carry a per-image perturbation across epochs) starts an image seen before where its
+    last FGSM example ended ("last"), or one step of ``rat_step_size`` further up the input
+    gradient of the weight update's own loss ("last_step", free: that backward pass computes
+    it); its first start is the ``rat_init`` one. It keeps a [``carry_images``, H, W, C]
+    variable and needs each image's index in [0, ``carry_images``): fit on batches
+    ``({"image": x, "index": i}, y)`` (:func:`rat_tf.training.train_stream` with
+    ``with_index=True``).
     The logs add ``adversarial_accuracy``, on the batch the step fits.
     """
 
@@ -180,7 +194,8 @@ class RATModel(StandardModel):
                  eps: float | None = None, norm: str = "linf", online: bool = False,
                  online_step_size: float | None = None, rat_init: str = "none",
                  rat_step_size: float | None = None, rat_consistency: float = 0.0,
-                 rat_init_noise: float = 0.0, rat_step_loss: str = "auto", **kwargs):
+                 rat_init_noise: float = 0.0, rat_step_loss: str = "auto",
+                 rat_carry: str = "none", carry_images: int = 0, **kwargs):
         super().__init__(classifier, **kwargs)
         rat = RATSettings(targets_per_image=targets_per_image,
                           perturbed_fraction=float(perturbed_fraction), batch_mode=batch_mode,
@@ -189,8 +204,14 @@ class RATModel(StandardModel):
                           else float(online_step_size), rat_init=rat_init,
                           rat_step_size=None if rat_step_size is None else float(rat_step_size),
                           rat_consistency=float(rat_consistency),
-                          rat_init_noise=float(rat_init_noise), rat_step_loss=rat_step_loss)
+                          rat_init_noise=float(rat_init_noise), rat_step_loss=rat_step_loss,
+                          rat_carry=rat_carry)
         rat.check(eps=eps, norm=norm)
+        self.carry_images = int(carry_images)
+        if rat.rat_carry != "none" and self.carry_images < 1:
+            raise ValueError(f"rat_carry={rat.rat_carry!r} keeps one start per training image: "
+                             f"set carry_images to the number of training images, got "
+                             f"{carry_images}")
         self.rat = rat
         self.targets_per_image, self.batch_mode = rat.targets_per_image, rat.batch_mode
         self.perturbed_fraction, self.per_source = rat.perturbed_fraction, rat.per_source
@@ -211,6 +232,18 @@ class RATModel(StandardModel):
                 perturbations = self.random_corners()
         if perturbations is not None:
             self.set_perturbations(perturbations)
+        if self.carries:  # each image's next start, and whether it has one yet
+            self.carried_starts = self.add_weight(
+                name="carried_starts", shape=(self.carry_images, *self.image_shape),
+                initializer="zeros", trainable=False, aggregation="only_first_replica")
+            self.carried = self.add_weight(
+                name="carried", shape=(self.carry_images,), initializer="zeros",
+                trainable=False, aggregation="only_first_replica")
+
+    @property
+    def carries(self) -> bool:
+        """Whether an image's start is carried from its last step (``rat_carry``)."""
+        return self.rat.rat_carry != "none"
 
     @property
     def starts_fgsm(self) -> bool:
@@ -252,7 +285,7 @@ class RATModel(StandardModel):
                 "norm": self.norm}
 
     def _own_settings(self) -> dict:
-        return self.rat.asdict()
+        return {**self.rat.asdict(), "carry_images": self.carry_images}
 
     def set_perturbations(self, perturbations: np.ndarray) -> None:
         """Assign V (float [K,H,W,C]); call in cross-replica context (e.g. a callback).
@@ -457,11 +490,52 @@ class RATModel(StandardModel):
         return (tf.stop_gradient(ops.apply_perturbation(x, delta, self.clip_values)), logits0,
                 grad)
 
-    def _train_from_start(self, x: tf.Tensor, y: tf.Tensor, sw: tf.Tensor | None) -> dict:
-        """A ``rat_init`` step: FGSM from the start, the weight update on the FGSM batch
-        (plus the consistency penalty), and V moved up the same input gradient."""
+    def _split_index(self, data) -> tuple[tuple, tf.Tensor]:
+        """(the batch with plain images, the images' indices) of a ``rat_carry`` batch."""
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        if not (isinstance(x, dict) and set(x) == {"image", "index"}):
+            raise ValueError("rat_carry needs each training image's index: fit on batches "
+                             "({'image': x, 'index': i}, y), e.g. from "
+                             "rat_tf.training.train_stream(..., with_index=True)")
+        index = tf.cast(tf.reshape(x["index"], [-1]), tf.int32)
+        message = f"image indices must be in [0, carry_images={self.carry_images})"
+        with tf.control_dependencies([
+                tf.debugging.assert_non_negative(index, message=message),
+                tf.debugging.assert_less(index, self.carry_images, message=message)]):
+            index = tf.identity(index)
+        return keras.utils.pack_x_y_sample_weight(x["image"], y, sw), index
+
+    def _carried_start(self, delta0: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+        """The start of each image: its carried start once it has one, else ``delta0``."""
+        seen = tf.gather(self.carried.value, index) > 0
+        last = tf.cast(tf.gather(self.carried_starts.value, index), delta0.dtype)
+        return tf.where(tf.reshape(seen, [-1] + [1] * len(self.image_shape)), last, delta0)
+
+    def _carry(self, index: tf.Tensor, delta: tf.Tensor, grad: tf.Tensor | None) -> None:
+        """Store each image's next start, from every replica: its FGSM perturbation
+        ``delta``, moved one projected step up ``grad`` if given ("last_step")."""
+        if grad is not None:
+            step = tf.cast(self.rat_step_size, delta.dtype) * ops.normalized_step(
+                tf.cast(grad, delta.dtype), self.norm)
+            delta = ops.project(delta + step, self.eps, self.norm)
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and replicas() > 1:
+            index, delta = ctx.all_gather(index, axis=0), ctx.all_gather(delta, axis=0)
+        self.carried_starts.value.scatter_update(
+            tf.IndexedSlices(tf.cast(delta, self.carried_starts.dtype), index))
+        self.carried.value.scatter_update(
+            tf.IndexedSlices(tf.ones_like(index, self.carried.dtype), index))
+
+    def _train_from_start(self, x: tf.Tensor, y: tf.Tensor, sw: tf.Tensor | None,
+                          index: tf.Tensor | None = None) -> dict:
+        """A ``rat_init`` step: FGSM from the start (carried, with ``index``), the weight
+        update on the FGSM batch (plus the consistency penalty), V moved up the same input
+        gradient, and each image's next start carried."""
         delta0, rows, targets = self.start(x, y)
+        if index is not None:
+            delta0 = self._carried_start(delta0, index)
         penalty = self.rat_consistency > 0
+        last_step = index is not None and self.rat.rat_carry == "last_step"
         with tf.GradientTape() as tape:
             if penalty:  # the penalty's gradient flows through the start's logits too, taken
                 # in training mode as the adversarial logits are (one set of batch-norm stats)
@@ -469,6 +543,8 @@ class RATModel(StandardModel):
             else:
                 with tape.stop_recording():
                     x_adv, logits0, grad = self._fgsm_from(x, y, delta0, targets)
+            if last_step:
+                tape.watch(x_adv)
             outputs = self.classifier(x_adv, training=True)
             loss = self._track_loss(x_adv, y, outputs, sw, training=True)
             if penalty:
@@ -482,7 +558,10 @@ class RATModel(StandardModel):
                 loss = loss + self.rat_consistency * gap / tf.cast(replicas(), tf.float32)
             scaled = self.optimizer.scale_loss(loss)
         weights = self.trainable_weights
-        self.optimizer.apply_gradients(zip(tape.gradient(scaled, weights), weights))
+        grads = tape.gradient(scaled, weights + [x_adv] if last_step else weights)
+        self.optimizer.apply_gradients(zip(grads[:len(weights)], weights))
+        if index is not None:
+            self._carry(index, x_adv - x, grads[-1] if last_step else None)
         if rows is not None:  # V rows move up the gradient at their start (sum over images)
             v = tf.convert_to_tensor(self.perturbations)
             n_rows = int(np.prod(self.perturbations.shape[:-len(self.image_shape)]))
@@ -495,9 +574,12 @@ class RATModel(StandardModel):
         return self._results(self.adversarial_accuracy)
 
     def train_step(self, data):
+        index = None
+        if self.carries:
+            data, index = self._split_index(data)
         x, y, sw = self._unpack(data)
         if self.starts_fgsm:
-            return self._train_from_start(x, y, sw)
+            return self._train_from_start(x, y, sw, index)
         f = self.perturbed_fraction
         if f == 0.0:
             return super().train_step(data)

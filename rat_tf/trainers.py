@@ -17,8 +17,8 @@ import keras
 
 from rat_tf import models
 from rat_tf.adversarial_trainer import ATTACK_OF, FGSM_RS_ALPHA, AdversarialTrainingModel
-from rat_tf.rat_trainer import (BATCH_MODES, RAT_INITS, STEP_LOSSES, TARGET_MODES,
-                                 RATModel, RATSettings)
+from rat_tf.rat_trainer import (BATCH_MODES, CARRY_MODES, RAT_INITS, STEP_LOSSES,
+                                 TARGET_MODES, RATModel, RATSettings)
 from rat_tf.standard_trainer import StandardModel
 
 METHODS = ("standard", "rat", "fgsm_at", "pgd_at")
@@ -57,7 +57,8 @@ def load_classifier(path: str, image_shape: Sequence[int] | None = None,
     return classifier
 
 
-__all__ = ["METHODS", "TARGET_MODES", "BATCH_MODES", "RAT_INITS", "STEP_LOSSES", "ATTACK_OF",
+__all__ = ["METHODS", "TARGET_MODES", "BATCH_MODES", "RAT_INITS", "STEP_LOSSES", "CARRY_MODES",
+           "ATTACK_OF",
            "FGSM_RS_ALPHA", "RATSettings",
            "StandardModel", "RATModel", "AdversarialTrainingModel", "make_trainer",
            "load_classifier"]

@@ -58,9 +58,11 @@ def _all_epochs_seconds(history: Mapping[str, list]) -> float | None:
 
 
 def train_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
-                 start: int = 0, augment: str = "none") -> tf.data.Dataset:
+                 start: int = 0, augment: str = "none", with_index: bool = False
+                 ) -> tf.data.Dataset:
     """Endless batches of a fresh seeded permutation per pass, from example ``start`` on,
-    each batch augmented by ``augment`` (:func:`rat_tf.data.augment`).
+    each batch augmented by ``augment`` (:func:`rat_tf.data.augment`); ``with_index``:
+    batches ``({"image": x, "index": i}, y)`` with each image's index in ``x``.
 
     The order is a pure function of (seed, pass) and a batch's augmentation of (seed, batch
     number), so both are the same under every strategy (however often the dataset is
@@ -83,8 +85,11 @@ def train_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
     def batch(k, i):
         xb, yb = tf.gather(images, i), tf.gather(labels, i)
         # a seed of its own per batch, apart from the permutations' (seed, pass)
-        return data_lib.augment(xb, yb, tf.stack([tf.constant(seed, tf.int64), -1 - k]),
-                                augment)
+        xb, yb = data_lib.augment(xb, yb, tf.stack([tf.constant(seed, tf.int64), -1 - k]),
+                                  augment)
+        if with_index:
+            return {"image": xb, "index": tf.cast(i, tf.int32)}, yb
+        return xb, yb
 
     ds = ds.batch(batch_size, drop_remainder=True).enumerate(start=start // batch_size)
     ds = ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -157,7 +162,7 @@ class _Run:
         eps, given_v, given_meta = self.given_perturbations()
         search = self.config.search_settings(eps, len(x_train))
         trainer = self.build_trainer(eps, steps_per_epoch * self.config.epochs,
-                                     steps_per_epoch)
+                                     steps_per_epoch, len(x_train))
         search_seconds, search_stats = self.set_perturbations(trainer, given_v, search,
                                                               x_train, y_train)
         timer = callbacks_lib.EpochTimer()
@@ -225,8 +230,8 @@ class _Run:
         logging.info("loaded V %s from %s (eps %g)", v.shape, c.perturbations_path, eps)
         return eps, v, meta
 
-    def build_trainer(self, eps: float, total_steps: int, steps_per_epoch: int
-                      ) -> trainers.StandardModel:
+    def build_trainer(self, eps: float, total_steps: int, steps_per_epoch: int,
+                      num_images: int) -> trainers.StandardModel:
         """The classifier (zoo or ``init_from``) in its compiled trainer, under the strategy."""
         c, info = self.config, self.info
         with self.strategy.scope():
@@ -238,6 +243,8 @@ class _Run:
             settings = c.trainer_settings()
             if c.method == "rat":
                 settings["eps"] = eps
+                if c.rat_carry != "none":  # one carried start per training image
+                    settings["carry_images"] = num_images
             trainer = trainers.make_trainer(c.method, classifier, **settings)
             trainer.build((None, *info.image_shape))
             loss = None
@@ -321,7 +328,7 @@ class _Run:
                 initial_epoch = int(json.load(f).get("epoch", 0))
         ds = train_stream(x, y, c.batch_size, c.seed,
                           start=initial_epoch * steps_per_epoch * c.batch_size,
-                          augment=c.augment)
+                          augment=c.augment, with_index=getattr(trainer, "carries", False))
         t0 = time.time()
         try:
             trainer.fit(ds, epochs=c.epochs, steps_per_epoch=steps_per_epoch, callbacks=cbs,
