@@ -1,8 +1,5 @@
 """RAT whose FGSM start is carried from an image's last step (``RATModel(rat_carry=...)``)."""
 
-import json
-import os
-
 import keras
 import numpy as np
 import pytest
@@ -149,15 +146,43 @@ def test_carried_starts_match_under_mirrored_strategy(mirrored_2cpu, mnist_array
     assert np.mean(one[0] == two[0]) > 0.98  # sign steps: rounding flips a few coordinates
 
 
-def test_train_carries_starts_over_the_run(data_dir, tmp_path):
-    cfg = training.TrainConfig(dataset="mnist", model="tiny_cnn", method="rat",
-                               rat_init="target", targets_per_image="runner_up",
-                               rat_init_noise=1.0, rat_carry="last_step", epochs=2,
-                               batch_size=50, train_subset=500, test_subset=200,
-                               data_dir=data_dir, seed=0, model_dir=str(tmp_path / "run"))
-    metrics = training.train(cfg)
-    assert metrics["settings"]["rat_carry"] == "last_step"
-    assert metrics["settings"]["carry_images"] == 500
-    with open(os.path.join(cfg.model_dir, "metrics.json")) as f:
-        history = json.load(f)["history"]
-    assert len(history["adversarial_accuracy"]) == 2
+class _Interrupt(keras.callbacks.Callback):
+    """Simulates a crash at the start of epoch ``at`` (0-based), after earlier backups."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def _carry_config(tmp_path, name: str, data_dir: str, carry: str = "last_step"
+                  ) -> training.TrainConfig:
+    # 4 steps of 50 are one pass over the 200 images: from epoch 1 on every start is carried
+    return training.TrainConfig(
+        dataset="mnist", model="tiny_cnn", method="rat", rat_init="target",
+        targets_per_image="runner_up", rat_init_noise=1.0, rat_carry=carry, epochs=3,
+        batch_size=50, steps_per_epoch=4, train_subset=200, test_subset=200, lr=3e-3,
+        data_dir=data_dir, seed=0, verbose=0, model_dir=str(tmp_path / name))
+
+
+@pytest.mark.slow  # three short training runs
+def test_a_killed_carry_run_resumes_with_its_carried_starts(data_dir, tmp_path):
+    reference = training.train(_carry_config(tmp_path, "uninterrupted", data_dir))
+    assert reference["settings"]["rat_carry"] == "last_step"
+    assert reference["settings"]["carry_images"] == 200
+    cfg = _carry_config(tmp_path, "interrupted", data_dir)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.train(cfg, callbacks=[_Interrupt(at=2)])
+    resumed = training.train(cfg)
+    assert resumed["resumed"] and resumed["history"]["epoch"] == [0, 1, 2]
+    # the starts of epoch 2 come from the backup: the same run as without the crash
+    np.testing.assert_allclose(resumed["history"]["loss"], reference["history"]["loss"],
+                               rtol=1e-4)
+    # and they matter: without carry the same run differs from epoch 1 on
+    plain = training.train(_carry_config(tmp_path, "plain", data_dir, carry="none"))
+    assert plain["history"]["loss"][0] == pytest.approx(reference["history"]["loss"][0],
+                                                        rel=1e-4)
+    assert abs(plain["history"]["loss"][2] - reference["history"]["loss"][2]) > 1e-3
