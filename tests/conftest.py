@@ -40,6 +40,25 @@ SLOW_MODULES = {"test_experiment", "test_crosscheck", "test_crosscheck_autoattac
                 "test_own_models"}
 
 
+class _CrashAt(keras.callbacks.Callback):
+    """Simulates a crash at the start of epoch ``at`` (0-based), after earlier backups."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.fixture
+def crash_at():
+    """``crash_at(n)``: a callback that raises RuntimeError("simulated crash") as epoch n
+    begins, as a killed run stops after its last backup."""
+    return _CrashAt
+
+
 def pytest_report_header(config):
     return f"RAT_DATA_DIR={DATA_DIR}"
 

@@ -146,16 +146,6 @@ def test_carried_starts_match_under_mirrored_strategy(mirrored_2cpu, mnist_array
     assert np.mean(one[0] == two[0]) > 0.98  # sign steps: rounding flips a few coordinates
 
 
-class _Interrupt(keras.callbacks.Callback):
-    """Simulates a crash at the start of epoch ``at`` (0-based), after earlier backups."""
-
-    def __init__(self, at: int):
-        super().__init__()
-        self.at = at
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.at:
-            raise RuntimeError("simulated crash")
 
 
 def _carry_config(tmp_path, name: str, data_dir: str, carry: str = "last_step"
@@ -169,13 +159,13 @@ def _carry_config(tmp_path, name: str, data_dir: str, carry: str = "last_step"
 
 
 @pytest.mark.slow  # three short training runs
-def test_a_killed_carry_run_resumes_with_its_carried_starts(data_dir, tmp_path):
+def test_a_killed_carry_run_resumes_with_its_carried_starts(crash_at, data_dir, tmp_path):
     reference = training.train(_carry_config(tmp_path, "uninterrupted", data_dir))
     assert reference["settings"]["rat_carry"] == "last_step"
     assert reference["settings"]["carry_images"] == 200
     cfg = _carry_config(tmp_path, "interrupted", data_dir)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        training.train(cfg, callbacks=[_Interrupt(at=2)])
+        training.train(cfg, callbacks=[crash_at(2)])
     resumed = training.train(cfg)
     assert resumed["resumed"] and resumed["history"]["epoch"] == [0, 1, 2]
     # the starts of epoch 2 come from the backup: the same run as without the crash

@@ -30,16 +30,6 @@ def _config(tmp_path, name="run", **kw) -> training.TrainConfig:
     return training.TrainConfig(**base)
 
 
-class _Interrupt(keras.callbacks.Callback):
-    """Simulates a crash at the start of epoch ``at`` (0-based), after earlier backups."""
-
-    def __init__(self, at: int):
-        super().__init__()
-        self.at = at
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.at:
-            raise RuntimeError("simulated crash")
 
 
 def _fgsm_accuracy(model, x, y, eps=0.2):
@@ -70,12 +60,13 @@ def test_standard_training_on_real_mnist(data_dir, mnist_arrays, tmp_path):
 
 
 @pytest.mark.parametrize("ema_momentum", [0.0, 0.9])  # the moving average is resumed too
-def test_interrupted_training_resumes_without_losing_epochs(data_dir, tmp_path, ema_momentum):
+def test_interrupted_training_resumes_without_losing_epochs(crash_at, data_dir, tmp_path,
+                                                        ema_momentum):
     kw = dict(epochs=4, data_dir=data_dir, lr=3e-3, ema_momentum=ema_momentum)
     reference = training.train(_config(tmp_path, "uninterrupted", **kw))
     cfg = _config(tmp_path, "interrupted", **kw)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        training.train(cfg, callbacks=[_Interrupt(at=2)])
+        training.train(cfg, callbacks=[crash_at(2)])
     backup = tmp_path / "interrupted" / "backup" / "training_metadata.json"
     assert json.loads(backup.read_text())["epoch"] == 2
     assert not (tmp_path / "interrupted" / "model.keras").exists()
@@ -304,14 +295,14 @@ def test_rat_finetuning_makes_the_model_more_robust(data_dir, mnist_arrays, mnis
     assert after["clean"] >= before["clean"] - 0.04
 
 
-def test_resumed_rat_run_keeps_v_and_epoch_count(data_dir, tmp_path):
+def test_resumed_rat_run_keeps_v_and_epoch_count(crash_at, data_dir, tmp_path):
     rng = np.random.default_rng(0)
     v0 = rng.uniform(-0.2, 0.2, (10, 28, 28, 1)).astype(np.float32)
     v0_path = perturbation_files.save(str(tmp_path / "v0.npz"), v0, eps=0.3)
     cfg = _config(tmp_path, "rat", method="rat", epochs=3, data_dir=data_dir,
                   perturbations_path=v0_path)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        training.train(cfg, callbacks=[_Interrupt(at=1)])
+        training.train(cfg, callbacks=[crash_at(1)])
     # The resumed run must take V from the backup, not from the (now different) file.
     perturbation_files.save(v0_path, np.full_like(v0, 0.1), eps=0.3)
     metrics = training.train(cfg)
@@ -506,11 +497,11 @@ def _small(tmp_path, **kw) -> training.TrainConfig:
                                        train_subset=200, test_subset=100), **kw})
 
 
-def test_rat_refresh_run_resumes_to_the_end_with_aligned_history(data_dir, tmp_path):
+def test_rat_refresh_run_resumes_to_the_end_with_aligned_history(crash_at, data_dir, tmp_path):
     cfg = _small(tmp_path, method="rat", epochs=4, refresh_every=2, search_passes=1,
                   data_dir=data_dir)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        training.train(cfg, callbacks=[_Interrupt(at=3)])  # after the refresh of epoch 2
+        training.train(cfg, callbacks=[crash_at(3)])  # after the refresh of epoch 2
     metrics = training.train(cfg)
     assert metrics["resumed"] and metrics["epochs_run_this_session"] == 1
     history = metrics["history"]
@@ -546,10 +537,10 @@ def test_a_kill_after_fit_resumes_without_training_again(data_dir, tmp_path, mon
     assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(".tmp_")]
 
 
-def test_a_stale_backup_is_refused_naming_each_difference(data_dir, tmp_path):
+def test_a_stale_backup_is_refused_naming_each_difference(crash_at, data_dir, tmp_path):
     cfg = _small(tmp_path, epochs=3, data_dir=data_dir)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        training.train(cfg, callbacks=[_Interrupt(at=2)])
+        training.train(cfg, callbacks=[crash_at(2)])
     other = _small(tmp_path, epochs=3, data_dir=data_dir, method="fgsm_at", lr=3e-3,
                     train_subset=100, batch_size=25, model="mnist_cnn")
     with pytest.raises(ValueError, match="other settings") as err:
@@ -561,7 +552,7 @@ def test_a_stale_backup_is_refused_naming_each_difference(data_dir, tmp_path):
     # The same settings resume; restart=True starts over.
     assert training.train(cfg)["resumed"]
     with pytest.raises(RuntimeError, match="simulated crash"):
-        training.train(cfg, callbacks=[_Interrupt(at=1)])
+        training.train(cfg, callbacks=[crash_at(1)])
     fresh = training.train(training.TrainConfig(**{**cfg.__dict__, "restart": True,
                                                    "lr": 3e-3}))
     assert not fresh["resumed"] and fresh["epochs_run_this_session"] == 3
