@@ -9,7 +9,8 @@ Stages (each skipped when its outputs already exist, so a killed run resumes):
     with that V (static, the paper; ``refresh_every`` > 0 searches V again every N epochs,
     from zero or, with ``refresh_passes`` > 0, continuing the current V);
 (c') ``rat_fgsm``: RAT whose V, learnt online from random corners, starts a per-image FGSM
-    step toward the runner-up class (``rat_init``, docs/method.md section 2b);
+    step toward the runner-up class (``rat_init``, docs/method.md section 2b); on MNIST-like
+    data each image's later starts are carried from its last FGSM example (``rat_carry``);
 (d) FGSM-AT (random init) and PGD-AT baselines fine-tuned from the same start model on the
     same subset, for the same epochs;
 (e) every model exported as a SavedModel and evaluated on held-out test images
@@ -138,7 +139,8 @@ class ExperimentConfig:
     rat_consistency: float | None = None  # rat_fgsm: that step's logit-consistency penalty
     rat_init_noise: float = 1.0  # rat_fgsm: uniform noise (x eps) added to its V start
     rat_step_loss: str = "auto"  # rat_fgsm: what its step climbs (trainers.STEP_LOSSES)
-    rat_carry: str = "none"  # rat_fgsm: an image's start carried to its next step
+    rat_carry: str | None = None  # rat_fgsm: an image's start carried to its next step
+    #                               (trainers.CARRY_MODES); default per preset, else none
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -155,7 +157,7 @@ class ExperimentConfig:
                         pretrain_augment="none", finetune_lr=5e-4, refresh_every=0,
                         refresh_passes=0,
                         targets_per_image="one", perturbed_fraction=0.5, batch_mode="append",
-                        per_source=False, rat_consistency=0.0,
+                        per_source=False, rat_consistency=0.0, rat_carry="none",
                         eps=data.get_info(self.dataset).eps,
                         adv_eps=data.get_info(self.dataset).adv_eps)
         values = dataclasses.asdict(self)

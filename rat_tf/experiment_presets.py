@@ -4,10 +4,14 @@ dataset family (docs/experiments.md holds the tuning runs behind them)."""
 BUDGETS = ("tiny", "quick", "small", "full")
 
 # Budget presets. Keys are ExperimentConfig fields; "eval" holds EvalSettings overrides.
+# every MNIST-like budget: rat_fgsm carries each image's start from its last FGSM example, as
+# the MNIST recipe mnist_rat_carry does (docs/reproduction.md)
+_MNIST_RAT_FGSM = dict(rat_carry="last")
 _MNIST_LIKE = {
     "tiny": dict(model="tiny_cnn", pretrain_subset=2000, pretrain_epochs=1,
                  pretrain_batch_size=64, finetune_subset=200, finetune_epochs=1,
                  finetune_batch_size=50, search_passes=2, train_pgd_steps=3, test_subset=500,
+                 **_MNIST_RAT_FGSM,
                  eval=dict(n_test=200, pgd_steps=5, pgd_restarts=2, tup_passes=2,
                            tup_n_per_class=10, tup_batch_size=50, uap_passes=1, aa_n=100,
                            aa_steps=10, aa_queries=100, masking_steps=5, masking_n=100)),
@@ -18,6 +22,7 @@ _MNIST_LIKE = {
                   pretrain_batch_size=100, finetune_subset=10000, finetune_epochs=5,
                   finetune_batch_size=50, search_passes=3, per_source=False, refresh_every=0,
                   train_pgd_steps=10, test_subset=0,
+                  **_MNIST_RAT_FGSM,
                   eval=dict(n_test=1000, n_pgd=500, pgd_steps=20, pgd_restarts=1, tup_passes=3,
                             tup_n_per_class=20, uap_passes=2, aa_n=200, masking_n=200)),
     # small/full: tuned on real MNIST (docs/experiments.md): a ~99% wide_mnist_cnn
@@ -28,6 +33,7 @@ _MNIST_LIKE = {
                   finetune_subset=1000, finetune_epochs=8, finetune_batch_size=50,
                   refresh_every=1, search_passes=3, per_source=True, train_pgd_steps=10,
                   test_subset=0,
+                  **_MNIST_RAT_FGSM,
                   eval=dict(n_test=None, n_pgd=1000, pgd_steps=20, pgd_restarts=2, tup_passes=5,
                             tup_n_per_class=50, uap_passes=3, aa_n=500)),
     "full": dict(model="wide_mnist_cnn", pretrain_subset=0, pretrain_epochs=10,
@@ -35,6 +41,7 @@ _MNIST_LIKE = {
                  finetune_subset=1000, finetune_epochs=50, finetune_batch_size=50,
                  refresh_every=1, search_passes=5, per_source=True, train_pgd_steps=40,
                  test_subset=0,
+                 **_MNIST_RAT_FGSM,
                  eval=dict(n_test=None, aa_n=None, pgd_steps=40, pgd_restarts=5, tup_passes=10,
                            tup_n_per_class=100, uap_passes=5)),
 }
