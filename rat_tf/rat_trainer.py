@@ -178,8 +178,8 @@ class RATModel(StandardModel):
     ``rat_carry`` (beyond the paper, as ATTA (Zheng et al. 2020) and FGSM-PGI (Jia et al.
     2022) carry a per-image perturbation across epochs) starts an image seen before where its
     last FGSM example ended ("last"), or one step of ``rat_step_size`` further up the input
-    gradient of the weight update's own loss ("last_step", free: that backward pass computes
-    it); its first start is the ``rat_init`` one. It keeps a [``carry_images``, H, W, C]
+    gradient of the weight update's own loss ("last_step": its backward pass also takes the
+    input gradient); its first start is the ``rat_init`` one. It keeps a [``carry_images``, H, W, C]
     variable and needs each image's index in [0, ``carry_images``): fit on batches
     ``({"image": x, "index": i}, y)`` (:func:`rat_tf.training.train_stream` with
     ``with_index=True``).
