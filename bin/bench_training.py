@@ -8,8 +8,9 @@
    logit-consistency penalty), fgsm_at and pgd_at
    relative to standard training: same model (``--model``), batch size and data
    (``--dataset``, MNIST by default; the radius flags' defaults are MNIST's); images/s of the
-   steady epoch. Also per example trained on (rat "one" and "worst" train on each image and one
-   perturbed copy, "worst" after 9 inference passes to pick it; "all" on the image and its 9
+   steady epoch, every method once per round for ``--cost_repeats`` rounds (a ratio is the
+   median of its per-round ratios; against FGSM-AT too when it runs). Also per example
+   trained on (rat "one" and "worst" train on each image and one perturbed copy, "worst" after 9 inference passes to pick it; "all" on the image and its 9
    copies; "replace" on one of the two).
 2. The robustness-per-second front: from one start model per ``--front_models`` entry
    (pretrained here on ``--pretrain_subset`` images for ``--pretrain_epochs``, or
@@ -50,6 +51,9 @@ cli.define("string", "work_dir", "Where runs are written.", default=None,
 cli.define("integer", "batch_size", "Batch size of every method.", sets=Config, default=50)
 cli.define("integer", "cost_steps", "Steps per epoch of the cost runs, 2 epochs each (0: skip "
            "the cost part).", default=30, lower_bound=0)
+cli.define("integer", "cost_repeats", "Rounds of the cost runs: every method once per round, "
+           "in turn, so a slow spell of a shared machine hits all of them; each ratio is the "
+           "median of its per-round ratios.", default=1, lower_bound=1)
 cli.define("string", "model", "Zoo model of the cost runs.", default="mnist_cnn")
 cli.define("list", "cost_methods", "Methods of the cost runs (standard is always run: the "
            "reference).", default=None, unset="all")
@@ -147,27 +151,38 @@ def _zeros(work: str, eps: float) -> str:
 
 
 def _cost(base: dict, work: str, zeros: str) -> dict:
-    """Part 1: images/s of every method against standard training."""
-    results = {}
+    """Part 1: images/s of every method against standard training (and FGSM-AT when run)."""
     start_zeros = _zeros(work, base["adv_eps"])  # a V that starts an FGSM step: its radius
     chosen = ["standard", *[m for m in FLAGS.cost_methods or _COST_METHODS if m != "standard"]]
+    speeds = {name: [] for name in chosen}
+    for round_ in range(FLAGS.cost_repeats):
+        for name in chosen:
+            kw, _ = _COST_METHODS[name]
+            cfg = training.TrainConfig(**base, epochs=2, steps_per_epoch=FLAGS.cost_steps,
+                                       train_subset=6000,
+                                       model_dir=os.path.join(work, f"cost_{name}_{round_}"),
+                                       **kw)
+            if cfg.method == "rat":
+                cfg.perturbations_path = start_zeros if cfg.rat_init != "none" else zeros
+                cfg.per_source = FLAGS.per_source
+            speeds[name].append(training.train(cfg)["images_per_sec_steady"])
+    results = {}
     for name in chosen:
-        kw, examples = _COST_METHODS[name]
-        cfg = training.TrainConfig(**base, epochs=2, steps_per_epoch=FLAGS.cost_steps,
-                                   train_subset=6000, model_dir=os.path.join(work, "cost_" + name),
-                                   **kw)
-        if cfg.method == "rat":
-            cfg.perturbations_path = start_zeros if cfg.rat_init != "none" else zeros
-            cfg.per_source = FLAGS.per_source
-        m = training.train(cfg)
-        results[name] = {"images_per_sec": m["images_per_sec_steady"],
-                         "trained_examples_per_image": examples}
-    ref = results["standard"]["images_per_sec"]
-    for r in results.values():
-        r["cost_vs_standard"] = ref / r["images_per_sec"]
-        r["cost_per_trained_example_vs_standard"] = (r["cost_vs_standard"]
-                                                     / r["trained_examples_per_image"])
+        examples = _COST_METHODS[name][1]
+        r = {"images_per_sec": float(np.median(speeds[name])),
+             "images_per_sec_per_round": speeds[name],
+             "trained_examples_per_image": examples,
+             "cost_vs_standard": _median_ratio(speeds["standard"], speeds[name])}
+        r["cost_per_trained_example_vs_standard"] = r["cost_vs_standard"] / examples
+        if "fgsm_at" in speeds:
+            r["cost_vs_fgsm_at"] = _median_ratio(speeds["fgsm_at"], speeds[name])
+        results[name] = r
     return results
+
+
+def _median_ratio(reference: list[float], speeds: list[float]) -> float:
+    """Median over rounds of reference images/s over a method's images/s (its relative cost)."""
+    return float(np.median(np.asarray(reference) / np.asarray(speeds)))
 
 
 def _front(model: str, base: dict, work: str, zeros: str, eval_images: tuple,
@@ -265,14 +280,20 @@ def main(argv):
         results["front"].append(front)
         files.write_json(path, results)  # what is done so far survives a kill
 
-    rows = [("method", "images/s", "cost per image", "examples/image", "cost per example")]
+    with_fgsm = "fgsm_at" in results["cost"]
+    rows = [("method", "images/s", "cost per image", "examples/image", "cost per example",
+             "vs fgsm_at" if with_fgsm else "")]
     for name, r in results["cost"].items():
         rows.append((name, f"{r['images_per_sec']:.0f}", f"{r['cost_vs_standard']:.2f}x",
                      str(r["trained_examples_per_image"]),
-                     f"{r['cost_per_trained_example_vs_standard']:.2f}x"))
+                     f"{r['cost_per_trained_example_vs_standard']:.2f}x",
+                     f"{r['cost_vs_fgsm_at']:.2f}x" if with_fgsm else ""))
     if results["cost"]:
-        print("cost relative to standard training (same model, batch size and data):")
-        print("\n".join(f"{a:<12} {b:>9} {c:>15} {d:>15} {e:>17}" for a, b, c, d, e in rows))
+        width = max(len(row[0]) for row in rows)
+        print(f"cost relative to standard training (same model, batch size and data; median of "
+              f"{FLAGS.cost_repeats} round(s)):")
+        print("\n".join(f"{a:<{width}} {b:>9} {c:>15} {d:>15} {e:>17} {f:>11}"
+                        for a, b, c, d, e, f in rows))
     for front in results["front"]:
         _print_front(front)
     logging.info("wrote %s", files.write_json(path, results))

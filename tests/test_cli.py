@@ -209,10 +209,11 @@ def test_train_verify_checksums_refuses_flipped_pixels(data_dir, tmp_path):
 @pytest.mark.slow
 def test_bench_training_cost_runs_on_cifar10(data_dir, tmp_path):
     """--dataset reaches every cost run, RAT's V included (CIFAR-10 shape), and the JSON
-    holds each method's images/s relative to standard training."""
+    holds each method's images/s of every round relative to standard training and FGSM-AT."""
     status, stderr = _run("bench_training.py", "--dataset=cifar10", "--model=fast_cifar_net",
                           "--cost_methods=fgsm_at,rat_init_target_runner_up_noise_penalty",
-                          "--front_models=", "--cost_steps=2", "--batch_size=16",
+                          "--front_models=", "--cost_steps=2", "--cost_repeats=2",
+                          "--batch_size=16",
                           "--adv_eps=0.03", f"--data_dir={data_dir}",
                           f"--output_dir={tmp_path}/out", f"--work_dir={tmp_path}/work",
                           timeout=600)
@@ -221,10 +222,12 @@ def test_bench_training_cost_runs_on_cifar10(data_dir, tmp_path):
         cost = json.load(f)["cost"]
     assert set(cost) == {"standard", "fgsm_at", "rat_init_target_runner_up_noise_penalty"}
     assert cost["standard"]["cost_vs_standard"] == 1.0
-    assert all(r["images_per_sec"] > 0 for r in cost.values())
-    with open(tmp_path / "work" / "cost_fgsm_at" / "metrics.json") as f:
+    assert cost["fgsm_at"]["cost_vs_fgsm_at"] == 1.0
+    assert all(len(r["images_per_sec_per_round"]) == 2 and min(r["images_per_sec_per_round"]) > 0
+               for r in cost.values())
+    with open(tmp_path / "work" / "cost_fgsm_at_1" / "metrics.json") as f:
         assert json.load(f)["config"]["dataset"] == "cifar10"
     # V starts the FGSM step, so its ball is the adversarial radius, not --tup_eps's
-    rat = tmp_path / "work" / "cost_rat_init_target_runner_up_noise_penalty" / "metrics.json"
+    rat = tmp_path / "work" / "cost_rat_init_target_runner_up_noise_penalty_0" / "metrics.json"
     with open(rat) as f:
         assert json.load(f)["settings"]["eps"] == pytest.approx(0.03)
