@@ -130,6 +130,19 @@ def test_train_stream_with_index_names_each_image(mnist_arrays):
     assert sorted(seen[:200]) == list(range(200))  # one pass visits every image once
 
 
+def test_fit_on_arrays_with_their_indices_carries_every_image(mnist_arrays):
+    """model.fit on NumPy arrays, shuffled, with a partial last batch and validation data:
+    the way the guide shows for a user's own training loop."""
+    trainer = _trainer("last", lr=0.05)
+    x, y = mnist_arrays[0][:N], mnist_arrays[1][:N]
+    history = trainer.fit({"image": x, "index": np.arange(N)}, y, batch_size=40, epochs=2,
+                          shuffle=True, validation_data=(x, y), verbose=0)
+    starts, carried = _carried(trainer)
+    assert carried.min() == 1 and carried.max() == 1  # every image, each in its own row
+    assert np.all(np.abs(starts) <= EPS + 1e-6) and np.mean(np.abs(starts) > 0) > 0.5
+    assert len(history.history["val_accuracy"]) == 2
+
+
 def _fit_carry(strategy, x, y):
     with strategy.scope():
         trainer = _trainer("last_step", lr=0.05, seed=3)
