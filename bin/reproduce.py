@@ -31,6 +31,7 @@ cli.define_adv_flags(Config, only=["early_stop_drop", "early_stop_images"])
 cli.define_recipe_flags(Config, only=["warmup_epochs", "label_smoothing", "ema_momentum"])
 cli.define_rat_flags(Config, only=["rat_init", "rat_step_size", "rat_consistency",
                                    "rat_init_noise", "rat_step_loss", "rat_carry",
+                                   "rat_carry_noise",
                                    "targets_per_image",
                                    "online_step_size"])
 cli.define_search_flags(Config, only=["per_source"])

@@ -272,7 +272,7 @@ def define_rat_flags(target: Target, **group: Any) -> None:
     """RAT training: ``--refresh_every``, ``--refresh_passes``, ``--targets_per_image``,
     ``--perturbed_fraction``, ``--batch_mode``, ``--online``, ``--online_step_size``,
     ``--rat_init``, ``--rat_step_size``, ``--rat_consistency``, ``--rat_init_noise``,
-    ``--rat_step_loss``, ``--rat_carry``."""
+    ``--rat_step_loss``, ``--rat_carry``, ``--rat_carry_noise``."""
     _define_group(RAT_FLAGS, target, **group)
 
 

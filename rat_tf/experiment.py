@@ -73,7 +73,7 @@ FINETUNE_METHODS = ("rat", "rat_fgsm", "fgsm_at", "pgd_at", "standard")
 # rat_fgsm: RAT whose V (learnt online from random corners) starts a per-image FGSM step
 # toward the runner-up class, from V blurred by uniform noise of radius eps (docs/method.md);
 # --rat_init, --rat_step_size, --rat_consistency, --rat_init_noise, --rat_step_loss,
-# --rat_carry
+# --rat_carry, --rat_carry_noise
 RAT_FGSM = dict(targets_per_image="runner_up", per_source=False)
 START = "start"
 
@@ -140,6 +140,7 @@ class ExperimentConfig:
     rat_init_noise: float = 1.0  # rat_fgsm: uniform noise (x eps) added to its V start
     rat_step_loss: str = "auto"  # rat_fgsm: what its step climbs (trainers.STEP_LOSSES)
     rat_carry: str | None = None  # rat_fgsm: an image's start carried to its next step
+    rat_carry_noise: float = 0.0  # rat_fgsm: uniform noise (x eps) added to a carried start
     #                               (trainers.CARRY_MODES); default per preset, else none
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
@@ -232,7 +233,8 @@ class ExperimentConfig:
                     **dataclasses.replace(rat, rat_init="none", rat_step_size=None,
                                           rat_consistency=0.0, rat_init_noise=0.0,
                                           rat_step_loss="auto",
-                                          rat_carry="none").asdict())
+                                          rat_carry="none",
+                                          rat_carry_noise=0.0).asdict())
 
     def pretrain_config(self, model_dir: str) -> training.TrainConfig:
         """The :class:`rat_tf.training.TrainConfig` of stage (a), the start model."""

@@ -100,6 +100,8 @@ RAT_FLAGS = {
                       "--rat_init start every time), last (where its last FGSM example "
                       "ended) or last_step (one step further, up the input gradient of the "
                       "weight update's loss).", values=tuple(trainers.CARRY_MODES)),
+    "rat_carry_noise": Spec("float", "RAT: radius, in units of eps, of the uniform noise added "
+                            "to a carried start (--rat_carry)."),
 }
 
 

@@ -46,6 +46,7 @@ class RATSettings:
     rat_carry: str = "none"  # CARRY_MODES: "last": an image starts where its last FGSM
     #                          example ended; "last_step": one step of the weight update's
     #                          input gradient further
+    rat_carry_noise: float = 0.0  # uniform noise of this radius (x eps) added to a carried start
 
     @property
     def chooses_target(self) -> bool:
@@ -101,7 +102,7 @@ class RATSettings:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
                 raise ValueError(f"{name} must be positive, got {value}")
-        for name in ("rat_consistency", "rat_init_noise"):
+        for name in ("rat_consistency", "rat_init_noise", "rat_carry_noise"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -117,6 +118,9 @@ class RATSettings:
                              f" or targets_per_image 'runner_up' / 'worst' with rat_init "
                              f"'zero' / 'random' (got rat_init={self.rat_init!r}, "
                              f"targets_per_image={self.targets_per_image!r})")
+        if self.rat_carry_noise and self.rat_carry == "none":
+            raise ValueError("rat_carry_noise blurs a carried start: set rat_carry (last or "
+                             "last_step)")
         if self.rat_init_noise and self.rat_init not in ("class", "target"):
             raise ValueError(f"rat_init_noise blurs a V start: rat_init 'class' or 'target', "
                              f"got {self.rat_init!r}")
@@ -179,7 +183,8 @@ class RATModel(StandardModel):
     2022) carry a per-image perturbation across epochs) starts an image seen before where its
     last FGSM example ended ("last"), or one step of ``rat_step_size`` further up the input
     gradient of the weight update's own loss ("last_step": its backward pass also takes the
-    input gradient); its first start is the ``rat_init`` one. It keeps a [``carry_images``, H, W, C]
+    input gradient), plus uniform noise of radius ``rat_carry_noise`` (in eps) projected back
+    to the ball; its first start is the ``rat_init`` one. It keeps a [``carry_images``, H, W, C]
     variable and needs each image's index in [0, ``carry_images``): fit on batches
     ``({"image": x, "index": i}, y)`` (:func:`rat_tf.training.train_stream` with
     ``with_index=True``).
@@ -195,7 +200,8 @@ class RATModel(StandardModel):
                  online_step_size: float | None = None, rat_init: str = "none",
                  rat_step_size: float | None = None, rat_consistency: float = 0.0,
                  rat_init_noise: float = 0.0, rat_step_loss: str = "auto",
-                 rat_carry: str = "none", carry_images: int = 0, **kwargs):
+                 rat_carry: str = "none", rat_carry_noise: float = 0.0,
+                 carry_images: int = 0, **kwargs):
         super().__init__(classifier, **kwargs)
         rat = RATSettings(targets_per_image=targets_per_image,
                           perturbed_fraction=float(perturbed_fraction), batch_mode=batch_mode,
@@ -205,7 +211,7 @@ class RATModel(StandardModel):
                           rat_step_size=None if rat_step_size is None else float(rat_step_size),
                           rat_consistency=float(rat_consistency),
                           rat_init_noise=float(rat_init_noise), rat_step_loss=rat_step_loss,
-                          rat_carry=rat_carry)
+                          rat_carry=rat_carry, rat_carry_noise=float(rat_carry_noise))
         rat.check(eps=eps, norm=norm)
         self.carry_images = int(carry_images)
         if rat.rat_carry != "none" and self.carry_images < 1:
@@ -506,9 +512,14 @@ class RATModel(StandardModel):
         return keras.utils.pack_x_y_sample_weight(x["image"], y, sw), index
 
     def _carried_start(self, delta0: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
-        """The start of each image: its carried start once it has one, else ``delta0``."""
+        """The start of each image: its carried start (plus ``rat_carry_noise``, back in the
+        ball) once it has one, else ``delta0``."""
         seen = tf.gather(self.carried.value, index) > 0
         last = tf.cast(tf.gather(self.carried_starts.value, index), delta0.dtype)
+        if self.rat.rat_carry_noise:
+            noise = self._global_draw(5, tf.shape(delta0), lambda shape, seed: ops.random_in_ball(
+                shape, self.rat.rat_carry_noise * self.eps, self.norm, seed, delta0.dtype))
+            last = ops.project(last + noise, self.eps, self.norm)
         return tf.where(tf.reshape(seen, [-1] + [1] * len(self.image_shape)), last, delta0)
 
     def _carry(self, index: tf.Tensor, delta: tf.Tensor, grad: tf.Tensor | None) -> None:

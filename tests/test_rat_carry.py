@@ -88,11 +88,33 @@ def test_last_step_carries_one_more_step_up_the_training_loss(mnist_arrays):
     assert np.abs(starts).max() <= EPS + 1e-6
 
 
+def test_carry_noise_blurs_only_carried_starts(mnist_arrays):
+    trainer = _trainer("last", rat_carry_noise=0.5)
+    index = np.arange(8, 40)
+    data, y = _batch(mnist_arrays, index)
+    trainer.train_on_batch(data, y)
+    starts = _carried(trainer)[0]
+    both = tf.constant(np.concatenate([index, [0, 1]]), tf.int32)  # 0 and 1: never seen
+    fresh = np.full((len(both), 28, 28, 1), 0.123, np.float32)
+    got = trainer._carried_start(tf.constant(fresh), both).numpy()
+    np.testing.assert_array_equal(got[-2:], fresh[-2:])  # an unseen image keeps its start
+    moved = got[:-2] - starts[index]
+    assert np.abs(got).max() <= EPS + 1e-6 and np.abs(moved).max() <= 0.5 * EPS + 1e-6
+    assert np.mean(np.abs(moved) > 1e-3) > 0.5  # the noise is there, and new each step
+    trainer.optimizer.iterations.assign_add(1)
+    again = trainer._carried_start(tf.constant(fresh), both).numpy()
+    assert np.mean(np.abs(again - got) > 1e-3) > 0.5
+    assert trainer.get_config()["rat_carry_noise"] == 0.5
+
+
 def test_carry_settings_and_indices_are_checked(mnist_arrays):
     classifier = models.build_model("tiny_cnn", "mnist")
     for bad, match in [(dict(rat_carry="last"), "set rat_init"),
                        (dict(rat_init="target", rat_carry="nope"), "rat_carry must be one of"),
-                       (dict(rat_init="target", rat_carry="last"), "set carry_images")]:
+                       (dict(rat_init="target", rat_carry="last"), "set carry_images"),
+                       (dict(rat_init="target", rat_carry_noise=0.5), "set rat_carry"),
+                       (dict(rat_init="target", rat_carry="last", carry_images=N,
+                             rat_carry_noise=-0.5), "rat_carry_noise must be >= 0")]:
         with pytest.raises(ValueError, match=match):
             trainers.make_trainer("rat", classifier, eps=EPS, **bad)
     trainer = _trainer("last")

@@ -81,6 +81,7 @@ class TrainConfig:
     rat_init_noise: float = 0.0  # uniform noise (x eps) added to the V start of that step
     rat_step_loss: str = "auto"  # what that step climbs: trainers.STEP_LOSSES
     rat_carry: str = "none"  # trainers.CARRY_MODES: an image's start carried to its next step
+    rat_carry_noise: float = 0.0  # uniform noise (x eps) added to that carried start
     # FGSM-AT / PGD-AT
     adv_eps: float | None = None  # attack radius; None: the dataset's (DatasetInfo.adv_eps)
     pgd_steps: int = 10
