@@ -10,8 +10,9 @@
    (``--dataset``, MNIST by default; the radius flags' defaults are MNIST's); images/s of the
    steady epoch, every method once per round for ``--cost_repeats`` rounds (a ratio is the
    median of its per-round ratios; against FGSM-AT too when it runs). Also per example
-   trained on (rat "one" and "worst" train on each image and one perturbed copy, "worst" after 9 inference passes to pick it; "all" on the image and its 9
-   copies; "replace" on one of the two).
+   trained on (rat "one" and "worst" train on each image and one perturbed copy, "worst"
+   after 9 inference passes to pick it; "all" on the image and its 9 copies; "replace" on
+   one of the two).
 2. The robustness-per-second front: from one start model per ``--front_models`` entry
    (pretrained here on ``--pretrain_subset`` images for ``--pretrain_epochs``, or
    ``<work_dir>/start_<model>/model.keras`` when it exists), every method of

@@ -140,8 +140,8 @@ class ExperimentConfig:
     rat_init_noise: float = 1.0  # rat_fgsm: uniform noise (x eps) added to its V start
     rat_step_loss: str = "auto"  # rat_fgsm: what its step climbs (trainers.STEP_LOSSES)
     rat_carry: str | None = None  # rat_fgsm: an image's start carried to its next step
-    rat_carry_noise: float = 0.0  # rat_fgsm: uniform noise (x eps) added to a carried start
     #                               (trainers.CARRY_MODES); default per preset, else none
+    rat_carry_noise: float = 0.0  # rat_fgsm: uniform noise (x eps) added to a carried start
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
