@@ -10,7 +10,8 @@ Stages (each skipped when its outputs already exist, so a killed run resumes):
     from zero or, with ``refresh_passes`` > 0, continuing the current V);
 (c') ``rat_fgsm``: RAT whose V, learnt online from random corners, starts a per-image FGSM
     step toward the runner-up class (``rat_init``, docs/method.md section 2b); on MNIST-like
-    data each image's later starts are carried from its last FGSM example (``rat_carry``);
+    data each image's later starts are carried from its last FGSM example, plus a little
+    uniform noise (``rat_carry``, ``rat_carry_noise``);
 (d) FGSM-AT (random init) and PGD-AT baselines fine-tuned from the same start model on the
     same subset, for the same epochs;
 (e) every model exported as a SavedModel and evaluated on held-out test images
@@ -141,7 +142,8 @@ class ExperimentConfig:
     rat_step_loss: str = "auto"  # rat_fgsm: what its step climbs (trainers.STEP_LOSSES)
     rat_carry: str | None = None  # rat_fgsm: an image's start carried to its next step
     #                               (trainers.CARRY_MODES); default per preset, else none
-    rat_carry_noise: float = 0.0  # rat_fgsm: uniform noise (x eps) added to a carried start
+    rat_carry_noise: float | None = None  # rat_fgsm: uniform noise (x eps) added to a carried
+    #                                       start; default per preset (none without carry)
     adv_eps: float | None = None  # FGSM-AT / PGD-AT radius; None: DatasetInfo.adv_eps
     train_pgd_steps: int | None = None
     test_subset: int | None = None  # test images for the accuracy in each metrics.json
@@ -159,9 +161,12 @@ class ExperimentConfig:
                         refresh_passes=0,
                         targets_per_image="one", perturbed_fraction=0.5, batch_mode="append",
                         per_source=False, rat_consistency=0.0, rat_carry="none",
+                        rat_carry_noise=0.0,
                         eps=data.get_info(self.dataset).eps,
                         adv_eps=data.get_info(self.dataset).adv_eps)
         values = dataclasses.asdict(self)
+        if self.rat_carry_noise is None and self.rat_carry == "none":
+            values["rat_carry_noise"] = 0.0  # a preset's noise blurs only the preset's carry
         for key, value in {**defaults, **preset}.items():
             if values.get(key) is None:
                 values[key] = value

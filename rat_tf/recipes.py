@@ -83,10 +83,11 @@ RECIPES: dict[str, Recipe] = {
         "start of a per-image FGSM step toward t, on the MNIST model and schedule of Wong et "
         "al."),
     "mnist_rat_carry": Recipe(
-        {**_WONG_MNIST, **_RAT_TARGET, "rat_carry": "last"},
+        {**_WONG_MNIST, **_RAT_TARGET, "rat_carry": "last", "rat_carry_noise": 0.25},
         "mnist_rat_target whose FGSM step, once an image has been seen, starts where that "
-        "image's last FGSM example ended (a per-image start carried across epochs, as ATTA "
-        "and FGSM-PGI carry theirs); V[t] plus noise starts each image's first step"),
+        "image's last FGSM example ended plus uniform noise of radius eps/4 (a per-image "
+        "start carried across epochs, as ATTA and FGSM-PGI carry theirs); V[t] plus noise "
+        "starts each image's first step"),
     "cifar10_fgsm_rs": Recipe(
         {**_CIFAR_GPU, "method": "fgsm_at", "epochs": 15, "lr": 0.2,
          "lr_schedule": "onecycle", "warmup_epochs": 7.5, "pgd_step_size": 10 / 255,

@@ -175,6 +175,21 @@ def test_budget_presets_and_validation():
     plain = experiment.ExperimentConfig(dataset="cifar10", budget="small",
                                         rat_consistency=0.0).resolved()
     assert plain._rat_settings("rat_fgsm")["rat_consistency"] == 0.0
+    # rat_fgsm carries its blurred starts on MNIST (as mnist_rat_carry), not on CIFAR-10;
+    # the paper's rat never carries
+    carried = replace._rat_settings("rat_fgsm")
+    assert (carried["rat_carry"], carried["rat_carry_noise"]) == ("last", 0.25)
+    assert replace._rat_settings("rat")["rat_carry_noise"] == 0.0
+    assert cifar._rat_settings("rat_fgsm")["rat_carry_noise"] == 0.0
+    off = experiment.ExperimentConfig(rat_carry="none").resolved()._rat_settings("rat_fgsm")
+    assert (off["rat_carry"], off["rat_carry_noise"]) == ("none", 0.0)
+    louder = experiment.ExperimentConfig(rat_carry_noise=1.0).resolved()
+    assert louder._rat_settings("rat_fgsm")["rat_carry_noise"] == 1.0
+    with pytest.raises(ValueError, match="rat_carry_noise blurs a carried start"):
+        experiment.ExperimentConfig(rat_carry="none", rat_carry_noise=0.5).resolved()
+    with pytest.raises(ValueError, match="rat_carry_noise blurs a carried start"):
+        experiment.ExperimentConfig(dataset="cifar10", budget="small",
+                                    rat_carry_noise=0.5).resolved()
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
