@@ -40,7 +40,8 @@ import tempfile
 import numpy as np
 from absl import app, flags, logging
 
-from rat_tf import callbacks, cli, data, files, models, perturbation_files, plots, training
+from rat_tf import (callbacks, cli, data, files, models, perturbation_files, plots, recipes,
+                    training)
 
 Config = training.TrainConfig
 FLAGS = flags.FLAGS
@@ -97,6 +98,9 @@ cli.define_rat_flags(Config, only=["online_step_size", "refresh_passes", "target
                                    "perturbed_fraction", "batch_mode"],
                      defaults={"refresh_passes": 1})
 
+# V[t] plus noise toward the runner-up starts an FGSM step (mnist_rat_target's RAT settings)
+_RUNNER_UP_NOISE = {"method": "rat", "rat_init": "target", "targets_per_image": "runner_up",
+                    "rat_init_noise": 1.0}
 # name -> (TrainConfig fields, examples the model trains on per input image)
 _COST_METHODS = {
     "standard": ({}, 1),
@@ -110,23 +114,13 @@ _COST_METHODS = {
     "rat_init_target": ({"method": "rat", "rat_init": "target"}, 1),
     "rat_init_target_runner_up": ({"method": "rat", "rat_init": "target",
                                    "targets_per_image": "runner_up"}, 1),
-    "rat_init_target_runner_up_noise": ({"method": "rat", "rat_init": "target",
-                                         "targets_per_image": "runner_up",
-                                         "rat_init_noise": 1.0}, 1),
-    "rat_init_target_runner_up_noise_penalty": ({"method": "rat", "rat_init": "target",
-                                                 "targets_per_image": "runner_up",
-                                                 "rat_init_noise": 1.0,
-                                                 "rat_consistency": 10.0}, 1),
-    "rat_init_target_runner_up_noise_carry": ({"method": "rat", "rat_init": "target",
-                                               "targets_per_image": "runner_up",
-                                               "rat_init_noise": 1.0, "rat_carry": "last"}, 1),
-    "rat_init_target_runner_up_noise_carry_noise": ({"method": "rat", "rat_init": "target",
-                                                     "targets_per_image": "runner_up",
-                                                     "rat_init_noise": 1.0, "rat_carry": "last",
-                                                     "rat_carry_noise": 0.25}, 1),
-    "rat_init_target_runner_up_noise_carry_step": ({"method": "rat", "rat_init": "target",
-                                                    "targets_per_image": "runner_up",
-                                                    "rat_init_noise": 1.0,
+    "rat_init_target_runner_up_noise": (_RUNNER_UP_NOISE, 1),
+    "rat_init_target_runner_up_noise_penalty": ({**_RUNNER_UP_NOISE, "rat_consistency": 10.0},
+                                                1),
+    "rat_init_target_runner_up_noise_carry": ({**_RUNNER_UP_NOISE, "rat_carry": "last"}, 1),
+    "rat_init_target_runner_up_noise_carry_noise": ({**_RUNNER_UP_NOISE, **recipes.MNIST_CARRY},
+                                                    1),
+    "rat_init_target_runner_up_noise_carry_step": ({**_RUNNER_UP_NOISE,
                                                     "rat_carry": "last_step"}, 1),
     "fgsm_at": ({"method": "fgsm_at"}, 1),
     "pgd_at": ({"method": "pgd_at"}, 1)}

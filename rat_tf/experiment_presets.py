@@ -1,13 +1,15 @@
 """The budget presets of :mod:`rat_tf.experiment`: every size of the pipeline per budget and
 dataset family (docs/experiments.md holds the tuning runs behind them)."""
 
+from rat_tf.recipes import MNIST_CARRY
+
 BUDGETS = ("tiny", "quick", "small", "full")
 
 # Budget presets. Keys are ExperimentConfig fields; "eval" holds EvalSettings overrides.
 # every MNIST-like budget: rat_fgsm carries each image's start from its last FGSM example,
 # blurred by uniform noise of radius eps/4, as the MNIST recipe mnist_rat_carry does
 # (docs/reproduction.md)
-_MNIST_RAT_FGSM = dict(rat_carry="last", rat_carry_noise=0.25)
+_MNIST_RAT_FGSM = dict(MNIST_CARRY)
 _MNIST_LIKE = {
     "tiny": dict(model="tiny_cnn", pretrain_subset=2000, pretrain_epochs=1,
                  pretrain_batch_size=64, finetune_subset=200, finetune_epochs=1,

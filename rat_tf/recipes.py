@@ -41,6 +41,9 @@ _RAT_START = dict(method="rat", train_subset=0)  # RAT on every training image, 
 # V[t] toward the runner-up class, plus uniform noise in the eps ball, starts an FGSM step.
 _RAT_TARGET = dict(_RAT_START, rat_init="target", targets_per_image="runner_up",
                    rat_init_noise=1.0)
+# mnist_rat_carry's start: carried from the image's last FGSM example, plus noise of eps/4
+# (also the MNIST-like rat_fgsm of rat_tf.experiment_presets)
+MNIST_CARRY = dict(rat_carry="last", rat_carry_noise=0.25)
 _NFGSM = dict(adv_init_scale=2.0, adv_box_start=True, adv_project=False)
 # Wong et al.'s CIFAR-10 code: SGD momentum 0.9, L2 weight decay 5e-4, cyclic lr peaking at
 # half the epochs; here Nesterov momentum and decoupled decay (rat_tf's "momentum" optimizer).
@@ -83,7 +86,7 @@ RECIPES: dict[str, Recipe] = {
         "start of a per-image FGSM step toward t, on the MNIST model and schedule of Wong et "
         "al."),
     "mnist_rat_carry": Recipe(
-        {**_WONG_MNIST, **_RAT_TARGET, "rat_carry": "last", "rat_carry_noise": 0.25},
+        {**_WONG_MNIST, **_RAT_TARGET, **MNIST_CARRY},
         "mnist_rat_target whose FGSM step, once an image has been seen, starts where that "
         "image's last FGSM example ended plus uniform noise of radius eps/4 (a per-image "
         "start carried across epochs, as ATTA and FGSM-PGI carry theirs); V[t] plus noise "
